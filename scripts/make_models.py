@@ -1,0 +1,91 @@
+"""Write the TorchScript architectures that bdscan's tests and demo train and scan.
+
+Each module takes one N x C x H x W tensor (uint8 pixels or float32 in [0, 1]) and
+returns N x K logits; normalisation lives inside the model, as it would in a model a
+user uploads. Weights are a seeded random initialisation: bdscan trains them itself
+(`bdscan demo`, the test suite), so the archives stay small.
+
+Usage: python scripts/make_models.py tests/fixtures/models
+"""
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class MnistInput(nn.Module):
+    """uint8 or float pixels -> normalised float, so callers can send either."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.to(torch.float32) / 255.0
+        else:
+            x = x.to(torch.float32)
+        return (x - 0.1307) / 0.3081
+
+
+class MnistCnnBn(nn.Module):
+    """VGG-style: two conv blocks with BatchNorm, then a two-layer classifier."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.input = MnistInput()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(32 * 7 * 7, 64),
+            nn.ReLU(),
+            nn.Linear(64, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(self.input(x)))
+
+
+class MnistCnn(nn.Module):
+    """The same shape without BatchNorm."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.input = MnistInput()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(32 * 7 * 7, 64),
+            nn.ReLU(),
+            nn.Linear(64, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(self.input(x)))
+
+
+def main(out_dir: str) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, ctor in [("mnist_cnn_bn", MnistCnnBn), ("mnist_cnn", MnistCnn)]:
+        torch.manual_seed(0)
+        scripted = torch.jit.script(ctor())
+        scripted.save(str(out / f"{name}.pt"))
+        print(f"wrote {out / name}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

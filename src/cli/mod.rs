@@ -1,0 +1,254 @@
+//! The `bdscan` command line. Exit codes: 0 done, 2 bad input or usage, 3 internal failure.
+
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::engine::{run_scan, EngineError, Monitor, Regularizer, ScanConfig, ScanInputs, ScanReport};
+use crate::lab::demo;
+use progress::ProgressView;
+
+pub const EXIT_INPUT: u8 = 2;
+pub const EXIT_INTERNAL: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(name = "bdscan", version, about = "Find and remove backdoors in neural networks")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Score every neuron by benign salience, purify the suspects, write a purified model and a report.
+    Scan(ScanArgs),
+    /// Train a BadNets-backdoored CNN on the bundled MNIST digits, scan it, print before/after.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// libtorch CPU threads (default: libtorch's choice).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// JSON file with scan settings (any subset of the report's `config`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ScanArgs {
+    /// TorchScript archive: forward(N×C×H×W) -> N×K logits.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Clean samples (.safetensors or .npz with `images` and `labels`).
+    #[arg(long)]
+    pub clean: PathBuf,
+    /// Where to write the purified TorchScript archive.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Where to write the JSON salience report.
+    #[arg(long)]
+    pub report: PathBuf,
+    /// Clean test samples for accuracy (default: the held-out split of --clean).
+    #[arg(long)]
+    pub test: Option<PathBuf>,
+    /// Triggered samples with their true labels, to measure ASR and RA.
+    #[arg(long, requires = "target_label")]
+    pub poison: Option<PathBuf>,
+    /// The attack's target class.
+    #[arg(long, requires = "poison")]
+    pub target_label: Option<i64>,
+    /// Penalty on the suspects: ar (default), l1, l2 or none.
+    #[arg(long, value_enum)]
+    pub regularizer: Option<RegularizerArg>,
+    /// Purification epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Keep the demo's models and bundles here (default: a temporary folder).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum RegularizerArg {
+    Ar,
+    L1,
+    L2,
+    None,
+}
+
+impl From<RegularizerArg> for Regularizer {
+    fn from(r: RegularizerArg) -> Self {
+        match r {
+            RegularizerArg::Ar => Regularizer::Ar,
+            RegularizerArg::L1 => Regularizer::L1,
+            RegularizerArg::L2 => Regularizer::L2,
+            RegularizerArg::None => Regularizer::None,
+        }
+    }
+}
+
+/// Parses arguments, runs the command and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_INPUT } else { 0 });
+        }
+    };
+    init_tracing();
+    let outcome = match cli.command {
+        Command::Scan(args) => scan(args),
+        Command::Demo(args) => demo_command(args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::from(if err.is_client_error() { EXIT_INPUT } else { EXIT_INTERNAL })
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
+
+fn base_config(run: &RunArgs) -> Result<ScanConfig, EngineError> {
+    let mut config = match run.config.as_deref() {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| EngineError::input(&format!("config {}", path.display()), e))?;
+            serde_json::from_str(&text).map_err(|e| EngineError::input(&format!("config {}", path.display()), e))?
+        }
+        None => ScanConfig::default(),
+    };
+    config.device = run.device.clone();
+    config.seed = run.seed;
+    if run.threads.is_some() {
+        config.threads = run.threads;
+    }
+    Ok(config)
+}
+
+fn scan(args: ScanArgs) -> Result<(), EngineError> {
+    let mut config = base_config(&args.run)?;
+    if let Some(r) = args.regularizer {
+        config.regularizer = r.into();
+    }
+    if let Some(epochs) = args.epochs {
+        config.purify_epochs = epochs;
+    }
+    let inputs = ScanInputs {
+        model: args.model,
+        clean: args.clean,
+        test: args.test,
+        poison: args.poison,
+        target_label: args.target_label,
+        out: args.out,
+    };
+    let report = run_with_progress(&inputs, &config)?;
+    let json = serde_json::to_string_pretty(&report).map_err(|e| EngineError::Internal(e.to_string()))?;
+    std::fs::write(&args.report, json).map_err(|e| EngineError::input(&format!("report {}", args.report.display()), e))?;
+    print_summary(&report);
+    Ok(())
+}
+
+fn run_with_progress(inputs: &ScanInputs, config: &ScanConfig) -> Result<ScanReport, EngineError> {
+    let mut view = ProgressView::for_stderr();
+    let mut on_progress = |p: &crate::engine::Progress| view.update(p);
+    let result = run_scan(inputs, config, &mut Monitor::new(&mut on_progress, None));
+    view.finish();
+    result
+}
+
+fn demo_command(args: DemoArgs) -> Result<(), EngineError> {
+    let config = base_config(&args.run)?;
+    if let Some(threads) = config.threads {
+        tch::set_num_threads(threads as i32);
+    }
+    let temp;
+    let dir = match &args.work_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempdir()?;
+            temp.clone()
+        }
+    };
+    println!("training a BadNets-backdoored CNN on {} MNIST digits (seed {})…", demo::TRAIN_SAMPLES, config.seed);
+    let mut view = ProgressView::for_stderr();
+    let mut on_progress = |p: &crate::engine::Progress| view.update(p);
+    let files = demo::prepare(&dir, demo::MNIST_CNN_BN, config.seed, &mut Monitor::new(&mut on_progress, None))?;
+    view.finish();
+    println!("scanning it with {} clean samples…", demo::CLEAN_SAMPLES);
+    let inputs = ScanInputs {
+        model: files.backdoored_model.clone(),
+        clean: files.clean.clone(),
+        test: Some(files.test.clone()),
+        poison: Some(files.poison.clone()),
+        target_label: Some(files.target),
+        out: dir.join("purified.pt"),
+    };
+    let report = run_with_progress(&inputs, &config)?;
+    let report_path = dir.join("report.json");
+    std::fs::write(&report_path, serde_json::to_string_pretty(&report).map_err(|e| EngineError::Internal(e.to_string()))?)
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+    print_summary(&report);
+    if args.work_dir.is_some() {
+        println!("files: {} (purified.pt, report.json, bundles)", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+fn tempdir() -> Result<PathBuf, EngineError> {
+    let dir = std::env::temp_dir().join(format!("bdscan-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| EngineError::Internal(format!("creating {}: {e}", dir.display())))?;
+    Ok(dir)
+}
+
+fn percent(x: Option<f64>) -> String {
+    x.map_or_else(|| "-".into(), |v| format!("{:.2}%", v * 100.0))
+}
+
+fn print_summary(report: &ScanReport) {
+    let (b, a) = (&report.metrics.before, &report.metrics.after);
+    println!(
+        "flagged {} of {} neurons ({} pruned); {} suspect weights, {} pruned",
+        report.flagged_count,
+        report.model.neuron_count,
+        report.pruned_neuron_count,
+        report.suspect_weight_count,
+        report.pruned_weight_count
+    );
+    println!("          clean acc   ASR      RA");
+    println!("before    {:<11} {:<8} {}", percent(Some(b.clean_acc)), percent(b.asr), percent(b.ra));
+    println!("after     {:<11} {:<8} {}", percent(Some(a.clean_acc)), percent(a.asr), percent(a.ra));
+    if let Some(der) = report.der {
+        println!("DER {der:.4}");
+    }
+}

@@ -1,0 +1,61 @@
+//! Progress on the command line: a bar with phase, step and ETA on a terminal, plain log
+//! lines (phase start, every tenth of the phase, end) when stderr is a file or pipe.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::engine::{Phase, Progress};
+
+pub enum ProgressView {
+    Bar { bar: ProgressBar, phase: Option<Phase> },
+    Lines { phase: Option<Phase>, last_decile: u64 },
+}
+
+impl ProgressView {
+    pub fn for_stderr() -> Self {
+        if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new(1);
+            bar.set_style(
+                ProgressStyle::with_template("{msg:>9} [{bar:32}] {pos}/{len} {elapsed} ETA {eta}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            ProgressView::Bar { bar, phase: None }
+        } else {
+            ProgressView::Lines { phase: None, last_decile: 0 }
+        }
+    }
+
+    pub fn update(&mut self, p: &Progress) {
+        match self {
+            ProgressView::Bar { bar, phase } => {
+                if *phase != Some(p.phase) {
+                    *phase = Some(p.phase);
+                    bar.reset();
+                    bar.set_message(p.phase.as_str());
+                    bar.set_length(p.total.max(1));
+                }
+                bar.set_position(p.step);
+            }
+            ProgressView::Lines { phase, last_decile } => {
+                if *phase != Some(p.phase) {
+                    *phase = Some(p.phase);
+                    *last_decile = 0;
+                    tracing::info!(phase = p.phase.as_str(), total = p.total, "phase started");
+                }
+                let decile = if p.total == 0 { 10 } else { p.step * 10 / p.total };
+                if decile > *last_decile {
+                    *last_decile = decile;
+                    tracing::info!(phase = p.phase.as_str(), step = p.step, total = p.total, "progress");
+                }
+            }
+        }
+    }
+
+    pub fn finish(&self) {
+        if let ProgressView::Bar { bar, .. } = self {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,40 @@
+use super::bundle::BundleError;
+
+/// Why a scan did not complete. The split matters to callers: a client mistake is exit
+/// code 2 on the command line and a 4xx over HTTP; an internal failure is exit 3 / 5xx.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("scan cancelled")]
+    Cancelled,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    pub fn input(what: &str, err: impl std::fmt::Display) -> Self {
+        EngineError::InvalidInput(format!("{what}: {err}"))
+    }
+
+    pub fn is_client_error(&self) -> bool {
+        matches!(self, EngineError::InvalidInput(_))
+    }
+}
+
+impl From<tch::TchError> for EngineError {
+    /// Failures inside libtorch after the inputs were validated are ours to explain.
+    fn from(err: tch::TchError) -> Self {
+        EngineError::Internal(format!("libtorch: {}", first_line(&err.to_string())))
+    }
+}
+
+/// libtorch errors carry a multi-line C++ backtrace; the first line says what happened.
+pub fn first_line(message: &str) -> &str {
+    message.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or(message)
+}
+
+/// Wraps a bundle problem with which bundle it was, for a one-line message.
+pub fn bundle_error(role: &str, err: BundleError) -> EngineError {
+    EngineError::InvalidInput(format!("{role} bundle: {err}"))
+}

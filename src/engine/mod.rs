@@ -1,0 +1,26 @@
+//! The defense engine: everything that touches libtorch, synchronous and free of HTTP,
+//! async and storage. It takes file paths and a config and returns a report plus a
+//! purified model file, reporting progress and honouring cancellation through a
+//! [`Monitor`].
+
+pub mod bundle;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod identify;
+pub mod layers;
+pub mod metrics;
+pub mod model;
+mod npy;
+pub mod progress;
+pub mod regularizer;
+pub mod report;
+pub mod salience;
+pub mod scan;
+pub mod training;
+
+pub use config::{Aggregation, Regularizer, ScanConfig};
+pub use error::EngineError;
+pub use progress::{Monitor, Phase, Progress};
+pub use report::ScanReport;
+pub use scan::{run_scan, ScanInputs, LIBTORCH_VERSION};

@@ -1,0 +1,139 @@
+//! A TorchScript model opened for scoring and fine-tuning.
+//!
+//! This does what tch's `TrainableCModule::load` does — load the archive and hand its
+//! parameters to training with gradients on — but keeps the parameters in a list with
+//! their dotted names and registration order. `TrainableCModule` files them in a
+//! `VarStore` under names with `.` replaced by `_`, which loses both the order (needed
+//! to find the BatchNorm after a conv) and an unambiguous way back to the module path.
+//! The tensors share storage with the module, so updating them updates what `save` writes.
+
+use std::path::Path;
+
+use tch::{CModule, Device, Kind, Tensor};
+
+use super::bundle::{BundleError, TensorDtype};
+use super::error::{first_line, EngineError};
+use super::layers::{group_layers, LayerGroup};
+
+pub struct NamedParam {
+    pub name: String,
+    pub tensor: Tensor,
+}
+
+pub struct ScanModel {
+    module: CModule,
+    pub params: Vec<NamedParam>,
+    pub layers: Vec<LayerGroup>,
+    pub num_classes: i64,
+}
+
+impl ScanModel {
+    /// Loads the archive and checks it maps `sample` (a few clean images) to N×K logits.
+    pub fn load(path: &Path, device: Device, sample: &Tensor) -> Result<Self, EngineError> {
+        let mut module = CModule::load_on_device(path, device).map_err(|e| {
+            EngineError::InvalidInput(format!("model: not a loadable TorchScript archive: {}", first_line(&e.to_string())))
+        })?;
+        module.f_set_eval()?;
+        let named = module.named_parameters()?;
+        let mut params = Vec::with_capacity(named.len());
+        for (name, tensor) in named {
+            if !tensor.is_floating_point() {
+                return Err(EngineError::InvalidInput(format!("model: parameter `{name}` is not floating point")));
+            }
+            params.push(NamedParam { name, tensor: tensor.set_requires_grad(true) });
+        }
+        if params.is_empty() {
+            return Err(EngineError::InvalidInput("model: has no parameters to scan".into()));
+        }
+        let mut model = ScanModel { module, params, layers: Vec::new(), num_classes: 0 };
+        model.num_classes = model.probe(sample)?;
+        let shapes: Vec<(String, Vec<i64>)> = model.params.iter().map(|p| (p.name.clone(), p.tensor.size())).collect();
+        model.layers = group_layers(&shapes, model.num_classes);
+        Ok(model)
+    }
+
+    /// Runs the model on `images` in eval mode and returns the number of classes it
+    /// predicts. Anything other than N×K float logits is the user's model or data at fault.
+    pub fn probe(&self, images: &Tensor) -> Result<i64, EngineError> {
+        let n = images.size()[0];
+        let rejected = |reason: String| {
+            let dtype = if images.kind() == Kind::Uint8 { TensorDtype::U8 } else { TensorDtype::F32 };
+            let shape = images.size().iter().map(|&d| d as usize).collect();
+            EngineError::InvalidInput(BundleError::ModelRejectsImages { shape, dtype, reason }.to_string())
+        };
+        let logits = tch::no_grad(|| self.module.forward_ts(&[images])).map_err(|e| rejected(first_line(&e.to_string()).to_string()))?;
+        let size = logits.size();
+        if size.len() != 2 || size[0] != n || size[1] < 2 || !logits.is_floating_point() {
+            return Err(rejected(format!(
+                "expected {n}×K floating-point logits with K ≥ 2, got shape {size:?} of {:?}",
+                logits.kind()
+            )));
+        }
+        Ok(size[1])
+    }
+
+    pub fn forward(&self, images: &Tensor) -> Result<Tensor, EngineError> {
+        Ok(self.module.forward_ts(&[images])?)
+    }
+
+    pub fn set_train(&mut self) -> Result<(), EngineError> {
+        Ok(self.module.f_set_train()?)
+    }
+
+    pub fn set_eval(&mut self) -> Result<(), EngineError> {
+        Ok(self.module.f_set_eval()?)
+    }
+
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            p.tensor.zero_grad();
+        }
+    }
+
+    /// Copies of every parameter, to try an edit and undo it.
+    pub fn snapshot(&self) -> Vec<Tensor> {
+        tch::no_grad(|| self.params.iter().map(|p| p.tensor.detach().copy()).collect())
+    }
+
+    pub fn restore(&mut self, snapshot: &[Tensor]) -> Result<(), EngineError> {
+        tch::no_grad(|| -> Result<(), EngineError> {
+            for (p, saved) in self.params.iter_mut().zip(snapshot) {
+                p.tensor.f_copy_(saved)?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn parameter_count(&self) -> i64 {
+        self.params.iter().map(|p| p.tensor.numel() as i64).sum()
+    }
+
+    /// The L2 norm of every neuron of `layer` (its weight row plus its bias/BN entries).
+    pub fn neuron_norms(&self, layer: &LayerGroup) -> Result<Vec<f64>, EngineError> {
+        let squared = self.neuron_sum(layer, |t| t.f_square())?;
+        Ok(Vec::<f64>::try_from(squared.sqrt().to_kind(Kind::Double))?)
+    }
+
+    /// Σ over each neuron's entries of `f(param)` — f sees the parameter itself, so it
+    /// can also read its gradient (gradient × weight) — as a `width`-long float vector.
+    pub fn neuron_sum(&self, layer: &LayerGroup, f: impl Fn(&Tensor) -> Result<Tensor, tch::TchError>) -> Result<Tensor, EngineError> {
+        tch::no_grad(|| {
+            let width = layer.width as i64;
+            let mut total =
+                f(&self.params[layer.weight].tensor)?.f_reshape([width, -1])?.f_sum_dim_intlist(1, false, Kind::Float)?;
+            for &m in &layer.members {
+                total = total.f_add(&f(&self.params[m].tensor)?.f_to_kind(Kind::Float)?)?;
+            }
+            Ok(total)
+        })
+    }
+
+    /// Writes the model as TorchScript in eval mode, atomically: a temp file then rename,
+    /// so a failure never leaves a half-written artifact where the caller expects one.
+    pub fn save(&mut self, path: &Path) -> Result<(), EngineError> {
+        self.set_eval()?;
+        let tmp = path.with_extension("pt.partial");
+        self.module.save(&tmp)?;
+        std::fs::rename(&tmp, path).map_err(|e| EngineError::Internal(format!("writing {}: {e}", path.display())))
+    }
+}

@@ -1,0 +1,131 @@
+//! The salience report: what was scanned, how, what was found and what changed.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::config::ScanConfig;
+use super::identify::Selection;
+use super::metrics::Metrics;
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScanReport {
+    pub schema_version: u32,
+    pub tool: ToolInfo,
+    pub inputs: Inputs,
+    pub config: ScanConfig,
+    pub seed: u64,
+    pub model: ModelSummary,
+    pub split: SplitSummary,
+    pub selection: Selection,
+    pub layers: Vec<LayerReport>,
+    /// Neurons flagged as not needed by the clean task (suspected backdoor neurons).
+    pub flagged_count: usize,
+    /// Flagged neurons whose every parameter ended at zero.
+    pub pruned_neuron_count: usize,
+    pub suspect_weight_count: i64,
+    pub pruned_weight_count: i64,
+    pub metrics: MetricsPair,
+    /// Defense effectiveness rating; present when a poison bundle was given.
+    pub der: Option<f64>,
+    /// Per-epoch measurements of the purification and recovery phases.
+    pub trace: Vec<EpochTrace>,
+    pub artifact: FileDigest,
+    /// Wall time per phase in milliseconds (the only part that varies between runs).
+    pub timings_ms: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ToolInfo {
+    pub bdscan_version: String,
+    pub libtorch_version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileDigest {
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BundleDigest {
+    pub sha256: String,
+    pub bytes: u64,
+    pub samples: usize,
+    /// C, H, W.
+    pub image_shape: [usize; 3],
+    pub dtype: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Inputs {
+    pub model: FileDigest,
+    pub clean: BundleDigest,
+    pub test: Option<BundleDigest>,
+    pub poison: Option<BundleDigest>,
+    pub target_label: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelSummary {
+    pub num_classes: i64,
+    pub parameter_count: i64,
+    pub layer_count: usize,
+    pub neuron_count: usize,
+    pub classifier_layer: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SplitSummary {
+    pub train: usize,
+    pub held_out: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LayerReport {
+    pub name: String,
+    pub weight_shape: Vec<i64>,
+    /// Parameters grouped into this layer's neurons besides the weight (bias, BatchNorm).
+    pub grouped_parameters: Vec<String>,
+    pub is_classifier: bool,
+    pub width: usize,
+    /// Benign salience of every neuron, in the model's units of loss.
+    pub benign_salience: Vec<f64>,
+    /// Salience divided by the layer's mean (what the ranking uses).
+    pub normalized_salience: Vec<f64>,
+    pub norm_before: Vec<f64>,
+    pub norm_after: Vec<f64>,
+    /// Indices of flagged neurons.
+    pub flagged: Vec<usize>,
+    /// Indices of neurons whose parameters are all zero after purification.
+    pub pruned: Vec<usize>,
+    pub suspect_weights: i64,
+    pub pruned_weights: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MetricsPair {
+    pub before: Metrics,
+    pub after: Metrics,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochTrace {
+    pub phase: String,
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub held_out_acc: f64,
+    /// L2 norm of the suspect entries relative to their norm before purification.
+    pub suspect_norm_ratio: f64,
+    /// Measured on the poison bundle when one is given; never used to steer the scan.
+    pub asr: Option<f64>,
+}
+
+impl ScanReport {
+    /// The report with its run-dependent part (timings) cleared, for comparing runs.
+    pub fn without_timings(&self) -> ScanReport {
+        ScanReport { timings_ms: BTreeMap::new(), ..self.clone() }
+    }
+}

@@ -1,0 +1,178 @@
+//! Mini-batch SGD with momentum over a [`ScanModel`]'s parameters.
+//!
+//! Written out rather than taken from `tch::nn::Sgd` because the purification step needs
+//! to act on the parameters between optimizer steps (the AR shrink, holding pruned
+//! weights at zero), and the schedule changes the rate every step.
+
+use rand_chacha::ChaCha8Rng;
+use tch::{Kind, Tensor};
+
+use super::data::{epoch_batches, random_shift, SampleSet};
+use super::error::EngineError;
+use super::model::ScanModel;
+use super::progress::{Monitor, Phase};
+
+pub struct Sgd {
+    momentum: f64,
+    weight_decay: f64,
+    velocity: Vec<Option<Tensor>>,
+}
+
+impl Sgd {
+    pub fn new(param_count: usize, momentum: f64, weight_decay: f64) -> Self {
+        Sgd { momentum, weight_decay, velocity: (0..param_count).map(|_| None).collect() }
+    }
+
+    /// v ← μv + (g + wd·θ); θ ← θ − lr·v, for every parameter that has a gradient.
+    pub fn step(&mut self, model: &mut ScanModel, lr: f64) -> Result<(), EngineError> {
+        tch::no_grad(|| -> Result<(), EngineError> {
+            for (param, velocity) in model.params.iter_mut().zip(self.velocity.iter_mut()) {
+                let grad = param.tensor.grad();
+                if !grad.defined() {
+                    continue;
+                }
+                let mut update = grad.f_add(&param.tensor.f_mul_scalar(self.weight_decay)?)?;
+                if self.momentum > 0.0 {
+                    update = match velocity.take() {
+                        Some(v) => v.f_mul_scalar(self.momentum)?.f_add(&update)?,
+                        None => update,
+                    };
+                    *velocity = Some(update.shallow_clone());
+                }
+                let _ = param.tensor.f_sub_(&update.f_mul_scalar(lr)?)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Schedule {
+    Constant,
+    /// Half-cosine from the peak rate down to zero over the whole run.
+    Cosine,
+}
+
+pub fn learning_rate(schedule: Schedule, peak: f64, step: usize, total: usize) -> f64 {
+    match schedule {
+        Schedule::Constant => peak,
+        Schedule::Cosine => peak * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total.max(1) as f64).cos()),
+    }
+}
+
+/// Knowledge distillation from a frozen copy of the model as it arrived. On clean inputs
+/// even a backdoored model is a good teacher, and its soft outputs carry far more about
+/// the clean task than a few hundred hard labels; the trigger pathway is never exercised
+/// by clean inputs, so it is not what gets taught.
+pub struct Distill<'a> {
+    pub teacher: &'a ScanModel,
+    /// Weight of the distillation term against the cross-entropy.
+    pub weight: f64,
+    pub temperature: f64,
+}
+
+pub struct FineTune<'a> {
+    pub distill: Option<Distill<'a>>,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub peak_lr: f64,
+    pub schedule: Schedule,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub augment_shift: usize,
+    pub phase: Phase,
+}
+
+/// Trains `model` on `data` with cross-entropy. After every optimizer step `after_step`
+/// runs with the step's learning rate (for the regularizer or pruning masks); after every
+/// epoch `after_epoch` gets the epoch number and mean training loss.
+pub fn fine_tune(
+    model: &mut ScanModel,
+    data: &SampleSet,
+    plan: &FineTune,
+    rng: &mut ChaCha8Rng,
+    monitor: &mut Monitor,
+    after_step: &mut dyn FnMut(&mut ScanModel, f64) -> Result<(), EngineError>,
+    after_epoch: &mut dyn FnMut(&mut ScanModel, usize, f64) -> Result<(), EngineError>,
+) -> Result<(), EngineError> {
+    let steps_per_epoch = epoch_batches(data.len(), plan.batch_size, &mut rng.clone()).len();
+    let total_steps = plan.epochs * steps_per_epoch;
+    let mut optimizer = Sgd::new(model.params.len(), plan.momentum, plan.weight_decay);
+    let mut step = 0;
+    for epoch in 0..plan.epochs {
+        model.set_train()?;
+        let mut loss_sum = 0.0;
+        let batches = epoch_batches(data.len(), plan.batch_size, rng);
+        for indices in &batches {
+            let batch = data.select(indices)?;
+            let images = random_shift(&batch.images, plan.augment_shift, rng)?;
+            let lr = learning_rate(plan.schedule, plan.peak_lr, step, total_steps);
+            model.zero_grad();
+            let logits = model.forward(&images)?;
+            let mut loss = cross_entropy(&logits, &batch.labels)?;
+            if let Some(d) = &plan.distill {
+                loss = loss.f_add(&distillation_loss(&logits, d, &images)?.f_mul_scalar(d.weight)?)?;
+            }
+            loss.f_backward()?;
+            optimizer.step(model, lr)?;
+            after_step(model, lr)?;
+            loss_sum += loss.f_double_value(&[])?;
+            step += 1;
+            monitor.step(plan.phase, step as u64, total_steps as u64)?;
+        }
+        let mean_loss = loss_sum / batches.len().max(1) as f64;
+        if !mean_loss.is_finite() {
+            return Err(EngineError::Internal(format!("training diverged in epoch {} (loss {mean_loss})", epoch + 1)));
+        }
+        after_epoch(model, epoch + 1, mean_loss)?;
+    }
+    model.set_eval()?;
+    Ok(())
+}
+
+/// T²·KL(teacher ‖ student) at temperature T, averaged over the batch.
+fn distillation_loss(student_logits: &Tensor, d: &Distill, images: &Tensor) -> Result<Tensor, EngineError> {
+    let t = d.temperature;
+    let teacher_logits = tch::no_grad(|| d.teacher.forward(images))?;
+    let teacher_log_p = teacher_logits.f_div_scalar(t)?.f_log_softmax(-1, Kind::Float)?;
+    let student_log_p = student_logits.f_div_scalar(t)?.f_log_softmax(-1, Kind::Float)?;
+    let kl = teacher_log_p.f_exp()?.f_mul(&teacher_log_p.f_sub(&student_log_p)?)?.f_sum_dim_intlist(-1, false, Kind::Float)?;
+    Ok(kl.f_mean(Kind::Float)?.f_mul_scalar(t * t)?)
+}
+
+/// Mean cross-entropy of `logits` against integer `labels`.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor, tch::TchError> {
+    logits.f_cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::Mean, -100, 0.0)
+}
+
+/// Share of `data` whose arg-max prediction equals its label, in eval mode.
+pub fn accuracy(model: &mut ScanModel, data: &SampleSet, batch_size: usize) -> Result<f64, EngineError> {
+    let predictions = predict(model, data, batch_size)?;
+    let correct = predictions.f_eq_tensor(&data.labels)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+    Ok(correct as f64 / data.len().max(1) as f64)
+}
+
+/// Arg-max class of every sample, in eval mode, without gradients.
+pub fn predict(model: &mut ScanModel, data: &SampleSet, batch_size: usize) -> Result<Tensor, EngineError> {
+    model.set_eval()?;
+    tch::no_grad(|| {
+        let mut parts = Vec::new();
+        for (images, _) in data.chunks(batch_size) {
+            parts.push(model.forward(&images)?.f_argmax(1, false)?);
+        }
+        Ok(Tensor::f_cat(&parts, 0)?)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_schedule_starts_at_peak_and_ends_near_zero() {
+        assert_eq!(learning_rate(Schedule::Cosine, 0.1, 0, 100), 0.1);
+        assert!((learning_rate(Schedule::Cosine, 0.1, 50, 100) - 0.05).abs() < 1e-12);
+        assert!(learning_rate(Schedule::Cosine, 0.1, 99, 100) < 1e-3);
+        assert_eq!(learning_rate(Schedule::Constant, 0.1, 99, 100), 0.1);
+    }
+}
