@@ -1,6 +1,7 @@
 //! Finds the libtorch that torch-sys links against, so that
 //! - the binaries carry an rpath to it and run without LD_LIBRARY_PATH, and
 //! - reports can name the libtorch version (BDSCAN_LIBTORCH_VERSION).
+//!
 //! Mirrors torch-sys's own lookup: `LIBTORCH`, else `LIBTORCH_USE_PYTORCH` with Python.
 
 use std::env;
@@ -15,7 +16,10 @@ fn main() {
         env::var_os("LIBTORCH_USE_PYTORCH")?;
         let python = env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python".into());
         let out = Command::new(python)
-            .args(["-c", "import os, torch; print(os.path.dirname(torch.__file__))"])
+            .args([
+                "-c",
+                "import os, torch; print(os.path.dirname(torch.__file__))",
+            ])
             .output()
             .ok()?;
         Some(PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()))
@@ -27,7 +31,11 @@ fn main() {
         // The PyPI wheel has version.py; a libtorch zip has build-version.
         if let Ok(text) = std::fs::read_to_string(dir.join("version.py")) {
             if let Some(line) = text.lines().find(|l| l.starts_with("__version__")) {
-                version = line.split(['\'', '"']).nth(1).unwrap_or("unknown").to_string();
+                version = line
+                    .split(['\'', '"'])
+                    .nth(1)
+                    .unwrap_or("unknown")
+                    .to_string();
             }
         } else if let Ok(text) = std::fs::read_to_string(dir.join("build-version")) {
             version = text.trim().to_string();

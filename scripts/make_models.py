@@ -77,6 +77,26 @@ class MnistCnn(nn.Module):
         return self.classifier(self.features(self.input(x)))
 
 
+class TinyMlp(nn.Module):
+    """4 inputs -> 3 hidden ReLU units -> 2 classes, with weights set by hand so tests
+    know the answer: hidden unit 2 has all-zero outgoing weights (nothing downstream
+    reads it, so its benign salience must be exactly zero), units 0 and 1 drive the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(4, 3)
+        self.out = nn.Linear(3, 2)
+        with torch.no_grad():
+            self.hidden.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]))
+            self.hidden.bias.fill_(0.1)
+            self.out.weight.copy_(torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0]]))
+            self.out.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32).flatten(1)
+        return self.out(torch.relu(self.hidden(x)))
+
+
 def main(out_dir: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,6 +105,8 @@ def main(out_dir: str) -> None:
         scripted = torch.jit.script(ctor())
         scripted.save(str(out / f"{name}.pt"))
         print(f"wrote {out / name}.pt")
+    torch.jit.script(TinyMlp()).save(str(out / "tiny_mlp.pt"))
+    print(f"wrote {out / 'tiny_mlp.pt'}")
 
 
 if __name__ == "__main__":

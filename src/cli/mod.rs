@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::engine::{run_scan, EngineError, Monitor, Regularizer, ScanConfig, ScanInputs, ScanReport};
+use crate::engine::{
+    run_scan, EngineError, Monitor, Regularizer, ScanConfig, ScanInputs, ScanReport,
+};
 use crate::lab::demo;
 use progress::ProgressView;
 
@@ -15,7 +17,11 @@ pub const EXIT_INPUT: u8 = 2;
 pub const EXIT_INTERNAL: u8 = 3;
 
 #[derive(Parser, Debug)]
-#[command(name = "bdscan", version, about = "Find and remove backdoors in neural networks")]
+#[command(
+    name = "bdscan",
+    version,
+    about = "Find and remove backdoors in neural networks"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -123,13 +129,18 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");
-            ExitCode::from(if err.is_client_error() { EXIT_INPUT } else { EXIT_INTERNAL })
+            ExitCode::from(if err.is_client_error() {
+                EXIT_INPUT
+            } else {
+                EXIT_INTERNAL
+            })
         }
     }
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -141,8 +152,10 @@ fn init_tracing() {
 fn base_config(run: &RunArgs) -> Result<ScanConfig, EngineError> {
     let mut config = match run.config.as_deref() {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| EngineError::input(&format!("config {}", path.display()), e))?;
-            serde_json::from_str(&text).map_err(|e| EngineError::input(&format!("config {}", path.display()), e))?
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| EngineError::input(&format!("config {}", path.display()), e))?;
+            serde_json::from_str(&text)
+                .map_err(|e| EngineError::input(&format!("config {}", path.display()), e))?
         }
         None => ScanConfig::default(),
     };
@@ -171,8 +184,10 @@ fn scan(args: ScanArgs) -> Result<(), EngineError> {
         out: args.out,
     };
     let report = run_with_progress(&inputs, &config)?;
-    let json = serde_json::to_string_pretty(&report).map_err(|e| EngineError::Internal(e.to_string()))?;
-    std::fs::write(&args.report, json).map_err(|e| EngineError::input(&format!("report {}", args.report.display()), e))?;
+    let json =
+        serde_json::to_string_pretty(&report).map_err(|e| EngineError::Internal(e.to_string()))?;
+    std::fs::write(&args.report, json)
+        .map_err(|e| EngineError::input(&format!("report {}", args.report.display()), e))?;
     print_summary(&report);
     Ok(())
 }
@@ -198,10 +213,19 @@ fn demo_command(args: DemoArgs) -> Result<(), EngineError> {
             temp.clone()
         }
     };
-    println!("training a BadNets-backdoored CNN on {} MNIST digits (seed {})…", demo::TRAIN_SAMPLES, config.seed);
+    println!(
+        "training a BadNets-backdoored CNN on {} MNIST digits (seed {})…",
+        demo::TRAIN_SAMPLES,
+        config.seed
+    );
     let mut view = ProgressView::for_stderr();
     let mut on_progress = |p: &crate::engine::Progress| view.update(p);
-    let files = demo::prepare(&dir, demo::MNIST_CNN_BN, config.seed, &mut Monitor::new(&mut on_progress, None))?;
+    let files = demo::prepare(
+        &dir,
+        demo::MNIST_CNN_BN,
+        config.seed,
+        &mut Monitor::new(&mut on_progress, None),
+    )?;
     view.finish();
     println!("scanning it with {} clean samples…", demo::CLEAN_SAMPLES);
     let inputs = ScanInputs {
@@ -214,11 +238,17 @@ fn demo_command(args: DemoArgs) -> Result<(), EngineError> {
     };
     let report = run_with_progress(&inputs, &config)?;
     let report_path = dir.join("report.json");
-    std::fs::write(&report_path, serde_json::to_string_pretty(&report).map_err(|e| EngineError::Internal(e.to_string()))?)
-        .map_err(|e| EngineError::Internal(e.to_string()))?;
+    std::fs::write(
+        &report_path,
+        serde_json::to_string_pretty(&report).map_err(|e| EngineError::Internal(e.to_string()))?,
+    )
+    .map_err(|e| EngineError::Internal(e.to_string()))?;
     print_summary(&report);
     if args.work_dir.is_some() {
-        println!("files: {} (purified.pt, report.json, bundles)", dir.display());
+        println!(
+            "files: {} (purified.pt, report.json, bundles)",
+            dir.display()
+        );
     } else {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -227,7 +257,8 @@ fn demo_command(args: DemoArgs) -> Result<(), EngineError> {
 
 fn tempdir() -> Result<PathBuf, EngineError> {
     let dir = std::env::temp_dir().join(format!("bdscan-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| EngineError::Internal(format!("creating {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| EngineError::Internal(format!("creating {}: {e}", dir.display())))?;
     Ok(dir)
 }
 
@@ -246,8 +277,18 @@ fn print_summary(report: &ScanReport) {
         report.pruned_weight_count
     );
     println!("          clean acc   ASR      RA");
-    println!("before    {:<11} {:<8} {}", percent(Some(b.clean_acc)), percent(b.asr), percent(b.ra));
-    println!("after     {:<11} {:<8} {}", percent(Some(a.clean_acc)), percent(a.asr), percent(a.ra));
+    println!(
+        "before    {:<11} {:<8} {}",
+        percent(Some(b.clean_acc)),
+        percent(b.asr),
+        percent(b.ra)
+    );
+    println!(
+        "after     {:<11} {:<8} {}",
+        percent(Some(a.clean_acc)),
+        percent(a.asr),
+        percent(a.ra)
+    );
     if let Some(der) = report.der {
         println!("DER {der:.4}");
     }

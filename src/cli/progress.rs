@@ -8,8 +8,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::engine::{Phase, Progress};
 
 pub enum ProgressView {
-    Bar { bar: ProgressBar, phase: Option<Phase> },
-    Lines { phase: Option<Phase>, last_decile: u64 },
+    Bar {
+        bar: ProgressBar,
+        phase: Option<Phase>,
+    },
+    Lines {
+        phase: Option<Phase>,
+        last_decile: u64,
+    },
 }
 
 impl ProgressView {
@@ -23,7 +29,10 @@ impl ProgressView {
             );
             ProgressView::Bar { bar, phase: None }
         } else {
-            ProgressView::Lines { phase: None, last_decile: 0 }
+            ProgressView::Lines {
+                phase: None,
+                last_decile: 0,
+            }
         }
     }
 
@@ -44,10 +53,15 @@ impl ProgressView {
                     *last_decile = 0;
                     tracing::info!(phase = p.phase.as_str(), total = p.total, "phase started");
                 }
-                let decile = if p.total == 0 { 10 } else { p.step * 10 / p.total };
+                let decile = (p.step * 10).checked_div(p.total).unwrap_or(10);
                 if decile > *last_decile {
                     *last_decile = decile;
-                    tracing::info!(phase = p.phase.as_str(), step = p.step, total = p.total, "progress");
+                    tracing::info!(
+                        phase = p.phase.as_str(),
+                        step = p.step,
+                        total = p.total,
+                        "progress"
+                    );
                 }
             }
         }

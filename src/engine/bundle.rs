@@ -51,7 +51,10 @@ pub enum BundleError {
     #[error("malformed bundle: {0}")]
     Malformed(String),
     #[error("bundle has no `{missing}` tensor (found: {found})")]
-    MissingTensor { missing: &'static str, found: String },
+    MissingTensor {
+        missing: &'static str,
+        found: String,
+    },
     #[error("`{tensor}` has dtype {found}; expected {expected}", expected = expected_dtype(tensor))]
     WrongDtype { tensor: String, found: String },
     #[error("`images` must be 4-D (N, C, H, W); got shape {0:?}")]
@@ -67,9 +70,17 @@ pub enum BundleError {
     #[error("`images` contains {count} NaN or infinite values (first at flat index {first})")]
     NonFinite { count: usize, first: usize },
     #[error("`labels` contains {label} at index {index}; labels must lie in 0..{num_classes}")]
-    LabelOutOfRange { label: i64, index: usize, num_classes: i64 },
+    LabelOutOfRange {
+        label: i64,
+        index: usize,
+        num_classes: i64,
+    },
     #[error("the model rejects these images (shape {shape:?}, dtype {dtype}): {reason}")]
-    ModelRejectsImages { shape: Vec<usize>, dtype: TensorDtype, reason: String },
+    ModelRejectsImages {
+        shape: Vec<usize>,
+        dtype: TensorDtype,
+        reason: String,
+    },
 }
 
 fn expected_dtype(tensor: &str) -> &'static str {
@@ -89,11 +100,18 @@ pub struct RawTensor {
 }
 
 impl RawTensor {
-    pub fn new(name: &str, dtype: TensorDtype, shape: Vec<usize>, data: Vec<u8>) -> Result<Self, BundleError> {
+    pub fn new(
+        name: &str,
+        dtype: TensorDtype,
+        shape: Vec<usize>,
+        data: Vec<u8>,
+    ) -> Result<Self, BundleError> {
         let expected = shape
             .iter()
             .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| BundleError::Malformed(format!("array `{name}`: shape {shape:?} overflows")))?;
+            .ok_or_else(|| {
+                BundleError::Malformed(format!("array `{name}`: shape {shape:?} overflows"))
+            })?;
         if data.len() != expected {
             return Err(BundleError::Malformed(format!(
                 "array `{name}`: shape {shape:?} of {dtype} needs {expected} bytes, file holds {}",
@@ -139,7 +157,11 @@ impl Bundle {
     /// Checks that every label names one of the model's `num_classes` outputs.
     pub fn check_labels_below(&self, num_classes: i64) -> Result<(), BundleError> {
         match self.labels.iter().position(|&l| l >= num_classes) {
-            Some(index) => Err(BundleError::LabelOutOfRange { label: self.labels[index], index, num_classes }),
+            Some(index) => Err(BundleError::LabelOutOfRange {
+                label: self.labels[index],
+                index,
+                num_classes,
+            }),
             None => Ok(()),
         }
     }
@@ -147,10 +169,16 @@ impl Bundle {
     /// Builds a bundle from in-memory parts, validating exactly as a file would be.
     pub fn from_parts(images: RawTensor, labels: RawTensor) -> Result<Self, BundleError> {
         if images.dtype == TensorDtype::I64 {
-            return Err(BundleError::WrongDtype { tensor: "images".into(), found: images.dtype.to_string() });
+            return Err(BundleError::WrongDtype {
+                tensor: "images".into(),
+                found: images.dtype.to_string(),
+            });
         }
         if labels.dtype != TensorDtype::I64 {
-            return Err(BundleError::WrongDtype { tensor: "labels".into(), found: labels.dtype.to_string() });
+            return Err(BundleError::WrongDtype {
+                tensor: "labels".into(),
+                found: labels.dtype.to_string(),
+            });
         }
         let shape: [usize; 4] = images
             .shape
@@ -161,7 +189,10 @@ impl Bundle {
             return Err(BundleError::LabelsNotOneDimensional(labels.shape));
         }
         if shape[0] != labels.shape[0] {
-            return Err(BundleError::CountMismatch { images: shape[0], labels: labels.shape[0] });
+            return Err(BundleError::CountMismatch {
+                images: shape[0],
+                labels: labels.shape[0],
+            });
         }
         if shape[0] == 0 {
             return Err(BundleError::Empty);
@@ -175,7 +206,11 @@ impl Bundle {
             .map(|b| i64::from_le_bytes(b.try_into().expect("chunks of 8")))
             .collect();
         if let Some(index) = label_values.iter().position(|&l| l < 0) {
-            return Err(BundleError::LabelOutOfRange { label: label_values[index], index, num_classes: i64::MAX });
+            return Err(BundleError::LabelOutOfRange {
+                label: label_values[index],
+                index,
+                num_classes: i64::MAX,
+            });
         }
         let pixels = match images.dtype {
             TensorDtype::U8 => Pixels::U8(images.data),
@@ -187,24 +222,45 @@ impl Bundle {
                     .collect();
                 let mut non_finite = values.iter().enumerate().filter(|(_, v)| !v.is_finite());
                 if let Some((first, _)) = non_finite.next() {
-                    return Err(BundleError::NonFinite { count: 1 + non_finite.count(), first });
+                    return Err(BundleError::NonFinite {
+                        count: 1 + non_finite.count(),
+                        first,
+                    });
                 }
                 Pixels::F32(values)
             }
             TensorDtype::I64 => unreachable!("rejected above"),
         };
-        Ok(Bundle { pixels, shape, labels: label_values })
+        Ok(Bundle {
+            pixels,
+            shape,
+            labels: label_values,
+        })
     }
 
     /// The samples at `indices`, in that order.
     pub fn select(&self, indices: &[usize]) -> Bundle {
         let per_sample = self.shape[1] * self.shape[2] * self.shape[3];
         let pixels = match &self.pixels {
-            Pixels::U8(v) => Pixels::U8(indices.iter().flat_map(|&i| v[i * per_sample..(i + 1) * per_sample].iter().copied()).collect()),
-            Pixels::F32(v) => Pixels::F32(indices.iter().flat_map(|&i| v[i * per_sample..(i + 1) * per_sample].iter().copied()).collect()),
+            Pixels::U8(v) => Pixels::U8(
+                indices
+                    .iter()
+                    .flat_map(|&i| v[i * per_sample..(i + 1) * per_sample].iter().copied())
+                    .collect(),
+            ),
+            Pixels::F32(v) => Pixels::F32(
+                indices
+                    .iter()
+                    .flat_map(|&i| v[i * per_sample..(i + 1) * per_sample].iter().copied())
+                    .collect(),
+            ),
         };
         let [_, c, h, w] = self.shape;
-        Bundle { pixels, shape: [indices.len(), c, h, w], labels: indices.iter().map(|&i| self.labels[i]).collect() }
+        Bundle {
+            pixels,
+            shape: [indices.len(), c, h, w],
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+        }
     }
 
     /// Samples `range`, as a new bundle.
@@ -220,32 +276,47 @@ impl Bundle {
             Pixels::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
         };
         let label_bytes: Vec<u8> = self.labels.iter().flat_map(|l| l.to_le_bytes()).collect();
-        let images = TensorView::new(dtype, self.shape.to_vec(), &image_bytes).expect("shape matches data");
-        let labels = TensorView::new(Dtype::I64, vec![self.labels.len()], &label_bytes).expect("shape matches data");
-        safetensors::serialize([("images", images), ("labels", labels)], None).expect("in-memory serialisation")
+        let images =
+            TensorView::new(dtype, self.shape.to_vec(), &image_bytes).expect("shape matches data");
+        let labels = TensorView::new(Dtype::I64, vec![self.labels.len()], &label_bytes)
+            .expect("shape matches data");
+        safetensors::serialize([("images", images), ("labels", labels)], None)
+            .expect("in-memory serialisation")
     }
 }
 
 /// Reads and validates a bundle file, telling the format from its first bytes.
 pub fn load_bundle(path: &Path) -> Result<Bundle, BundleError> {
-    let bytes = std::fs::read(path).map_err(|e| BundleError::Unreadable(format!("{}: {e}", path.display())))?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| BundleError::Unreadable(format!("{}: {e}", path.display())))?;
     parse_bundle(&bytes)
 }
 
 /// Parses and validates bundle bytes (`.safetensors` or `.npz`).
 pub fn parse_bundle(bytes: &[u8]) -> Result<Bundle, BundleError> {
-    let (mut images, mut labels, names) = if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
-        read_npz(bytes)?
-    } else if looks_like_safetensors(bytes) {
-        read_safetensors(bytes)?
+    let (mut images, mut labels, names) =
+        if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
+            read_npz(bytes)?
+        } else if looks_like_safetensors(bytes) {
+            read_safetensors(bytes)?
+        } else {
+            return Err(BundleError::UnknownFormat(
+                "expected a safetensors header or a zip (.npz) archive".into(),
+            ));
+        };
+    let found = if names.is_empty() {
+        "nothing".to_string()
     } else {
-        return Err(BundleError::UnknownFormat(
-            "expected a safetensors header or a zip (.npz) archive".into(),
-        ));
+        names.join(", ")
     };
-    let found = if names.is_empty() { "nothing".to_string() } else { names.join(", ") };
-    let images = images.take().ok_or(BundleError::MissingTensor { missing: "images", found: found.clone() })?;
-    let labels = labels.take().ok_or(BundleError::MissingTensor { missing: "labels", found })?;
+    let images = images.take().ok_or(BundleError::MissingTensor {
+        missing: "images",
+        found: found.clone(),
+    })?;
+    let labels = labels.take().ok_or(BundleError::MissingTensor {
+        missing: "labels",
+        found,
+    })?;
     Bundle::from_parts(images, labels)
 }
 
@@ -261,13 +332,18 @@ fn read_safetensors(bytes: &[u8]) -> Result<Parsed, BundleError> {
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
     let take = |name: &str| -> Result<Option<RawTensor>, BundleError> {
-        let Ok(view) = st.tensor(name) else { return Ok(None) };
+        let Ok(view) = st.tensor(name) else {
+            return Ok(None);
+        };
         let dtype = match view.dtype() {
             Dtype::U8 => TensorDtype::U8,
             Dtype::F32 => TensorDtype::F32,
             Dtype::I64 => TensorDtype::I64,
             other => {
-                return Err(BundleError::WrongDtype { tensor: name.to_string(), found: format!("{other:?}").to_lowercase() })
+                return Err(BundleError::WrongDtype {
+                    tensor: name.to_string(),
+                    found: format!("{other:?}").to_lowercase(),
+                })
             }
         };
         RawTensor::new(name, dtype, view.shape().to_vec(), view.data().to_vec()).map(Some)
@@ -279,16 +355,22 @@ fn read_safetensors(bytes: &[u8]) -> Result<Parsed, BundleError> {
 const MAX_NPZ_ENTRY_BYTES: u64 = 8 << 30;
 
 fn read_npz(bytes: &[u8]) -> Result<Parsed, BundleError> {
-    let mut archive =
-        zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| BundleError::Malformed(format!("npz: {e}")))?;
-    let mut names: Vec<String> =
-        archive.file_names().map(|n| n.strip_suffix(".npy").unwrap_or(n).to_string()).collect();
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+        .map_err(|e| BundleError::Malformed(format!("npz: {e}")))?;
+    let mut names: Vec<String> = archive
+        .file_names()
+        .map(|n| n.strip_suffix(".npy").unwrap_or(n).to_string())
+        .collect();
     names.sort();
     let mut take = |name: &str| -> Result<Option<RawTensor>, BundleError> {
-        let Ok(entry) = archive.by_name(&format!("{name}.npy")) else { return Ok(None) };
+        let Ok(entry) = archive.by_name(&format!("{name}.npy")) else {
+            return Ok(None);
+        };
         let declared = entry.size();
         if declared > MAX_NPZ_ENTRY_BYTES {
-            return Err(BundleError::Malformed(format!("array `{name}` is {declared} bytes uncompressed; limit is {MAX_NPZ_ENTRY_BYTES}")));
+            return Err(BundleError::Malformed(format!(
+                "array `{name}` is {declared} bytes uncompressed; limit is {MAX_NPZ_ENTRY_BYTES}"
+            )));
         }
         let mut data = Vec::with_capacity(declared as usize);
         entry
@@ -310,8 +392,13 @@ mod tests {
     }
 
     fn labels(values: &[i64]) -> RawTensor {
-        RawTensor::new("labels", TensorDtype::I64, vec![values.len()], values.iter().flat_map(|v| v.to_le_bytes()).collect())
-            .unwrap()
+        RawTensor::new(
+            "labels",
+            TensorDtype::I64,
+            vec![values.len()],
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -327,7 +414,8 @@ mod tests {
     fn rejects_wrong_rank() {
         let err = Bundle::from_parts(images_u8(vec![2, 4]), labels(&[0, 1])).unwrap_err();
         assert_eq!(err, BundleError::ImagesNotFourDimensional(vec![2, 4]));
-        let label_matrix = RawTensor::new("labels", TensorDtype::I64, vec![1, 2], vec![0; 16]).unwrap();
+        let label_matrix =
+            RawTensor::new("labels", TensorDtype::I64, vec![1, 2], vec![0; 16]).unwrap();
         let err = Bundle::from_parts(images_u8(vec![1, 1, 1, 1]), label_matrix).unwrap_err();
         assert_eq!(err, BundleError::LabelsNotOneDimensional(vec![1, 2]));
     }
@@ -335,7 +423,13 @@ mod tests {
     #[test]
     fn rejects_count_mismatch_and_empty() {
         let err = Bundle::from_parts(images_u8(vec![3, 1, 2, 2]), labels(&[0, 1])).unwrap_err();
-        assert_eq!(err, BundleError::CountMismatch { images: 3, labels: 2 });
+        assert_eq!(
+            err,
+            BundleError::CountMismatch {
+                images: 3,
+                labels: 2
+            }
+        );
         let err = Bundle::from_parts(images_u8(vec![0, 1, 2, 2]), labels(&[])).unwrap_err();
         assert_eq!(err, BundleError::Empty);
     }
@@ -345,7 +439,8 @@ mod tests {
         let float_labels = RawTensor::new("labels", TensorDtype::F32, vec![1], vec![0; 4]).unwrap();
         let err = Bundle::from_parts(images_u8(vec![1, 1, 1, 1]), float_labels).unwrap_err();
         assert!(err.to_string().contains("expected int64"), "{err}");
-        let int_images = RawTensor::new("images", TensorDtype::I64, vec![1, 1, 1, 1], vec![0; 8]).unwrap();
+        let int_images =
+            RawTensor::new("images", TensorDtype::I64, vec![1, 1, 1, 1], vec![0; 8]).unwrap();
         let err = Bundle::from_parts(int_images, labels(&[0])).unwrap_err();
         assert!(err.to_string().contains("uint8 or float32"), "{err}");
     }
@@ -362,10 +457,20 @@ mod tests {
     #[test]
     fn rejects_negative_and_too_large_labels() {
         let err = Bundle::from_parts(images_u8(vec![2, 1, 1, 1]), labels(&[0, -1])).unwrap_err();
-        assert!(matches!(err, BundleError::LabelOutOfRange { label: -1, index: 1, .. }));
+        assert!(matches!(
+            err,
+            BundleError::LabelOutOfRange {
+                label: -1,
+                index: 1,
+                ..
+            }
+        ));
         let bundle = Bundle::from_parts(images_u8(vec![2, 1, 1, 1]), labels(&[0, 10])).unwrap();
         let err = bundle.check_labels_below(10).unwrap_err();
-        assert_eq!(err.to_string(), "`labels` contains 10 at index 1; labels must lie in 0..10");
+        assert_eq!(
+            err.to_string(),
+            "`labels` contains 10 at index 1; labels must lie in 0..10"
+        );
     }
 
     #[test]
@@ -375,15 +480,24 @@ mod tests {
         let only_pixels = TensorView::new(Dtype::U8, vec![1, 1, 2, 2], &data).unwrap();
         let bytes = safetensors::serialize([("pixels", only_pixels)], None).unwrap();
         let err = parse_bundle(&bytes).unwrap_err();
-        assert_eq!(err.to_string(), "bundle has no `images` tensor (found: pixels)");
+        assert_eq!(
+            err.to_string(),
+            "bundle has no `images` tensor (found: pixels)"
+        );
     }
 
     #[test]
     fn rejects_unknown_formats_and_truncation() {
-        assert!(matches!(parse_bundle(b"just some text"), Err(BundleError::UnknownFormat(_))));
+        assert!(matches!(
+            parse_bundle(b"just some text"),
+            Err(BundleError::UnknownFormat(_))
+        ));
         let bundle = Bundle::from_parts(images_u8(vec![2, 1, 2, 2]), labels(&[3, 4])).unwrap();
         let bytes = bundle.to_safetensors();
-        assert!(matches!(parse_bundle(&bytes[..bytes.len() - 3]), Err(BundleError::Malformed(_))));
+        assert!(matches!(
+            parse_bundle(&bytes[..bytes.len() - 3]),
+            Err(BundleError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -96,20 +96,36 @@ impl Default for ScanConfig {
 impl ScanConfig {
     /// Rejects settings that cannot work, with a message naming the field.
     pub fn validate(&self) -> Result<(), EngineError> {
-        let bad = |field: &str, why: &str| Err(EngineError::InvalidInput(format!("config `{field}`: {why}")));
+        let bad = |field: &str, why: &str| {
+            Err(EngineError::InvalidInput(format!(
+                "config `{field}`: {why}"
+            )))
+        };
         if self.batch_size < 2 {
-            return bad("batch_size", "must be at least 2 (BatchNorm needs two samples)");
+            return bad(
+                "batch_size",
+                "must be at least 2 (BatchNorm needs two samples)",
+            );
         }
         if !(self.held_out_fraction > 0.0 && self.held_out_fraction < 1.0) {
             return bad("held_out_fraction", "must lie strictly between 0 and 1");
         }
-        for (field, value) in [("neuron_drop_budget", self.neuron_drop_budget), ("weight_drop_budget", self.weight_drop_budget)] {
+        for (field, value) in [
+            ("neuron_drop_budget", self.neuron_drop_budget),
+            ("weight_drop_budget", self.weight_drop_budget),
+        ] {
             if !(0.0..=1.0).contains(&value) {
                 return bad(field, "must lie in [0, 1]");
             }
         }
-        if !(self.fraction_step > 0.0 && self.fraction_step <= self.max_fraction && self.max_fraction < 1.0) {
-            return bad("fraction_step", "need 0 < fraction_step <= max_fraction < 1");
+        if !(self.fraction_step > 0.0
+            && self.fraction_step <= self.max_fraction
+            && self.max_fraction < 1.0)
+        {
+            return bad(
+                "fraction_step",
+                "need 0 < fraction_step <= max_fraction < 1",
+            );
         }
         for (field, value) in [
             ("reg_strength", self.reg_strength),
@@ -146,7 +162,9 @@ pub fn parse_device(spec: &str) -> Result<tch::Device, EngineError> {
             .strip_prefix("cuda:")
             .and_then(|n| n.parse::<usize>().ok())
             .map(tch::Device::Cuda)
-            .ok_or_else(|| EngineError::InvalidInput(format!("device `{other}`: expected `cpu` or `cuda:N`"))),
+            .ok_or_else(|| {
+                EngineError::InvalidInput(format!("device `{other}`: expected `cpu` or `cuda:N`"))
+            }),
     }
 }
 
@@ -157,7 +175,8 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_partial_json_fills_in_defaults() {
         ScanConfig::default().validate().unwrap();
-        let cfg: ScanConfig = serde_json::from_str(r#"{"regularizer": "l1", "purify_epochs": 3}"#).unwrap();
+        let cfg: ScanConfig =
+            serde_json::from_str(r#"{"regularizer": "l1", "purify_epochs": 3}"#).unwrap();
         assert_eq!(cfg.regularizer, Regularizer::L1);
         assert_eq!(cfg.purify_epochs, 3);
         assert_eq!(cfg.batch_size, ScanConfig::default().batch_size);
@@ -166,9 +185,19 @@ mod tests {
     #[test]
     fn unknown_fields_and_bad_values_are_rejected() {
         assert!(serde_json::from_str::<ScanConfig>(r#"{"learning_rate": 1}"#).is_err());
-        let cfg = ScanConfig { held_out_fraction: 1.0, ..Default::default() };
-        assert!(cfg.validate().unwrap_err().to_string().contains("held_out_fraction"));
-        let cfg = ScanConfig { device: "tpu".into(), ..Default::default() };
+        let cfg = ScanConfig {
+            held_out_fraction: 1.0,
+            ..Default::default()
+        };
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("held_out_fraction"));
+        let cfg = ScanConfig {
+            device: "tpu".into(),
+            ..Default::default()
+        };
         assert!(cfg.validate().is_err());
     }
 

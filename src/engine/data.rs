@@ -37,7 +37,10 @@ impl SampleSet {
 
     pub fn select(&self, indices: &[i64]) -> Result<SampleSet, EngineError> {
         let index = Tensor::from_slice(indices).f_to_device(self.labels.device())?;
-        Ok(SampleSet { images: self.images.f_index_select(0, &index)?, labels: self.labels.f_index_select(0, &index)? })
+        Ok(SampleSet {
+            images: self.images.f_index_select(0, &index)?,
+            labels: self.labels.f_index_select(0, &index)?,
+        })
     }
 
     /// Consecutive slices of at most `batch_size`, in order (for evaluation and salience).
@@ -45,17 +48,25 @@ impl SampleSet {
         let n = self.len() as i64;
         (0..n).step_by(batch_size).map(move |start| {
             let len = (batch_size as i64).min(n - start);
-            (self.images.narrow(0, start, len), self.labels.narrow(0, start, len))
+            (
+                self.images.narrow(0, start, len),
+                self.labels.narrow(0, start, len),
+            )
         })
     }
 }
 
 /// Seeded shuffle, then the last `held_out_fraction` (at least one sample, and at least
 /// two left to train on) is held out.
-pub fn split_indices(n: usize, held_out_fraction: f64, rng: &mut ChaCha8Rng) -> (Vec<i64>, Vec<i64>) {
+pub fn split_indices(
+    n: usize,
+    held_out_fraction: f64,
+    rng: &mut ChaCha8Rng,
+) -> (Vec<i64>, Vec<i64>) {
     let mut order: Vec<i64> = (0..n as i64).collect();
     order.shuffle(rng);
-    let held = ((n as f64 * held_out_fraction).round() as usize).clamp(1, n.saturating_sub(2).max(1));
+    let held =
+        ((n as f64 * held_out_fraction).round() as usize).clamp(1, n.saturating_sub(2).max(1));
     let train = order[..n - held].to_vec();
     let held_out = order[n - held..].to_vec();
     (train, held_out)
@@ -66,20 +77,30 @@ pub fn split_indices(n: usize, held_out_fraction: f64, rng: &mut ChaCha8Rng) -> 
 pub fn epoch_batches(n: usize, batch_size: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<i64>> {
     let mut order: Vec<i64> = (0..n as i64).collect();
     order.shuffle(rng);
-    order.chunks(batch_size).filter(|b| b.len() >= 2).map(<[i64]>::to_vec).collect()
+    order
+        .chunks(batch_size)
+        .filter(|b| b.len() >= 2)
+        .map(<[i64]>::to_vec)
+        .collect()
 }
 
 /// Translates each image by up to `max_shift` pixels in each direction, filling the
 /// uncovered border by replicating the edge. A small shift keeps the label of any
 /// natural image; it makes a few hundred clean samples go further during fine-tuning.
-pub fn random_shift(images: &Tensor, max_shift: usize, rng: &mut ChaCha8Rng) -> Result<Tensor, EngineError> {
+pub fn random_shift(
+    images: &Tensor,
+    max_shift: usize,
+    rng: &mut ChaCha8Rng,
+) -> Result<Tensor, EngineError> {
     if max_shift == 0 {
         return Ok(images.shallow_clone());
     }
     let s = max_shift as i64;
     let size = images.size();
     let (h, w) = (size[2], size[3]);
-    let padded = images.f_to_kind(Kind::Float)?.f_pad([s, s, s, s], "replicate", None)?;
+    let padded = images
+        .f_to_kind(Kind::Float)?
+        .f_pad([s, s, s, s], "replicate", None)?;
     let mut shifted = Vec::with_capacity(size[0] as usize);
     for i in 0..size[0] {
         let dy = rng.gen_range(0..=2 * s);

@@ -31,7 +31,11 @@ impl From<tch::TchError> for EngineError {
 
 /// libtorch errors carry a multi-line C++ backtrace; the first line says what happened.
 pub fn first_line(message: &str) -> &str {
-    message.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or(message)
+    message
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or(message)
 }
 
 /// Wraps a bundle problem with which bundle it was, for a one-line message.

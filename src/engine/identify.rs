@@ -55,10 +55,16 @@ pub struct Budget {
 /// Neuron indices of one layer, most suspect first.
 pub fn rank_neurons(salience: &[f64], norms: &[f64]) -> Vec<usize> {
     let mean = salience.iter().sum::<f64>() / salience.len().max(1) as f64;
-    let normalized: Vec<f64> = salience.iter().map(|s| if mean > 0.0 { s / mean } else { 0.0 }).collect();
+    let normalized: Vec<f64> = salience
+        .iter()
+        .map(|s| if mean > 0.0 { s / mean } else { 0.0 })
+        .collect();
     let mut order: Vec<usize> = (0..salience.len()).collect();
     order.sort_by(|&a, &b| {
-        normalized[a].total_cmp(&normalized[b]).then(norms[b].total_cmp(&norms[a])).then(a.cmp(&b))
+        normalized[a]
+            .total_cmp(&normalized[b])
+            .then(norms[b].total_cmp(&norms[a]))
+            .then(a.cmp(&b))
     });
     order
 }
@@ -66,26 +72,43 @@ pub fn rank_neurons(salience: &[f64], norms: &[f64]) -> Vec<usize> {
 /// The same order for single weights: lowest salience first, larger |θ| first among ties.
 fn rank_weights(salience: &Tensor, weight: &Tensor) -> Result<Vec<usize>, EngineError> {
     let to_vec = |t: &Tensor| -> Result<Vec<f32>, EngineError> {
-        Ok(Vec::<f32>::try_from(t.f_flatten(0, -1)?.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?)?)
+        Ok(Vec::<f32>::try_from(
+            t.f_flatten(0, -1)?
+                .f_to_kind(Kind::Float)?
+                .f_to_device(tch::Device::Cpu)?,
+        )?)
     };
     let s = to_vec(salience)?;
     let w = to_vec(&weight.f_abs()?)?;
     let mut order: Vec<usize> = (0..s.len()).collect();
-    order.sort_by(|&a, &b| s[a].total_cmp(&s[b]).then(w[b].total_cmp(&w[a])).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        s[a].total_cmp(&s[b])
+            .then(w[b].total_cmp(&w[a]))
+            .then(a.cmp(&b))
+    });
     Ok(order)
 }
 
 fn fractions(budget: &Budget) -> Vec<f64> {
     let steps = (budget.max_fraction / budget.fraction_step + 1e-9).floor() as usize;
-    (1..=steps).map(|i| (i as f64 * budget.fraction_step * 1e6).round() / 1e6).collect()
+    (1..=steps)
+        .map(|i| (i as f64 * budget.fraction_step * 1e6).round() / 1e6)
+        .collect()
 }
 
-fn first_k_mask(order: &[usize], k: usize, shape: &[i64], device: tch::Device) -> Result<Tensor, EngineError> {
+fn first_k_mask(
+    order: &[usize],
+    k: usize,
+    shape: &[i64],
+    device: tch::Device,
+) -> Result<Tensor, EngineError> {
     let mut mask = vec![0f32; order.len()];
     for &i in &order[..k] {
         mask[i] = 1.0;
     }
-    Ok(Tensor::from_slice(&mask).f_reshape(shape)?.f_to_device(device)?)
+    Ok(Tensor::from_slice(&mask)
+        .f_reshape(shape)?
+        .f_to_device(device)?)
 }
 
 pub fn identify(
@@ -97,14 +120,25 @@ pub fn identify(
 ) -> Result<Suspects, EngineError> {
     let device = model.params[0].tensor.device();
     let layers = model.layers.clone();
-    let hidden: Vec<usize> = (0..layers.len()).filter(|&i| !layers[i].is_classifier).collect();
+    let hidden: Vec<usize> = (0..layers.len())
+        .filter(|&i| !layers[i].is_classifier)
+        .collect();
     let mut neuron_order = Vec::with_capacity(layers.len());
     let mut weight_order = Vec::with_capacity(layers.len());
     for (i, layer) in layers.iter().enumerate() {
-        neuron_order.push(rank_neurons(&salience.per_neuron[i], &model.neuron_norms(layer)?));
-        weight_order.push(rank_weights(&salience.per_weight[i], &model.params[layer.weight].tensor)?);
+        neuron_order.push(rank_neurons(
+            &salience.per_neuron[i],
+            &model.neuron_norms(layer)?,
+        ));
+        weight_order.push(rank_weights(
+            &salience.per_weight[i],
+            &model.params[layer.weight].tensor,
+        )?);
     }
-    let weight_shapes: Vec<Vec<i64>> = layers.iter().map(|l| model.params[l.weight].tensor.size()).collect();
+    let weight_shapes: Vec<Vec<i64>> = layers
+        .iter()
+        .map(|l| model.params[l.weight].tensor.size())
+        .collect();
     let baseline = accuracy(model, held_out, budget.batch_size)?;
     let snapshot = model.snapshot();
     let grid = fractions(budget);
@@ -133,7 +167,10 @@ pub fn identify(
         model.restore(&snapshot)?;
         zero_neurons(model, &neuron_flags_at(q))?;
         let acc = accuracy(model, held_out, budget.batch_size)?;
-        neuron_trials.push(Trial { fraction: q, held_out_acc: acc });
+        neuron_trials.push(Trial {
+            fraction: q,
+            held_out_acc: acc,
+        });
         done += 1;
         monitor.step(Phase::Identify, done, total)?;
         if baseline - acc > budget.neuron_drop + 1e-12 {
@@ -147,7 +184,12 @@ pub fn identify(
         let mut masks: Vec<Option<Tensor>> = (0..layers.len()).map(|_| None).collect();
         for &i in &hidden {
             let k = (q * weight_order[i].len() as f64).floor() as usize;
-            masks[i] = Some(first_k_mask(&weight_order[i], k, &weight_shapes[i], device)?);
+            masks[i] = Some(first_k_mask(
+                &weight_order[i],
+                k,
+                &weight_shapes[i],
+                device,
+            )?);
         }
         Ok(masks)
     };
@@ -166,7 +208,10 @@ pub fn identify(
             Ok(())
         })?;
         let acc = accuracy(model, held_out, budget.batch_size)?;
-        weight_trials.push(Trial { fraction: q, held_out_acc: acc });
+        weight_trials.push(Trial {
+            fraction: q,
+            held_out_acc: acc,
+        });
         done += 1;
         monitor.step(Phase::Identify, done, total)?;
         if baseline - acc > budget.weight_drop + 1e-12 {
@@ -176,11 +221,21 @@ pub fn identify(
     }
     model.restore(&snapshot)?;
 
-    let weight_masks = if weight_fraction > 0.0 { weight_masks_at(weight_fraction)? } else { (0..layers.len()).map(|_| None).collect() };
+    let weight_masks = if weight_fraction > 0.0 {
+        weight_masks_at(weight_fraction)?
+    } else {
+        (0..layers.len()).map(|_| None).collect()
+    };
     Ok(Suspects {
         neuron_flags: neuron_flags_at(neuron_fraction),
         weight_masks,
-        selection: Selection { held_out_acc: baseline, neuron_fraction, weight_fraction, neuron_trials, weight_trials },
+        selection: Selection {
+            held_out_acc: baseline,
+            neuron_fraction,
+            weight_fraction,
+            neuron_trials,
+            weight_trials,
+        },
     })
 }
 
@@ -221,7 +276,15 @@ impl Suspects {
                 let param = &model.params[index].tensor;
                 let mut shape = vec![layer.width as i64];
                 shape.resize(param.dim(), 1);
-                let mut mask = if any_flag { Some(rows.f_reshape(&shape)?.f_expand(param.size(), false)?.f_contiguous()?) } else { None };
+                let mut mask = if any_flag {
+                    Some(
+                        rows.f_reshape(&shape)?
+                            .f_expand(param.size(), false)?
+                            .f_contiguous()?,
+                    )
+                } else {
+                    None
+                };
                 if index == layer.weight {
                     if let Some(weights) = &self.weight_masks[i] {
                         mask = Some(match mask {
@@ -253,7 +316,13 @@ mod tests {
 
     #[test]
     fn fraction_grid_is_exact() {
-        let budget = Budget { neuron_drop: 0.0, weight_drop: 0.0, fraction_step: 0.05, max_fraction: 0.9, batch_size: 8 };
+        let budget = Budget {
+            neuron_drop: 0.0,
+            weight_drop: 0.0,
+            fraction_step: 0.05,
+            max_fraction: 0.9,
+            batch_size: 8,
+        };
         let grid = fractions(&budget);
         assert_eq!(grid.len(), 18);
         assert_eq!(grid[0], 0.05);

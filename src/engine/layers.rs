@@ -41,7 +41,9 @@ pub fn group_layers(params: &[(String, Vec<i64>)], num_classes: i64) -> Vec<Laye
             }
             continue;
         }
-        let Some(layer) = layers.last_mut() else { continue };
+        let Some(layer) = layers.last_mut() else {
+            continue;
+        };
         let same_width = shape.len() == 1 && shape[0] as usize == layer.width;
         // Only the layer's own bias or parameters registered before the next weight
         // qualify; anything later belongs to a different part of the network.
@@ -50,7 +52,11 @@ pub fn group_layers(params: &[(String, Vec<i64>)], num_classes: i64) -> Vec<Laye
             layer.members.push(index);
         }
     }
-    if let Some(classifier) = layers.iter_mut().rev().find(|l| l.width as i64 == num_classes) {
+    if let Some(classifier) = layers
+        .iter_mut()
+        .rev()
+        .find(|l| l.width as i64 == num_classes)
+    {
         classifier.is_classifier = true;
     } else if let Some(last) = layers.last_mut() {
         last.is_classifier = true;
@@ -59,7 +65,9 @@ pub fn group_layers(params: &[(String, Vec<i64>)], num_classes: i64) -> Vec<Laye
 }
 
 fn module_path(param_name: &str) -> &str {
-    param_name.rsplit_once('.').map_or(param_name, |(module, _)| module)
+    param_name
+        .rsplit_once('.')
+        .map_or(param_name, |(module, _)| module)
 }
 
 #[cfg(test)]
@@ -109,7 +117,11 @@ mod tests {
 
     #[test]
     fn one_dimensional_parameters_of_another_width_are_left_out() {
-        let params = vec![p("a.weight", &[4, 2]), p("scale", &[3]), p("out.weight", &[2, 4])];
+        let params = vec![
+            p("a.weight", &[4, 2]),
+            p("scale", &[3]),
+            p("out.weight", &[2, 4]),
+        ];
         let layers = group_layers(&params, 2);
         assert!(layers[0].members.is_empty());
         assert!(layers[1].is_classifier);

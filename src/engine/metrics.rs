@@ -48,15 +48,28 @@ impl PoisonSet {
                 "poison bundle: every sample's true label is the target {target}; ASR needs samples of other classes"
             )));
         }
-        Ok(PoisonSet { samples: all.select(&keep)?, target })
+        Ok(PoisonSet {
+            samples: all.select(&keep)?,
+            target,
+        })
     }
 
     /// (ASR, RA) of `model` on these samples.
-    pub fn measure(&self, model: &mut ScanModel, batch_size: usize) -> Result<(f64, f64), EngineError> {
+    pub fn measure(
+        &self,
+        model: &mut ScanModel,
+        batch_size: usize,
+    ) -> Result<(f64, f64), EngineError> {
         let predictions = predict(model, &self.samples, batch_size)?;
         let n = self.samples.len() as f64;
-        let hits = predictions.f_eq(self.target)?.f_sum(Kind::Int64)?.f_int64_value(&[])? as f64;
-        let recovered = predictions.f_eq_tensor(&self.samples.labels)?.f_sum(Kind::Int64)?.f_int64_value(&[])? as f64;
+        let hits = predictions
+            .f_eq(self.target)?
+            .f_sum(Kind::Int64)?
+            .f_int64_value(&[])? as f64;
+        let recovered = predictions
+            .f_eq_tensor(&self.samples.labels)?
+            .f_sum(Kind::Int64)?
+            .f_int64_value(&[])? as f64;
         Ok((hits / n, recovered / n))
     }
 }
@@ -76,7 +89,12 @@ pub fn measure(
         }
         None => (None, None),
     };
-    Ok(Metrics { clean_acc, clean_acc_on: clean_source, asr, ra })
+    Ok(Metrics {
+        clean_acc,
+        clean_acc_on: clean_source,
+        asr,
+        ra,
+    })
 }
 
 /// DER = (max(0, ΔASR) − max(0, ΔACC) + 1) / 2, with Δ = before − after, in [0, 1].
@@ -92,18 +110,36 @@ mod tests {
     use super::*;
 
     fn m(acc: f64, asr: f64) -> Metrics {
-        Metrics { clean_acc: acc, clean_acc_on: AccuracySource::Test, asr: Some(asr), ra: Some(0.0) }
+        Metrics {
+            clean_acc: acc,
+            clean_acc_on: AccuracySource::Test,
+            asr: Some(asr),
+            ra: Some(0.0),
+        }
     }
 
     #[test]
     fn der_follows_backdoorbench() {
-        assert_eq!(defense_effectiveness_rating(&m(0.9, 1.0), &m(0.9, 0.0)), Some(1.0));
-        assert_eq!(defense_effectiveness_rating(&m(0.9, 1.0), &m(0.9, 1.0)), Some(0.5));
+        assert_eq!(
+            defense_effectiveness_rating(&m(0.9, 1.0), &m(0.9, 0.0)),
+            Some(1.0)
+        );
+        assert_eq!(
+            defense_effectiveness_rating(&m(0.9, 1.0), &m(0.9, 1.0)),
+            Some(0.5)
+        );
         let der = defense_effectiveness_rating(&m(0.9, 1.0), &m(0.8, 0.1)).unwrap();
         assert!((der - 0.9).abs() < 1e-12);
         // Gains in accuracy or ASR are not rewarded beyond zero.
-        assert_eq!(defense_effectiveness_rating(&m(0.8, 0.1), &m(0.9, 0.5)), Some(0.5));
-        let no_poison = Metrics { asr: None, ra: None, ..m(0.9, 0.0) };
+        assert_eq!(
+            defense_effectiveness_rating(&m(0.8, 0.1), &m(0.9, 0.5)),
+            Some(0.5)
+        );
+        let no_poison = Metrics {
+            asr: None,
+            ra: None,
+            ..m(0.9, 0.0)
+        };
         assert_eq!(defense_effectiveness_rating(&no_poison, &no_poison), None);
     }
 }

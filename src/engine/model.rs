@@ -31,23 +31,42 @@ impl ScanModel {
     /// Loads the archive and checks it maps `sample` (a few clean images) to N×K logits.
     pub fn load(path: &Path, device: Device, sample: &Tensor) -> Result<Self, EngineError> {
         let mut module = CModule::load_on_device(path, device).map_err(|e| {
-            EngineError::InvalidInput(format!("model: not a loadable TorchScript archive: {}", first_line(&e.to_string())))
+            EngineError::InvalidInput(format!(
+                "model: not a loadable TorchScript archive: {}",
+                first_line(&e.to_string())
+            ))
         })?;
         module.f_set_eval()?;
         let named = module.named_parameters()?;
         let mut params = Vec::with_capacity(named.len());
         for (name, tensor) in named {
             if !tensor.is_floating_point() {
-                return Err(EngineError::InvalidInput(format!("model: parameter `{name}` is not floating point")));
+                return Err(EngineError::InvalidInput(format!(
+                    "model: parameter `{name}` is not floating point"
+                )));
             }
-            params.push(NamedParam { name, tensor: tensor.set_requires_grad(true) });
+            params.push(NamedParam {
+                name,
+                tensor: tensor.set_requires_grad(true),
+            });
         }
         if params.is_empty() {
-            return Err(EngineError::InvalidInput("model: has no parameters to scan".into()));
+            return Err(EngineError::InvalidInput(
+                "model: has no parameters to scan".into(),
+            ));
         }
-        let mut model = ScanModel { module, params, layers: Vec::new(), num_classes: 0 };
+        let mut model = ScanModel {
+            module,
+            params,
+            layers: Vec::new(),
+            num_classes: 0,
+        };
         model.num_classes = model.probe(sample)?;
-        let shapes: Vec<(String, Vec<i64>)> = model.params.iter().map(|p| (p.name.clone(), p.tensor.size())).collect();
+        let shapes: Vec<(String, Vec<i64>)> = model
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.tensor.size()))
+            .collect();
         model.layers = group_layers(&shapes, model.num_classes);
         Ok(model)
     }
@@ -57,11 +76,23 @@ impl ScanModel {
     pub fn probe(&self, images: &Tensor) -> Result<i64, EngineError> {
         let n = images.size()[0];
         let rejected = |reason: String| {
-            let dtype = if images.kind() == Kind::Uint8 { TensorDtype::U8 } else { TensorDtype::F32 };
+            let dtype = if images.kind() == Kind::Uint8 {
+                TensorDtype::U8
+            } else {
+                TensorDtype::F32
+            };
             let shape = images.size().iter().map(|&d| d as usize).collect();
-            EngineError::InvalidInput(BundleError::ModelRejectsImages { shape, dtype, reason }.to_string())
+            EngineError::InvalidInput(
+                BundleError::ModelRejectsImages {
+                    shape,
+                    dtype,
+                    reason,
+                }
+                .to_string(),
+            )
         };
-        let logits = tch::no_grad(|| self.module.forward_ts(&[images])).map_err(|e| rejected(first_line(&e.to_string()).to_string()))?;
+        let logits = tch::no_grad(|| self.module.forward_ts(&[images]))
+            .map_err(|e| rejected(first_line(&e.to_string()).to_string()))?;
         let size = logits.size();
         if size.len() != 2 || size[0] != n || size[1] < 2 || !logits.is_floating_point() {
             return Err(rejected(format!(
@@ -92,7 +123,12 @@ impl ScanModel {
 
     /// Copies of every parameter, to try an edit and undo it.
     pub fn snapshot(&self) -> Vec<Tensor> {
-        tch::no_grad(|| self.params.iter().map(|p| p.tensor.detach().copy()).collect())
+        tch::no_grad(|| {
+            self.params
+                .iter()
+                .map(|p| p.tensor.detach().copy())
+                .collect()
+        })
     }
 
     pub fn restore(&mut self, snapshot: &[Tensor]) -> Result<(), EngineError> {
@@ -116,16 +152,46 @@ impl ScanModel {
 
     /// Σ over each neuron's entries of `f(param)` — f sees the parameter itself, so it
     /// can also read its gradient (gradient × weight) — as a `width`-long float vector.
-    pub fn neuron_sum(&self, layer: &LayerGroup, f: impl Fn(&Tensor) -> Result<Tensor, tch::TchError>) -> Result<Tensor, EngineError> {
+    pub fn neuron_sum(
+        &self,
+        layer: &LayerGroup,
+        f: impl Fn(&Tensor) -> Result<Tensor, tch::TchError>,
+    ) -> Result<Tensor, EngineError> {
         tch::no_grad(|| {
             let width = layer.width as i64;
-            let mut total =
-                f(&self.params[layer.weight].tensor)?.f_reshape([width, -1])?.f_sum_dim_intlist(1, false, Kind::Float)?;
+            let mut total = f(&self.params[layer.weight].tensor)?
+                .f_reshape([width, -1])?
+                .f_sum_dim_intlist(1, false, Kind::Float)?;
             for &m in &layer.members {
                 total = total.f_add(&f(&self.params[m].tensor)?.f_to_kind(Kind::Float)?)?;
             }
             Ok(total)
         })
+    }
+
+    /// sha256 over every parameter's name, shape and float32 values, in order. Unlike
+    /// the archive's own hash it is reproducible: `torch.jit.save` writes a random
+    /// serialization id into every archive.
+    pub fn parameters_sha256(&self) -> Result<String, EngineError> {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        for p in &self.params {
+            hasher.update(p.name.as_bytes());
+            for d in p.tensor.size() {
+                hasher.update(d.to_le_bytes());
+            }
+            let values = Vec::<f32>::try_from(
+                p.tensor
+                    .detach()
+                    .f_to_device(tch::Device::Cpu)?
+                    .f_to_kind(Kind::Float)?
+                    .f_flatten(0, -1)?,
+            )?;
+            for v in values {
+                hasher.update(v.to_le_bytes());
+            }
+        }
+        Ok(hex::encode(hasher.finalize()))
     }
 
     /// Writes the model as TorchScript in eval mode, atomically: a temp file then rename,
@@ -134,6 +200,7 @@ impl ScanModel {
         self.set_eval()?;
         let tmp = path.with_extension("pt.partial");
         self.module.save(&tmp)?;
-        std::fs::rename(&tmp, path).map_err(|e| EngineError::Internal(format!("writing {}: {e}", path.display())))
+        std::fs::rename(&tmp, path)
+            .map_err(|e| EngineError::Internal(format!("writing {}: {e}", path.display())))
     }
 }

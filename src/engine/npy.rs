@@ -21,7 +21,10 @@ pub fn parse_npy(name: &str, bytes: &[u8]) -> Result<RawTensor, BundleError> {
             if bytes.len() < 12 {
                 return Err(bad("truncated header".into()));
             }
-            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+            (
+                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                12,
+            )
         }
         v => return Err(bad(format!("unsupported .npy version {v}"))),
     };
@@ -45,20 +48,30 @@ pub fn parse_npy(name: &str, bytes: &[u8]) -> Result<RawTensor, BundleError> {
             })
         }
     };
-    let fortran = dict_value(header, "fortran_order").ok_or_else(|| bad("header has no fortran_order".into()))?;
+    let fortran = dict_value(header, "fortran_order")
+        .ok_or_else(|| bad("header has no fortran_order".into()))?;
     if fortran.trim() != "False" {
-        return Err(bad("Fortran-ordered arrays are not supported; save with np.ascontiguousarray".into()));
+        return Err(bad(
+            "Fortran-ordered arrays are not supported; save with np.ascontiguousarray".into(),
+        ));
     }
-    let shape_text = dict_value(header, "shape").ok_or_else(|| bad("header has no shape".into()))?;
-    let shape = parse_shape(shape_text).ok_or_else(|| bad(format!("unreadable shape {shape_text}")))?;
+    let shape_text =
+        dict_value(header, "shape").ok_or_else(|| bad("header has no shape".into()))?;
+    let shape =
+        parse_shape(shape_text).ok_or_else(|| bad(format!("unreadable shape {shape_text}")))?;
     RawTensor::new(name, dtype, shape, bytes[data_start..].to_vec())
 }
 
 /// Finds `'key': value` in the header's Python dict literal and returns the value text.
 fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     let quoted = [format!("'{key}'"), format!("\"{key}\"")];
-    let key_pos = quoted.iter().find_map(|k| header.find(k.as_str()).map(|p| p + k.len()))?;
-    let rest = header[key_pos..].trim_start().strip_prefix(':')?.trim_start();
+    let key_pos = quoted
+        .iter()
+        .find_map(|k| header.find(k.as_str()).map(|p| p + k.len()))?;
+    let rest = header[key_pos..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start();
     let end = if rest.starts_with('(') {
         rest.find(')')? + 1
     } else {
@@ -104,7 +117,8 @@ mod tests {
     use super::*;
 
     fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
-        let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        let mut header =
+            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
         while (10 + header.len() + 1) % 64 != 0 {
             header.push(' ');
         }

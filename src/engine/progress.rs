@@ -47,7 +47,10 @@ pub struct Monitor<'a> {
 
 impl<'a> Monitor<'a> {
     pub fn new(on_progress: &'a mut dyn FnMut(&Progress), cancel: Option<&'a AtomicBool>) -> Self {
-        Monitor { on_progress, cancel }
+        Monitor {
+            on_progress,
+            cancel,
+        }
     }
 
     /// Reports a step and returns `Err(Cancelled)` if the caller asked to stop.

@@ -27,18 +27,35 @@ pub fn ar_shrink_factor(theta: f64, sigma: f64, lambda: f64, lr: f64) -> f64 {
 /// A tensor's scale for the adaptive penalty: its RMS, floored so that an all-zero
 /// tensor does not divide by zero.
 pub fn tensor_scale(t: &Tensor) -> Result<f64, EngineError> {
-    let rms = t.f_square()?.f_mean(tch::Kind::Double)?.f_sqrt()?.f_double_value(&[])?;
+    let rms = t
+        .f_square()?
+        .f_mean(tch::Kind::Double)?
+        .f_sqrt()?
+        .f_double_value(&[])?;
     Ok(rms.max(1e-8))
 }
 
 /// One regularization step on the entries of `param` where `mask` (1.0/0.0, same shape) is set.
-pub fn apply(kind: Regularizer, param: &mut Tensor, mask: &Tensor, sigma: f64, lambda: f64, lr: f64) -> Result<(), EngineError> {
+pub fn apply(
+    kind: Regularizer,
+    param: &mut Tensor,
+    mask: &Tensor,
+    sigma: f64,
+    lambda: f64,
+    lr: f64,
+) -> Result<(), EngineError> {
     tch::no_grad(|| -> Result<(), EngineError> {
         let delta = match kind {
             Regularizer::None => return Ok(()),
             Regularizer::Ar => {
                 // θ − θ·f = θ·(1 − f) with f = 1 / (1 + ηλ(1 + |θ|/σ)).
-                let factor = param.f_abs()?.f_div_scalar(sigma)?.f_add_scalar(1.0)?.f_mul_scalar(lr * lambda)?.f_add_scalar(1.0)?.f_reciprocal()?;
+                let factor = param
+                    .f_abs()?
+                    .f_div_scalar(sigma)?
+                    .f_add_scalar(1.0)?
+                    .f_mul_scalar(lr * lambda)?
+                    .f_add_scalar(1.0)?
+                    .f_reciprocal()?;
                 param.f_mul(&factor.f_neg()?.f_add_scalar(1.0)?)?
             }
             Regularizer::L1 => param.f_sign()?.f_mul_scalar(lr * lambda * sigma)?,
@@ -57,17 +74,26 @@ mod tests {
     fn ar_gradient_grows_faster_than_linearly_with_magnitude() {
         let (sigma, lambda) = (0.1, 2.0);
         let mags = [0.0, 0.01, 0.05, 0.1, 0.3, 1.0];
-        let grads: Vec<f64> = mags.iter().map(|&m| ar_penalty_gradient(m, sigma, lambda)).collect();
+        let grads: Vec<f64> = mags
+            .iter()
+            .map(|&m| ar_penalty_gradient(m, sigma, lambda))
+            .collect();
         assert_eq!(grads[0], 0.0);
         for w in grads.windows(2) {
             assert!(w[1] > w[0], "gradient must grow with |θ|: {grads:?}");
         }
         // Per unit of θ the pull grows too: that is what separates AR from L2.
-        let per_unit: Vec<f64> = mags[1..].iter().map(|&m| ar_penalty_gradient(m, sigma, lambda) / m).collect();
+        let per_unit: Vec<f64> = mags[1..]
+            .iter()
+            .map(|&m| ar_penalty_gradient(m, sigma, lambda) / m)
+            .collect();
         for w in per_unit.windows(2) {
             assert!(w[1] > w[0]);
         }
-        assert_eq!(ar_penalty_gradient(-0.3, sigma, lambda), -ar_penalty_gradient(0.3, sigma, lambda));
+        assert_eq!(
+            ar_penalty_gradient(-0.3, sigma, lambda),
+            -ar_penalty_gradient(0.3, sigma, lambda)
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub struct ScanReport {
     pub der: Option<f64>,
     /// Per-epoch measurements of the purification and recovery phases.
     pub trace: Vec<EpochTrace>,
-    pub artifact: FileDigest,
+    pub artifact: ArtifactDigest,
     /// Wall time per phase in milliseconds (the only part that varies between runs).
     pub timings_ms: BTreeMap<String, u64>,
 }
@@ -47,6 +47,15 @@ pub struct ToolInfo {
 pub struct FileDigest {
     pub sha256: String,
     pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ArtifactDigest {
+    /// sha256 of the archive file (differs between runs: TorchScript embeds a random id).
+    pub sha256: String,
+    pub bytes: u64,
+    /// sha256 of the purified parameters: identical for identical scans.
+    pub parameters_sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -124,8 +133,17 @@ pub struct EpochTrace {
 }
 
 impl ScanReport {
-    /// The report with its run-dependent part (timings) cleared, for comparing runs.
-    pub fn without_timings(&self) -> ScanReport {
-        ScanReport { timings_ms: BTreeMap::new(), ..self.clone() }
+    /// The report with its run-dependent parts (timings, the archive file's hash) cleared,
+    /// for comparing runs.
+    pub fn reproducible_part(&self) -> ScanReport {
+        let artifact = ArtifactDigest {
+            sha256: String::new(),
+            ..self.artifact.clone()
+        };
+        ScanReport {
+            timings_ms: BTreeMap::new(),
+            artifact,
+            ..self.clone()
+        }
     }
 }

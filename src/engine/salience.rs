@@ -50,7 +50,8 @@ pub fn benign_salience(
         for (i, layer) in layers.iter().enumerate() {
             let per_neuron = aggregate(model.neuron_sum(layer, |p| p.grad().f_mul(p))?)?;
             let weight = &model.params[layer.weight].tensor;
-            let per_weight = tch::no_grad(|| aggregate(weight.grad().f_mul(weight)?.f_to_kind(Kind::Float)?))?;
+            let per_weight =
+                tch::no_grad(|| aggregate(weight.grad().f_mul(weight)?.f_to_kind(Kind::Float)?))?;
             neuron_acc[i] = Some(add_into(neuron_acc[i].take(), per_neuron)?);
             weight_acc[i] = Some(add_into(weight_acc[i].take(), per_weight)?);
         }
@@ -68,11 +69,21 @@ pub fn benign_salience(
     let mut per_neuron = Vec::with_capacity(layers.len());
     let mut per_weight = Vec::with_capacity(layers.len());
     for (n, w) in neuron_acc.into_iter().zip(weight_acc) {
-        let (n, w) = (n.expect("at least one batch"), w.expect("at least one batch"));
-        per_neuron.push(Vec::<f64>::try_from(finish(n)?.f_to_kind(Kind::Double)?.f_to_device(tch::Device::Cpu)?)?);
+        let (n, w) = (
+            n.expect("at least one batch"),
+            w.expect("at least one batch"),
+        );
+        per_neuron.push(Vec::<f64>::try_from(
+            finish(n)?
+                .f_to_kind(Kind::Double)?
+                .f_to_device(tch::Device::Cpu)?,
+        )?);
         per_weight.push(finish(w)?);
     }
-    Ok(BenignSalience { per_neuron, per_weight })
+    Ok(BenignSalience {
+        per_neuron,
+        per_weight,
+    })
 }
 
 fn add_into(acc: Option<Tensor>, value: Tensor) -> Result<Tensor, tch::TchError> {

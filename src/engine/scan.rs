@@ -46,18 +46,26 @@ struct Timer {
 
 impl Timer {
     fn new() -> Self {
-        Timer { timings: BTreeMap::new(), started: Instant::now() }
+        Timer {
+            timings: BTreeMap::new(),
+            started: Instant::now(),
+        }
     }
 
     /// Books the time since the last lap under `phase`.
     fn lap(&mut self, phase: Phase) {
         let now = Instant::now();
-        *self.timings.entry(phase.as_str().to_string()).or_default() += (now - self.started).as_millis() as u64;
+        *self.timings.entry(phase.as_str().to_string()).or_default() +=
+            (now - self.started).as_millis() as u64;
         self.started = now;
     }
 }
 
-pub fn run_scan(inputs: &ScanInputs, config: &ScanConfig, monitor: &mut Monitor) -> Result<ScanReport, EngineError> {
+pub fn run_scan(
+    inputs: &ScanInputs,
+    config: &ScanConfig,
+    monitor: &mut Monitor,
+) -> Result<ScanReport, EngineError> {
     config.validate()?;
     let device = open_device(config)?;
     tch::manual_seed(config.seed as i64);
@@ -75,10 +83,20 @@ pub fn run_scan(inputs: &ScanInputs, config: &ScanConfig, monitor: &mut Monitor)
             clean_bundle.len()
         )));
     }
-    let test = inputs.test.as_deref().map(|p| read_bundle(p, "test")).transpose()?;
-    let poison = inputs.poison.as_deref().map(|p| read_bundle(p, "poison")).transpose()?;
+    let test = inputs
+        .test
+        .as_deref()
+        .map(|p| read_bundle(p, "test"))
+        .transpose()?;
+    let poison = inputs
+        .poison
+        .as_deref()
+        .map(|p| read_bundle(p, "poison"))
+        .transpose()?;
     if poison.is_some() != inputs.target_label.is_some() {
-        return Err(EngineError::InvalidInput("a poison bundle and a target label must be given together".into()));
+        return Err(EngineError::InvalidInput(
+            "a poison bundle and a target label must be given together".into(),
+        ));
     }
     let clean = SampleSet::from_bundle(&clean_bundle, device)?;
     let mut model = ScanModel::load(&inputs.model, device, &clean.images.narrow(0, 0, 2))?;
@@ -115,8 +133,18 @@ pub fn run_scan(inputs: &ScanInputs, config: &ScanConfig, monitor: &mut Monitor)
     monitor.step(Phase::Load, 1, 1)?;
     timer.lap(Phase::Load);
 
-    let before = measure(&mut model, eval_set, eval_source, poison_set.as_ref(), batch)?;
-    let norms_before: Vec<Vec<f64>> = model.layers.iter().map(|l| model.neuron_norms(l)).collect::<Result<_, _>>()?;
+    let before = measure(
+        &mut model,
+        eval_set,
+        eval_source,
+        poison_set.as_ref(),
+        batch,
+    )?;
+    let norms_before: Vec<Vec<f64>> = model
+        .layers
+        .iter()
+        .map(|l| model.neuron_norms(l))
+        .collect::<Result<_, _>>()?;
     timer.lap(Phase::Evaluate);
 
     let salience = benign_salience(&mut model, &train, batch, config.aggregation, monitor)?;
@@ -134,7 +162,11 @@ pub fn run_scan(inputs: &ScanInputs, config: &ScanConfig, monitor: &mut Monitor)
     timer.lap(Phase::Identify);
 
     // Purify: fine-tune on the clean split while the regularizer pulls suspects to zero.
-    let scales: Vec<f64> = model.params.iter().map(|p| tensor_scale(&p.tensor)).collect::<Result<_, _>>()?;
+    let scales: Vec<f64> = model
+        .params
+        .iter()
+        .map(|p| tensor_scale(&p.tensor))
+        .collect::<Result<_, _>>()?;
     let suspect_norm_at_start = masked_norm(&model, &masks)?;
     let mut trace = Vec::new();
     // The teacher is a second, frozen load of the archive as it arrived.
@@ -169,13 +201,30 @@ pub fn run_scan(inputs: &ScanInputs, config: &ScanConfig, monitor: &mut Monitor)
         &mut |model, lr| {
             for ((param, mask), &scale) in model.params.iter_mut().zip(&masks).zip(&scales) {
                 if let Some(mask) = mask {
-                    apply(config.regularizer, &mut param.tensor, mask, scale, config.reg_strength, lr)?;
+                    apply(
+                        config.regularizer,
+                        &mut param.tensor,
+                        mask,
+                        scale,
+                        config.reg_strength,
+                        lr,
+                    )?;
                 }
             }
             Ok(())
         },
         &mut |model, epoch, loss| {
-            trace.push(epoch_trace(model, "purify", epoch, loss, &held_out, poison_set.as_ref(), &masks, suspect_norm_at_start, batch)?);
+            trace.push(epoch_trace(
+                model,
+                "purify",
+                epoch,
+                loss,
+                &held_out,
+                poison_set.as_ref(),
+                &masks,
+                suspect_norm_at_start,
+                batch,
+            )?);
             Ok(())
         },
     )?;
@@ -207,27 +256,59 @@ pub fn run_scan(inputs: &ScanInputs, config: &ScanConfig, monitor: &mut Monitor)
         monitor,
         &mut |model, _lr| hold_at_zero(model, &pruned),
         &mut |model, epoch, loss| {
-            trace.push(epoch_trace(model, "recover", epoch, loss, &held_out, poison_set.as_ref(), &masks, suspect_norm_at_start, batch)?);
+            trace.push(epoch_trace(
+                model,
+                "recover",
+                epoch,
+                loss,
+                &held_out,
+                poison_set.as_ref(),
+                &masks,
+                suspect_norm_at_start,
+                batch,
+            )?);
             Ok(())
         },
     )?;
     timer.lap(Phase::Recover);
 
-    let after = measure(&mut model, eval_set, eval_source, poison_set.as_ref(), batch)?;
+    let after = measure(
+        &mut model,
+        eval_set,
+        eval_source,
+        poison_set.as_ref(),
+        batch,
+    )?;
     let der = defense_effectiveness_rating(&before, &after);
-    let layers = layer_reports(&model, &salience.per_neuron, &norms_before, &suspects.neuron_flags, &masks, &pruned)?;
+    let layers = layer_reports(
+        &model,
+        &salience.per_neuron,
+        &norms_before,
+        &suspects.neuron_flags,
+        &masks,
+        &pruned,
+    )?;
     timer.lap(Phase::Evaluate);
 
     monitor.step(Phase::Save, 0, 1)?;
     model.save(&inputs.out)?;
-    let artifact = digest_file(&inputs.out, "artifact").map_err(|e| EngineError::Internal(e.to_string()))?;
+    let file =
+        digest_file(&inputs.out, "artifact").map_err(|e| EngineError::Internal(e.to_string()))?;
+    let artifact = ArtifactDigest {
+        sha256: file.sha256,
+        bytes: file.bytes,
+        parameters_sha256: model.parameters_sha256()?,
+    };
     monitor.step(Phase::Save, 1, 1)?;
     timer.lap(Phase::Save);
 
     let count = |f: fn(&LayerReport) -> usize| layers.iter().map(f).sum::<usize>();
     Ok(ScanReport {
         schema_version: SCHEMA_VERSION,
-        tool: ToolInfo { bdscan_version: env!("CARGO_PKG_VERSION").into(), libtorch_version: LIBTORCH_VERSION.into() },
+        tool: ToolInfo {
+            bdscan_version: env!("CARGO_PKG_VERSION").into(),
+            libtorch_version: LIBTORCH_VERSION.into(),
+        },
         inputs: Inputs {
             model: model_digest,
             clean: clean_digest,
@@ -242,9 +323,16 @@ pub fn run_scan(inputs: &ScanInputs, config: &ScanConfig, monitor: &mut Monitor)
             parameter_count: model.parameter_count(),
             layer_count: model.layers.len(),
             neuron_count: model.layers.iter().map(|l| l.width).sum(),
-            classifier_layer: model.layers.iter().find(|l| l.is_classifier).map(|l| l.name.clone()),
+            classifier_layer: model
+                .layers
+                .iter()
+                .find(|l| l.is_classifier)
+                .map(|l| l.name.clone()),
         },
-        split: SplitSummary { train: train.len(), held_out: held_out.len() },
+        split: SplitSummary {
+            train: train.len(),
+            held_out: held_out.len(),
+        },
         selection: suspects.selection,
         flagged_count: count(|l| l.flagged.len()),
         pruned_neuron_count: count(|l| l.pruned.len()),
@@ -276,8 +364,13 @@ fn open_device(config: &ScanConfig) -> Result<Device, EngineError> {
 }
 
 fn digest_file(path: &Path, role: &str) -> Result<FileDigest, EngineError> {
-    let bytes = std::fs::read(path).map_err(|e| EngineError::InvalidInput(format!("{role}: cannot read {}: {e}", path.display())))?;
-    Ok(FileDigest { sha256: hex::encode(Sha256::digest(&bytes)), bytes: bytes.len() as u64 })
+    let bytes = std::fs::read(path).map_err(|e| {
+        EngineError::InvalidInput(format!("{role}: cannot read {}: {e}", path.display()))
+    })?;
+    Ok(FileDigest {
+        sha256: hex::encode(Sha256::digest(&bytes)),
+        bytes: bytes.len() as u64,
+    })
 }
 
 fn read_bundle(path: &Path, role: &str) -> Result<(Bundle, BundleDigest), EngineError> {
@@ -295,10 +388,19 @@ fn read_bundle(path: &Path, role: &str) -> Result<(Bundle, BundleDigest), Engine
 }
 
 /// Labels must name the model's classes and the model must accept the images.
-fn check_against_model(model: &ScanModel, role: &str, bundle: &Bundle, set: &SampleSet) -> Result<(), EngineError> {
-    bundle.check_labels_below(model.num_classes).map_err(|e| bundle_error(role, e))?;
+fn check_against_model(
+    model: &ScanModel,
+    role: &str,
+    bundle: &Bundle,
+    set: &SampleSet,
+) -> Result<(), EngineError> {
+    bundle
+        .check_labels_below(model.num_classes)
+        .map_err(|e| bundle_error(role, e))?;
     let probe = set.images.narrow(0, 0, set.len().min(2) as i64);
-    let classes = model.probe(&probe).map_err(|e| EngineError::InvalidInput(format!("{role} bundle: {e}")))?;
+    let classes = model
+        .probe(&probe)
+        .map_err(|e| EngineError::InvalidInput(format!("{role} bundle: {e}")))?;
     if classes != model.num_classes {
         return Err(EngineError::InvalidInput(format!(
             "{role} bundle: the model gives {classes} logits for these images but {} for the clean bundle",
@@ -313,7 +415,12 @@ fn masked_norm(model: &ScanModel, masks: &[Option<Tensor>]) -> Result<f64, Engin
         let mut total = 0.0;
         for (param, mask) in model.params.iter().zip(masks) {
             if let Some(mask) = mask {
-                total += param.tensor.f_mul(mask)?.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
+                total += param
+                    .tensor
+                    .f_mul(mask)?
+                    .f_square()?
+                    .f_sum(Kind::Double)?
+                    .f_double_value(&[])?;
             }
         }
         Ok(total.sqrt())
@@ -333,14 +440,32 @@ fn epoch_trace(
     batch: usize,
 ) -> Result<EpochTrace, EngineError> {
     let held_out_acc = accuracy(model, held_out, batch)?;
-    let asr = poison.map(|p| p.measure(model, batch).map(|(asr, _)| asr)).transpose()?;
-    let ratio = if suspect_norm_at_start > 0.0 { masked_norm(model, masks)? / suspect_norm_at_start } else { 0.0 };
-    Ok(EpochTrace { phase: phase.into(), epoch, train_loss, held_out_acc, suspect_norm_ratio: ratio, asr })
+    let asr = poison
+        .map(|p| p.measure(model, batch).map(|(asr, _)| asr))
+        .transpose()?;
+    let ratio = if suspect_norm_at_start > 0.0 {
+        masked_norm(model, masks)? / suspect_norm_at_start
+    } else {
+        0.0
+    };
+    Ok(EpochTrace {
+        phase: phase.into(),
+        epoch,
+        train_loss,
+        held_out_acc,
+        suspect_norm_ratio: ratio,
+        asr,
+    })
 }
 
 /// Zeroes suspect entries smaller than `threshold` × their tensor's starting scale and
 /// returns, per parameter, the 0/1 mask of what was pruned.
-fn prune_small(model: &mut ScanModel, masks: &[Option<Tensor>], scales: &[f64], threshold: f64) -> Result<Vec<Option<Tensor>>, EngineError> {
+fn prune_small(
+    model: &mut ScanModel,
+    masks: &[Option<Tensor>],
+    scales: &[f64],
+    threshold: f64,
+) -> Result<Vec<Option<Tensor>>, EngineError> {
     tch::no_grad(|| {
         let mut pruned = Vec::with_capacity(masks.len());
         for ((param, mask), &scale) in model.params.iter_mut().zip(masks).zip(scales) {
@@ -348,7 +473,11 @@ fn prune_small(model: &mut ScanModel, masks: &[Option<Tensor>], scales: &[f64], 
                 pruned.push(None);
                 continue;
             };
-            let small = param.tensor.f_abs()?.f_lt(threshold * scale)?.f_to_kind(param.tensor.kind())?;
+            let small = param
+                .tensor
+                .f_abs()?
+                .f_lt(threshold * scale)?
+                .f_to_kind(param.tensor.kind())?;
             let cut = small.f_mul(mask)?;
             let _ = param.tensor.f_mul_(&cut.f_neg()?.f_add_scalar(1.0)?)?;
             pruned.push(Some(cut));
@@ -391,13 +520,24 @@ fn layer_reports(
         reports.push(LayerReport {
             name: layer.name.clone(),
             weight_shape: model.params[layer.weight].tensor.size(),
-            grouped_parameters: layer.members.iter().map(|&m| model.params[m].name.clone()).collect(),
+            grouped_parameters: layer
+                .members
+                .iter()
+                .map(|&m| model.params[m].name.clone())
+                .collect(),
             is_classifier: layer.is_classifier,
             width: layer.width,
             benign_salience: salience[i].clone(),
-            normalized_salience: salience[i].iter().map(|s| if mean > 0.0 { s / mean } else { 0.0 }).collect(),
+            normalized_salience: salience[i]
+                .iter()
+                .map(|s| if mean > 0.0 { s / mean } else { 0.0 })
+                .collect(),
             norm_before: norms_before[i].clone(),
-            pruned: flagged.iter().copied().filter(|&n| norm_after[n] == 0.0).collect(),
+            pruned: flagged
+                .iter()
+                .copied()
+                .filter(|&n| norm_after[n] == 0.0)
+                .collect(),
             norm_after,
             flagged,
             suspect_weights: count_ones(&masks[layer.weight])?,

@@ -20,7 +20,11 @@ pub struct Sgd {
 
 impl Sgd {
     pub fn new(param_count: usize, momentum: f64, weight_decay: f64) -> Self {
-        Sgd { momentum, weight_decay, velocity: (0..param_count).map(|_| None).collect() }
+        Sgd {
+            momentum,
+            weight_decay,
+            velocity: (0..param_count).map(|_| None).collect(),
+        }
     }
 
     /// v ← μv + (g + wd·θ); θ ← θ − lr·v, for every parameter that has a gradient.
@@ -56,7 +60,9 @@ pub enum Schedule {
 pub fn learning_rate(schedule: Schedule, peak: f64, step: usize, total: usize) -> f64 {
     match schedule {
         Schedule::Constant => peak,
-        Schedule::Cosine => peak * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total.max(1) as f64).cos()),
+        Schedule::Cosine => {
+            peak * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total.max(1) as f64).cos())
+        }
     }
 }
 
@@ -111,7 +117,8 @@ pub fn fine_tune(
             let logits = model.forward(&images)?;
             let mut loss = cross_entropy(&logits, &batch.labels)?;
             if let Some(d) = &plan.distill {
-                loss = loss.f_add(&distillation_loss(&logits, d, &images)?.f_mul_scalar(d.weight)?)?;
+                loss =
+                    loss.f_add(&distillation_loss(&logits, d, &images)?.f_mul_scalar(d.weight)?)?;
             }
             loss.f_backward()?;
             optimizer.step(model, lr)?;
@@ -122,7 +129,10 @@ pub fn fine_tune(
         }
         let mean_loss = loss_sum / batches.len().max(1) as f64;
         if !mean_loss.is_finite() {
-            return Err(EngineError::Internal(format!("training diverged in epoch {} (loss {mean_loss})", epoch + 1)));
+            return Err(EngineError::Internal(format!(
+                "training diverged in epoch {} (loss {mean_loss})",
+                epoch + 1
+            )));
         }
         after_epoch(model, epoch + 1, mean_loss)?;
     }
@@ -131,12 +141,23 @@ pub fn fine_tune(
 }
 
 /// T²·KL(teacher ‖ student) at temperature T, averaged over the batch.
-fn distillation_loss(student_logits: &Tensor, d: &Distill, images: &Tensor) -> Result<Tensor, EngineError> {
+fn distillation_loss(
+    student_logits: &Tensor,
+    d: &Distill,
+    images: &Tensor,
+) -> Result<Tensor, EngineError> {
     let t = d.temperature;
     let teacher_logits = tch::no_grad(|| d.teacher.forward(images))?;
-    let teacher_log_p = teacher_logits.f_div_scalar(t)?.f_log_softmax(-1, Kind::Float)?;
-    let student_log_p = student_logits.f_div_scalar(t)?.f_log_softmax(-1, Kind::Float)?;
-    let kl = teacher_log_p.f_exp()?.f_mul(&teacher_log_p.f_sub(&student_log_p)?)?.f_sum_dim_intlist(-1, false, Kind::Float)?;
+    let teacher_log_p = teacher_logits
+        .f_div_scalar(t)?
+        .f_log_softmax(-1, Kind::Float)?;
+    let student_log_p = student_logits
+        .f_div_scalar(t)?
+        .f_log_softmax(-1, Kind::Float)?;
+    let kl = teacher_log_p
+        .f_exp()?
+        .f_mul(&teacher_log_p.f_sub(&student_log_p)?)?
+        .f_sum_dim_intlist(-1, false, Kind::Float)?;
     Ok(kl.f_mean(Kind::Float)?.f_mul_scalar(t * t)?)
 }
 
@@ -146,14 +167,25 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor, tch::Tc
 }
 
 /// Share of `data` whose arg-max prediction equals its label, in eval mode.
-pub fn accuracy(model: &mut ScanModel, data: &SampleSet, batch_size: usize) -> Result<f64, EngineError> {
+pub fn accuracy(
+    model: &mut ScanModel,
+    data: &SampleSet,
+    batch_size: usize,
+) -> Result<f64, EngineError> {
     let predictions = predict(model, data, batch_size)?;
-    let correct = predictions.f_eq_tensor(&data.labels)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
+    let correct = predictions
+        .f_eq_tensor(&data.labels)?
+        .f_sum(Kind::Int64)?
+        .f_int64_value(&[])?;
     Ok(correct as f64 / data.len().max(1) as f64)
 }
 
 /// Arg-max class of every sample, in eval mode, without gradients.
-pub fn predict(model: &mut ScanModel, data: &SampleSet, batch_size: usize) -> Result<Tensor, EngineError> {
+pub fn predict(
+    model: &mut ScanModel,
+    data: &SampleSet,
+    batch_size: usize,
+) -> Result<Tensor, EngineError> {
     model.set_eval()?;
     tch::no_grad(|| {
         let mut parts = Vec::new();

@@ -18,7 +18,12 @@ pub struct BadNets {
 
 impl Default for BadNets {
     fn default() -> Self {
-        BadNets { target: 0, patch: 3, margin: 1, poison_rate: 0.1 }
+        BadNets {
+            target: 0,
+            patch: 3,
+            margin: 1,
+            poison_rate: 0.1,
+        }
     }
 }
 
@@ -56,7 +61,9 @@ impl BadNets {
 
     /// The test-time poisoned set: every non-target sample triggered, true labels kept.
     pub fn poisoned_test_set(&self, clean: &Bundle) -> Bundle {
-        let keep: Vec<usize> = (0..clean.len()).filter(|&i| clean.labels[i] != self.target).collect();
+        let keep: Vec<usize> = (0..clean.len())
+            .filter(|&i| clean.labels[i] != self.target)
+            .collect();
         let mut out = clean.select(&keep);
         for i in 0..out.len() {
             self.stamp(&mut out, i);
@@ -72,17 +79,31 @@ mod tests {
     use rand::SeedableRng;
 
     fn blank(n: usize) -> Bundle {
-        let images = RawTensor::new("images", TensorDtype::U8, vec![n, 1, 6, 6], vec![0; n * 36]).unwrap();
+        let images =
+            RawTensor::new("images", TensorDtype::U8, vec![n, 1, 6, 6], vec![0; n * 36]).unwrap();
         let labels: Vec<u8> = (0..n as i64).flat_map(|l| (l % 3).to_le_bytes()).collect();
-        Bundle::from_parts(images, RawTensor::new("labels", TensorDtype::I64, vec![n], labels).unwrap()).unwrap()
+        Bundle::from_parts(
+            images,
+            RawTensor::new("labels", TensorDtype::I64, vec![n], labels).unwrap(),
+        )
+        .unwrap()
     }
 
     #[test]
     fn poisons_the_requested_share_with_a_patch_and_the_target_label() {
-        let attack = BadNets { target: 2, patch: 2, margin: 1, poison_rate: 0.5 };
+        let attack = BadNets {
+            target: 2,
+            patch: 2,
+            margin: 1,
+            poison_rate: 0.5,
+        };
         let out = attack.poison_training_set(&blank(10), &mut ChaCha8Rng::seed_from_u64(0));
-        let Pixels::U8(px) = &out.pixels else { panic!() };
-        let stamped: Vec<usize> = (0..10).filter(|&i| px[i * 36..(i + 1) * 36].contains(&255)).collect();
+        let Pixels::U8(px) = &out.pixels else {
+            panic!()
+        };
+        let stamped: Vec<usize> = (0..10)
+            .filter(|&i| px[i * 36..(i + 1) * 36].contains(&255))
+            .collect();
         assert_eq!(stamped.len(), 5);
         assert!(stamped.iter().all(|&i| out.labels[i] == 2));
         // Patch of 2×2 at rows/cols 3..5 (one pixel from the corner).
@@ -93,7 +114,10 @@ mod tests {
 
     #[test]
     fn test_set_keeps_only_non_target_samples_with_true_labels() {
-        let attack = BadNets { target: 0, ..Default::default() };
+        let attack = BadNets {
+            target: 0,
+            ..Default::default()
+        };
         let out = attack.poisoned_test_set(&blank(9));
         assert_eq!(out.len(), 6);
         assert!(out.labels.iter().all(|&l| l != 0));

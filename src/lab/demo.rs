@@ -40,12 +40,22 @@ pub fn mnist_fixture() -> Bundle {
 }
 
 /// Writes the bundles to `dir` and trains the backdoored model there.
-pub fn prepare(dir: &Path, architecture: &[u8], seed: u64, monitor: &mut Monitor) -> Result<DemoFiles, EngineError> {
-    let io = |e: std::io::Error| EngineError::Internal(format!("writing demo files to {}: {e}", dir.display()));
+pub fn prepare(
+    dir: &Path,
+    architecture: &[u8],
+    seed: u64,
+    monitor: &mut Monitor,
+) -> Result<DemoFiles, EngineError> {
+    let io = |e: std::io::Error| {
+        EngineError::Internal(format!("writing demo files to {}: {e}", dir.display()))
+    };
     std::fs::create_dir_all(dir).map_err(io)?;
     let mnist = mnist_fixture();
     let attack = BadNets::default();
-    let train = attack.poison_training_set(&mnist.slice(0..TRAIN_SAMPLES), &mut ChaCha8Rng::seed_from_u64(seed));
+    let train = attack.poison_training_set(
+        &mnist.slice(0..TRAIN_SAMPLES),
+        &mut ChaCha8Rng::seed_from_u64(seed),
+    );
     let clean = mnist.slice(TRAIN_SAMPLES..TRAIN_SAMPLES + CLEAN_SAMPLES);
     let test = mnist.slice(TRAIN_SAMPLES + CLEAN_SAMPLES..mnist.len());
     let files = DemoFiles {
@@ -57,10 +67,24 @@ pub fn prepare(dir: &Path, architecture: &[u8], seed: u64, monitor: &mut Monitor
     };
     std::fs::write(&files.clean, clean.to_safetensors()).map_err(io)?;
     std::fs::write(&files.test, test.to_safetensors()).map_err(io)?;
-    std::fs::write(&files.poison, attack.poisoned_test_set(&test).to_safetensors()).map_err(io)?;
+    std::fs::write(
+        &files.poison,
+        attack.poisoned_test_set(&test).to_safetensors(),
+    )
+    .map_err(io)?;
     let arch = dir.join("architecture.pt");
     std::fs::write(&arch, architecture).map_err(io)?;
-    let plan = TrainPlan { seed, ..TrainPlan::default() };
-    train_model(&arch, &train, &plan, &files.backdoored_model, Device::Cpu, monitor)?;
+    let plan = TrainPlan {
+        seed,
+        ..TrainPlan::default()
+    };
+    train_model(
+        &arch,
+        &train,
+        &plan,
+        &files.backdoored_model,
+        Device::Cpu,
+        monitor,
+    )?;
     Ok(files)
 }

@@ -25,17 +25,32 @@ pub struct TrainPlan {
 
 impl Default for TrainPlan {
     fn default() -> Self {
-        TrainPlan { epochs: 4, lr: 0.01, momentum: 0.9, weight_decay: 5e-4, batch_size: 64, seed: 0 }
+        TrainPlan {
+            epochs: 4,
+            lr: 0.01,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            batch_size: 64,
+            seed: 0,
+        }
     }
 }
 
 /// Trains the architecture in `arch` on `data` and writes the trained archive to `out`.
-pub fn train_model(arch: &Path, data: &Bundle, plan: &TrainPlan, out: &Path, device: Device, monitor: &mut Monitor) -> Result<(), EngineError> {
+pub fn train_model(
+    arch: &Path,
+    data: &Bundle,
+    plan: &TrainPlan,
+    out: &Path,
+    device: Device,
+    monitor: &mut Monitor,
+) -> Result<(), EngineError> {
     tch::manual_seed(plan.seed as i64);
     let mut rng = ChaCha8Rng::seed_from_u64(plan.seed);
     let set = SampleSet::from_bundle(data, device)?;
     let mut model = ScanModel::load(arch, device, &set.images.narrow(0, 0, 2))?;
-    data.check_labels_below(model.num_classes).map_err(|e| EngineError::InvalidInput(format!("training data: {e}")))?;
+    data.check_labels_below(model.num_classes)
+        .map_err(|e| EngineError::InvalidInput(format!("training data: {e}")))?;
     let schedule = FineTune {
         distill: None,
         epochs: plan.epochs,
@@ -47,6 +62,14 @@ pub fn train_model(arch: &Path, data: &Bundle, plan: &TrainPlan, out: &Path, dev
         augment_shift: 0,
         phase: Phase::Train,
     };
-    fine_tune(&mut model, &set, &schedule, &mut rng, monitor, &mut |_, _| Ok(()), &mut |_, _, _| Ok(()))?;
+    fine_tune(
+        &mut model,
+        &set,
+        &schedule,
+        &mut rng,
+        monitor,
+        &mut |_, _| Ok(()),
+        &mut |_, _, _| Ok(()),
+    )?;
     model.save(out)
 }

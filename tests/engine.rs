@@ -1,0 +1,273 @@
+//! The engine on real libtorch: salience where the answer is known by construction, and
+//! the end-to-end defense of a BadNets-backdoored MNIST CNN built from the fixture.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use bdscan::engine::bundle::Bundle;
+use bdscan::engine::data::SampleSet;
+use bdscan::engine::metrics::PoisonSet;
+use bdscan::engine::model::ScanModel;
+use bdscan::engine::salience::benign_salience;
+use bdscan::engine::{run_scan, Aggregation, Monitor, ScanConfig, ScanInputs, ScanReport};
+use bdscan::lab::demo::{self, DemoFiles};
+use common::*;
+use tch::Device;
+
+fn quiet() -> impl FnMut(&bdscan::engine::Progress) {
+    |_| {}
+}
+
+fn tiny_bundle() -> Bundle {
+    // Positive inputs so every hidden ReLU is active; labels mixed so the loss is not zero.
+    let images = f32_images(&[32, 1, 1, 4], |i| 0.2 + ((i * 37) % 11) as f32 / 10.0);
+    let label_values: Vec<i64> = (0..32).map(|i| (i * 7 % 5 % 2) as i64).collect();
+    Bundle::from_parts(images, labels(&label_values)).unwrap()
+}
+
+#[test]
+fn salience_is_zero_for_a_neuron_nothing_reads_and_positive_for_ones_the_output_uses() {
+    let bundle = tiny_bundle();
+    let data = SampleSet::from_bundle(&bundle, Device::Cpu).unwrap();
+    let mut model = ScanModel::load(
+        &fixture("models/tiny_mlp.pt"),
+        Device::Cpu,
+        &data.images.narrow(0, 0, 2),
+    )
+    .unwrap();
+    assert_eq!(model.num_classes, 2);
+    assert_eq!(model.layers.len(), 2);
+    assert_eq!(model.layers[0].name, "hidden");
+    assert!(model.layers[1].is_classifier);
+    for aggregation in [Aggregation::Rms, Aggregation::MeanAbs] {
+        let mut on_progress = quiet();
+        let salience = benign_salience(
+            &mut model,
+            &data,
+            8,
+            aggregation,
+            &mut Monitor::new(&mut on_progress, None),
+        )
+        .unwrap();
+        let hidden = &salience.per_neuron[0];
+        assert_eq!(hidden[2], 0.0, "unit 2 has no outgoing weights: {hidden:?}");
+        assert!(
+            hidden[0] > 0.0 && hidden[1] > 0.0,
+            "units 0 and 1 drive the logits: {hidden:?}"
+        );
+        // Weight-level salience agrees: every incoming weight of unit 2 scores zero.
+        let per_weight = Vec::<f32>::try_from(salience.per_weight[0].get(2)).unwrap();
+        assert!(per_weight.iter().all(|&s| s == 0.0));
+    }
+}
+
+struct Demo {
+    files: DemoFiles,
+    _dir: tempfile::TempDir,
+}
+
+/// One backdoored model for every test in this binary (training takes a few seconds).
+fn demo_files() -> &'static DemoFiles {
+    static DEMO: OnceLock<Demo> = OnceLock::new();
+    &DEMO
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut on_progress = quiet();
+            let files = demo::prepare(
+                dir.path(),
+                demo::MNIST_CNN_BN,
+                0,
+                &mut Monitor::new(&mut on_progress, None),
+            )
+            .unwrap();
+            Demo { files, _dir: dir }
+        })
+        .files
+}
+
+fn scan_demo(config: &ScanConfig, out: PathBuf) -> ScanReport {
+    let files = demo_files();
+    let inputs = ScanInputs {
+        model: files.backdoored_model.clone(),
+        clean: files.clean.clone(),
+        test: Some(files.test.clone()),
+        poison: Some(files.poison.clone()),
+        target_label: Some(files.target),
+        out,
+    };
+    let mut on_progress = quiet();
+    run_scan(&inputs, config, &mut Monitor::new(&mut on_progress, None)).unwrap()
+}
+
+#[test]
+fn purifies_a_backdoored_mnist_cnn_and_keeps_its_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("purified.pt");
+    let report = scan_demo(&ScanConfig::default(), out.clone());
+    let (before, after) = (&report.metrics.before, &report.metrics.after);
+    let (asr_before, asr_after) = (before.asr.unwrap(), after.asr.unwrap());
+    println!(
+        "clean acc {:.4} -> {:.4}, ASR {:.4} -> {:.4}, DER {:.4}, flagged {}",
+        before.clean_acc,
+        after.clean_acc,
+        asr_before,
+        asr_after,
+        report.der.unwrap(),
+        report.flagged_count
+    );
+    assert!(
+        asr_before > 0.9,
+        "the lab model must be backdoored: ASR {asr_before}"
+    );
+    assert!(asr_after < 0.10, "ASR after purification {asr_after}");
+    assert!(
+        before.clean_acc - after.clean_acc < 0.02,
+        "accuracy drop {} -> {}",
+        before.clean_acc,
+        after.clean_acc
+    );
+    assert!(report.flagged_count > 0);
+    let classifier = report.layers.iter().find(|l| l.is_classifier).unwrap();
+    assert!(
+        classifier.flagged.is_empty(),
+        "class units are never flagged"
+    );
+    // BatchNorm channels are grouped with the conv before them.
+    assert_eq!(
+        report.layers[0].grouped_parameters,
+        vec!["features.0.bias", "features.1.weight", "features.1.bias"]
+    );
+
+    // The artifact on disk is the purified model: reload it and measure ASR again.
+    let files = demo_files();
+    let poison = SampleSet::from_bundle(
+        &bdscan::engine::bundle::load_bundle(&files.poison).unwrap(),
+        Device::Cpu,
+    )
+    .unwrap();
+    let mut reloaded = ScanModel::load(&out, Device::Cpu, &poison.images.narrow(0, 0, 2)).unwrap();
+    let (asr, _) = PoisonSet::new(poison, files.target)
+        .unwrap()
+        .measure(&mut reloaded, 256)
+        .unwrap();
+    assert_eq!(asr, asr_after);
+}
+
+#[test]
+fn the_purified_model_loads_unchanged_in_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("purified.pt");
+    let config = ScanConfig {
+        purify_epochs: 2,
+        recovery_epochs: 1,
+        ..Default::default()
+    };
+    scan_demo(&config, out.clone());
+    let script = "import sys, torch\n\
+        m = torch.jit.load(sys.argv[1])\n\
+        y = m(torch.zeros(5, 1, 28, 28, dtype=torch.uint8))\n\
+        assert tuple(y.shape) == (5, 10), y.shape\n\
+        assert not m.training\n\
+        print('ok', tuple(y.shape))";
+    let output = Command::new(python())
+        .args(["-c", script])
+        .arg(&out)
+        .output()
+        .expect("python from .venv");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn same_inputs_and_seed_give_the_same_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ScanConfig {
+        purify_epochs: 3,
+        recovery_epochs: 1,
+        seed: 7,
+        ..Default::default()
+    };
+    let first = scan_demo(&config, dir.path().join("a.pt"));
+    let second = scan_demo(&config, dir.path().join("b.pt"));
+    assert_eq!(first.reproducible_part(), second.reproducible_part());
+    assert_eq!(first.artifact.parameters_sha256.len(), 64);
+    let other_seed = scan_demo(&ScanConfig { seed: 8, ..config }, dir.path().join("c.pt"));
+    assert_ne!(first.trace, other_seed.trace, "the seed must matter");
+}
+
+#[test]
+fn cli_scan_writes_a_complete_report() {
+    let files = demo_files();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, r#"{"purify_epochs": 2, "recovery_epochs": 1}"#).unwrap();
+    let report_path = dir.path().join("report.json");
+    let output = Command::new(bdscan_bin())
+        .arg("scan")
+        .args(["--model", files.backdoored_model.to_str().unwrap()])
+        .args(["--clean", files.clean.to_str().unwrap()])
+        .args(["--test", files.test.to_str().unwrap()])
+        .args([
+            "--poison",
+            files.poison.to_str().unwrap(),
+            "--target-label",
+            "0",
+        ])
+        .args(["--out", dir.path().join("p.pt").to_str().unwrap()])
+        .args(["--report", report_path.to_str().unwrap()])
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--seed",
+            "3",
+            "--threads",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("before") && stdout.contains("after"),
+        "{stdout}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    assert_eq!(json["schema_version"], 1);
+    assert_eq!(json["seed"], 3);
+    assert_eq!(json["config"]["purify_epochs"], 2);
+    assert_eq!(
+        json["inputs"]["model"]["sha256"].as_str().unwrap().len(),
+        64
+    );
+    assert_eq!(json["inputs"]["clean"]["samples"], demo::CLEAN_SAMPLES);
+    assert!(json["inputs"]["poison"]["sha256"].is_string());
+    assert!(json["flagged_count"].as_u64().is_some());
+    for key in ["clean_acc", "asr", "ra"] {
+        assert!(json["metrics"]["before"][key].is_f64(), "{key}");
+        assert!(json["metrics"]["after"][key].is_f64(), "{key}");
+    }
+    assert!(json["der"].is_f64());
+    assert!(json["tool"]["libtorch_version"]
+        .as_str()
+        .unwrap()
+        .starts_with("2.13"));
+    for phase in ["load", "salience", "identify", "purify", "recover", "save"] {
+        assert!(json["timings_ms"][phase].is_u64(), "timing of {phase}");
+    }
+    let layer = &json["layers"][0];
+    assert_eq!(
+        layer["benign_salience"].as_array().unwrap().len(),
+        layer["width"].as_u64().unwrap() as usize
+    );
+}
