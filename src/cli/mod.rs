@@ -88,8 +88,17 @@ pub struct DemoArgs {
     /// Keep the demo's models and bundles here (default: a temporary folder).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Architecture to backdoor: the VGG-style CNN with BatchNorm, or the same without.
+    #[arg(long, value_enum, default_value = "cnn-bn")]
+    pub arch: DemoArch,
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum DemoArch {
+    CnnBn,
+    Cnn,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -220,9 +229,13 @@ fn demo_command(args: DemoArgs) -> Result<(), EngineError> {
     );
     let mut view = ProgressView::for_stderr();
     let mut on_progress = |p: &crate::engine::Progress| view.update(p);
+    let architecture = match args.arch {
+        DemoArch::CnnBn => demo::MNIST_CNN_BN,
+        DemoArch::Cnn => demo::MNIST_CNN,
+    };
     let files = demo::prepare(
         &dir,
-        demo::MNIST_CNN_BN,
+        architecture,
         config.seed,
         &mut Monitor::new(&mut on_progress, None),
     )?;

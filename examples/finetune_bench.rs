@@ -1,0 +1,53 @@
+//! Fine-tuning throughput of the engine's training loop (`engine::training::fine_tune`)
+//! on a TorchScript model, for comparison with benches/finetune_python.py on the same
+//! model, data, batch size and thread count. Prints one JSON line.
+//!
+//! cargo run --release --example finetune_bench -- MODEL.pt SAMPLES BATCH THREADS EPOCHS
+
+use std::time::Instant;
+
+use bdscan::engine::data::SampleSet;
+use bdscan::engine::model::ScanModel;
+use bdscan::engine::training::{fine_tune, FineTune, Schedule};
+use bdscan::engine::{Monitor, Phase};
+use rand::SeedableRng;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, model_path, samples, batch, threads, epochs] = &args[..] else {
+        eprintln!("usage: finetune_bench MODEL.pt SAMPLES BATCH THREADS EPOCHS");
+        std::process::exit(2);
+    };
+    let (samples, batch, threads, epochs): (usize, usize, i32, usize) =
+        (samples.parse().unwrap(), batch.parse().unwrap(), threads.parse().unwrap(), epochs.parse().unwrap());
+    tch::set_num_threads(threads);
+    let bundle = bdscan::lab::demo::mnist_fixture().slice(0..samples);
+    let data = SampleSet::from_bundle(&bundle, tch::Device::Cpu).unwrap();
+    let mut model = ScanModel::load(model_path.as_ref(), tch::Device::Cpu, &data.images.narrow(0, 0, 2)).unwrap();
+    let plan = |epochs| FineTune {
+        distill: None,
+        epochs,
+        batch_size: batch,
+        peak_lr: 0.01,
+        schedule: Schedule::Constant,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        augment_shift: 0,
+        phase: Phase::Train,
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut quiet = |_: &bdscan::engine::Progress| {};
+    let mut run = |epochs| {
+        let started = Instant::now();
+        fine_tune(&mut model, &data, &plan(epochs), &mut rng, &mut Monitor::new(&mut quiet, None), &mut |_, _| Ok(()), &mut |_, _, _| Ok(()))
+            .unwrap();
+        started.elapsed().as_secs_f64()
+    };
+    run(1); // warm-up: allocator, first-call dispatch
+    let seconds = run(epochs);
+    let trained = (samples / batch * batch + if samples % batch >= 2 { samples % batch } else { 0 }) * epochs;
+    println!(
+        "{{\"impl\": \"bdscan (Rust, tch)\", \"threads\": {threads}, \"batch\": {batch}, \"samples\": {samples}, \"epochs\": {epochs}, \"seconds\": {seconds:.3}, \"samples_per_second\": {:.1}}}",
+        trained as f64 / seconds
+    );
+}
