@@ -18,12 +18,21 @@ fn main() {
         eprintln!("usage: finetune_bench MODEL.pt SAMPLES BATCH THREADS EPOCHS");
         std::process::exit(2);
     };
-    let (samples, batch, threads, epochs): (usize, usize, i32, usize) =
-        (samples.parse().unwrap(), batch.parse().unwrap(), threads.parse().unwrap(), epochs.parse().unwrap());
+    let (samples, batch, threads, epochs): (usize, usize, i32, usize) = (
+        samples.parse().unwrap(),
+        batch.parse().unwrap(),
+        threads.parse().unwrap(),
+        epochs.parse().unwrap(),
+    );
     tch::set_num_threads(threads);
     let bundle = bdscan::lab::demo::mnist_fixture().slice(0..samples);
     let data = SampleSet::from_bundle(&bundle, tch::Device::Cpu).unwrap();
-    let mut model = ScanModel::load(model_path.as_ref(), tch::Device::Cpu, &data.images.narrow(0, 0, 2)).unwrap();
+    let mut model = ScanModel::load(
+        model_path.as_ref(),
+        tch::Device::Cpu,
+        &data.images.narrow(0, 0, 2),
+    )
+    .unwrap();
     let plan = |epochs| FineTune {
         distill: None,
         epochs,
@@ -39,13 +48,27 @@ fn main() {
     let mut quiet = |_: &bdscan::engine::Progress| {};
     let mut run = |epochs| {
         let started = Instant::now();
-        fine_tune(&mut model, &data, &plan(epochs), &mut rng, &mut Monitor::new(&mut quiet, None), &mut |_, _| Ok(()), &mut |_, _, _| Ok(()))
-            .unwrap();
+        fine_tune(
+            &mut model,
+            &data,
+            &plan(epochs),
+            &mut rng,
+            &mut Monitor::new(&mut quiet, None),
+            &mut |_, _| Ok(()),
+            &mut |_, _, _| Ok(()),
+        )
+        .unwrap();
         started.elapsed().as_secs_f64()
     };
     run(1); // warm-up: allocator, first-call dispatch
     let seconds = run(epochs);
-    let trained = (samples / batch * batch + if samples % batch >= 2 { samples % batch } else { 0 }) * epochs;
+    let trained = (samples / batch * batch
+        + if samples % batch >= 2 {
+            samples % batch
+        } else {
+            0
+        })
+        * epochs;
     println!(
         "{{\"impl\": \"bdscan (Rust, tch)\", \"threads\": {threads}, \"batch\": {batch}, \"samples\": {samples}, \"epochs\": {epochs}, \"seconds\": {seconds:.3}, \"samples_per_second\": {:.1}}}",
         trained as f64 / seconds

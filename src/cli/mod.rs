@@ -305,4 +305,7 @@ fn print_summary(report: &ScanReport) {
     if let Some(der) = report.der {
         println!("DER {der:.4}");
     }
+    for warning in &report.warnings {
+        println!("warning: {warning}");
+    }
 }

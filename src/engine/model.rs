@@ -147,7 +147,12 @@ impl ScanModel {
     /// The L2 norm of every neuron of `layer` (its weight row plus its bias/BN entries).
     pub fn neuron_norms(&self, layer: &LayerGroup) -> Result<Vec<f64>, EngineError> {
         let squared = self.neuron_sum(layer, |t| t.f_square())?;
-        Ok(Vec::<f64>::try_from(squared.sqrt().to_kind(Kind::Double))?)
+        Ok(Vec::<f64>::try_from(
+            squared
+                .f_sqrt()?
+                .f_to_kind(Kind::Double)?
+                .f_to_device(tch::Device::Cpu)?,
+        )?)
     }
 
     /// Σ over each neuron's entries of `f(param)` — f sees the parameter itself, so it

@@ -33,6 +33,8 @@ pub struct ScanReport {
     /// Per-epoch measurements of the purification and recovery phases.
     pub trace: Vec<EpochTrace>,
     pub artifact: ArtifactDigest,
+    /// Things a reader should not miss, e.g. purification cost much clean accuracy.
+    pub warnings: Vec<String>,
     /// Wall time per phase in milliseconds (the only part that varies between runs).
     pub timings_ms: BTreeMap<String, u64>,
 }

@@ -36,6 +36,9 @@ pub struct ScanInputs {
     pub out: PathBuf,
 }
 
+/// A held-out accuracy loss above this after purification is called out in the report.
+const HELD_OUT_DROP_WARNING: f64 = 0.05;
+
 /// The libtorch version this binary was built against (read by build.rs).
 pub const LIBTORCH_VERSION: &str = env!("BDSCAN_LIBTORCH_VERSION");
 
@@ -302,6 +305,23 @@ pub fn run_scan(
     monitor.step(Phase::Save, 1, 1)?;
     timer.lap(Phase::Save);
 
+    let mut warnings = Vec::new();
+    let held_out_after = accuracy(&mut model, &held_out, batch)?;
+    let held_out_before = suspects.selection.held_out_acc;
+    if held_out_before - held_out_after > HELD_OUT_DROP_WARNING {
+        warnings.push(format!(
+            "held-out clean accuracy fell from {:.2}% to {:.2}%: the purified model may be unusable; \
+             more clean samples or more purification epochs usually help",
+            held_out_before * 100.0,
+            held_out_after * 100.0
+        ));
+    }
+    if suspects.selection.neuron_fraction == 0.0 && suspects.selection.weight_fraction == 0.0 {
+        warnings.push(
+            "no suspects: even the smallest candidate removal exceeded the accuracy budget".into(),
+        );
+    }
+
     let count = |f: fn(&LayerReport) -> usize| layers.iter().map(f).sum::<usize>();
     Ok(ScanReport {
         schema_version: SCHEMA_VERSION,
@@ -343,6 +363,7 @@ pub fn run_scan(
         der,
         trace,
         artifact,
+        warnings,
         timings_ms: timer.timings,
     })
 }
