@@ -82,7 +82,7 @@ pub struct TestApp {
     pub state: AppState,
     shutdown: CancellationToken,
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-    _dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
 }
 
 pub async fn spawn_app(options: Options) -> TestApp {
@@ -119,7 +119,7 @@ pub async fn spawn_app(options: Options) -> TestApp {
         state,
         shutdown,
         server: Some(server),
-        _dir: dir,
+        dir: Some(dir),
     }
 }
 
@@ -193,11 +193,13 @@ impl TestApp {
         }
     }
 
-    pub async fn stop(mut self) {
+    /// Stops the app and waits for it; the returned folder still holds its data.
+    pub async fn stop(mut self) -> Option<tempfile::TempDir> {
         self.shutdown.cancel();
         if let Some(server) = self.server.take() {
             let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
         }
+        self.dir.take()
     }
 }
 
@@ -233,8 +235,9 @@ pub async fn demo_files() -> DemoFiles {
     tokio::task::spawn_blocking(|| {
         FILES
             .get_or_init(|| {
-                let dir =
-                    std::env::temp_dir().join(format!("bdscan-api-demo-{}", std::process::id()));
+                let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+                remove_dead_runs_fixtures(root);
+                let dir = root.join(format!("api-demo-{}", std::process::id()));
                 tch::set_num_threads(1);
                 let mut quiet = |_: &bdscan::engine::Progress| {};
                 demo::prepare(
@@ -249,6 +252,21 @@ pub async fn demo_files() -> DemoFiles {
     })
     .await
     .expect("fixture task")
+}
+
+/// Fixture folders of earlier test runs (their process is gone) are removed.
+fn remove_dead_runs_fixtures(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(pid) = name.strip_prefix("api-demo-") {
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
 /// A scan config small enough for tests.

@@ -160,6 +160,26 @@ async fn bad_input_files_fail_the_job_as_invalid_input() {
     app.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_down_hands_running_jobs_back_to_the_queue() {
+    let app = spawn_app(Options {
+        workers: 1,
+        ..Options::default()
+    })
+    .await;
+    let id = submit_demo_job(&app, &json!({ "purify_epochs": 500 })).await;
+    app.wait_for(&id, Duration::from_secs(120), |j| j["state"] == "running")
+        .await;
+    let database_url = app.state.config.database_url.clone();
+    let _data = app.stop().await;
+
+    let store = bdscan::store::Store::connect(&database_url).await.unwrap();
+    let job = store.job(&id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Queued, "{job:?}");
+    assert_eq!(job.attempts, 0, "a hand-back does not use up an attempt");
+    assert!(job.lease_owner.is_none());
+}
+
 async fn a_job_whose_worker_died_is_run_again(db: Db) {
     let app = spawn_app(Options {
         db,
