@@ -1,8 +1,6 @@
 //! The audit a user runs with curl: upload everything in one form, wait, read the
 //! report, download the purified model.
 
-use std::time::Duration;
-
 use reqwest::StatusCode;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -20,16 +18,13 @@ async fn one_shot_audit_removes_the_backdoor_end_to_end_on_sqlite() {
 
     let response = app
         .client
-        .post(app.url("/v1/scans?wait=5"))
+        .post(app.url("/v1/scans?wait=240"))
         .multipart(audit_form(&files, &quick_config()))
         .send()
         .await
         .unwrap();
-    assert!(
-        matches!(response.status(), StatusCode::OK | StatusCode::ACCEPTED),
-        "{}",
-        response.status()
-    );
+    // `wait` holds the response until the job is done.
+    assert_eq!(response.status(), StatusCode::OK);
     let location = response.headers()["location"].to_str().unwrap().to_string();
     let job: Value = response.json().await.unwrap();
     let id = job["id"].as_str().unwrap().to_string();
@@ -37,11 +32,6 @@ async fn one_shot_audit_removes_the_backdoor_end_to_end_on_sqlite() {
     assert_eq!(job["inputs"]["target_label"], files.target);
     assert_eq!(job["config"]["purify_epochs"], 2);
 
-    let job = app
-        .wait_for(&id, Duration::from_secs(240), |j| {
-            j["state"] != "queued" && j["state"] != "running"
-        })
-        .await;
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["attempts"], 1);
     assert!(job["timings"]["running_ms"].as_i64().unwrap() > 0);

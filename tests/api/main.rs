@@ -6,5 +6,6 @@ mod blobs;
 mod helpers;
 mod jobs;
 mod queue;
+mod serve;
 mod system;
 mod workers;
