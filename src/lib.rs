@@ -8,3 +8,5 @@
 pub mod cli;
 pub mod engine;
 pub mod lab;
+pub mod server;
+pub mod store;

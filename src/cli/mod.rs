@@ -33,6 +33,40 @@ pub enum Command {
     Scan(ScanArgs),
     /// Train a BadNets-backdoored CNN on the bundled MNIST digits, scan it, print before/after.
     Demo(DemoArgs),
+    /// Run the HTTP scanning service (SQLite in the data dir unless DATABASE_URL says otherwise).
+    Serve(ServeArgs),
+    /// Run one job of the service in this process (started by the service's workers).
+    #[command(hide = true)]
+    Job(JobArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "BDSCAN_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Folder for the SQLite database and jobs' scratch files.
+    #[arg(long, env = "BDSCAN_DATA_DIR", default_value = "./.data")]
+    pub data_dir: PathBuf,
+    /// `postgres://…` to use PostgreSQL (default: SQLite in the data dir).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Jobs run at once by this process (0: API only).
+    #[arg(long, env = "BDSCAN_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+    /// Largest accepted upload, per file, in bytes.
+    #[arg(long, env = "BDSCAN_MAX_BLOB_BYTES", default_value_t = 1 << 30)]
+    pub max_blob_bytes: u64,
+    /// libtorch threads per job when its config does not say.
+    #[arg(long, env = "BDSCAN_JOB_THREADS")]
+    pub job_threads: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct JobArgs {
+    /// The job spec written by the worker.
+    #[arg(long)]
+    pub spec: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -131,6 +165,8 @@ pub fn main() -> ExitCode {
     };
     init_tracing();
     let outcome = match cli.command {
+        Command::Serve(args) => return serve(args),
+        Command::Job(args) => return ExitCode::from(crate::server::child::run_job_process(&args.spec)),
         Command::Scan(args) => scan(args),
         Command::Demo(args) => demo_command(args),
     };
@@ -156,6 +192,70 @@ fn init_tracing() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("error: locating this program (to run jobs): {e}");
+            return ExitCode::from(EXIT_INTERNAL);
+        }
+    };
+    let mut config = crate::server::ServerConfig::new(args.listen, args.data_dir, exe);
+    if let Some(url) = args.database_url {
+        config.database_url = url;
+    }
+    config.workers = args.workers;
+    config.max_blob_bytes = args.max_blob_bytes;
+    config.worker.job_threads = args.job_threads;
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(EXIT_INTERNAL);
+        }
+    };
+    let outcome = runtime.block_on(async move {
+        let app = crate::server::Application::build(config).await.map_err(|e| e.to_string())?;
+        tracing::info!(address = %app.local_addr(), "bdscan serving");
+        let token = app.shutdown_token();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            token.cancel();
+        });
+        app.run_until_stopped().await.map_err(|e| e.to_string())
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_INTERNAL)
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
 }
 
 fn base_config(run: &RunArgs) -> Result<ScanConfig, EngineError> {

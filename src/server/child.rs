@@ -1,0 +1,135 @@
+//! The child-process side of a job: `bdscan job --spec FILE`.
+//!
+//! libtorch runs in a process of its own so that a crash (a segfault or abort inside
+//! C++) fails one job instead of the server. The protocol with the worker:
+//! - stdin: closing it asks the scan to stop at its next step;
+//! - stdout: one JSON object per progress step, `{"phase":…,"step":…,"total":…}`;
+//! - files: the report and the purified model on success, a [`ChildError`] otherwise;
+//! - exit code: 0 done, 2 bad input, 3 internal failure, 4 cancelled.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{run_scan, EngineError, Monitor, Progress, ScanConfig, ScanInputs};
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_INPUT: u8 = 2;
+pub const EXIT_INTERNAL: u8 = 3;
+pub const EXIT_CANCELLED: u8 = 4;
+
+/// Everything the child needs, written by the worker as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub model: PathBuf,
+    pub clean: PathBuf,
+    pub test: Option<PathBuf>,
+    pub poison: Option<PathBuf>,
+    pub target_label: Option<i64>,
+    pub config: ScanConfig,
+    /// Where to write the purified model, the report and (on failure) the error.
+    pub artifact: PathBuf,
+    pub report: PathBuf,
+    pub error: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChildError {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgressLine {
+    pub phase: String,
+    pub step: u64,
+    pub total: u64,
+}
+
+/// Runs the job described by `spec_path`; returns the exit code.
+pub fn run_job_process(spec_path: &Path) -> u8 {
+    let spec: JobSpec = match std::fs::read_to_string(spec_path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+    {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("error: job spec {}: {e}", spec_path.display());
+            return EXIT_INTERNAL;
+        }
+    };
+    if let Some(threads) = spec.config.threads {
+        tch::set_num_threads(threads as i32);
+    }
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    // The worker closes our stdin to cancel; so does its death.
+    std::thread::spawn(move || {
+        let mut sink = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+        flag.store(true, Ordering::Relaxed);
+    });
+    let inputs = ScanInputs {
+        model: spec.model.clone(),
+        clean: spec.clean.clone(),
+        test: spec.test.clone(),
+        poison: spec.poison.clone(),
+        target_label: spec.target_label,
+        out: spec.artifact.clone(),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut on_progress = |p: &Progress| {
+        let line = ProgressLine {
+            phase: p.phase.as_str().to_string(),
+            step: p.step,
+            total: p.total,
+        };
+        if let Ok(json) = serde_json::to_string(&line) {
+            let _ = writeln!(stdout, "{json}");
+            let _ = stdout.flush();
+        }
+    };
+    let outcome = run_scan(
+        &inputs,
+        &spec.config,
+        &mut Monitor::new(&mut on_progress, Some(&cancel)),
+    )
+    .and_then(|report| {
+        let json =
+            serde_json::to_string(&report).map_err(|e| EngineError::Internal(e.to_string()))?;
+        std::fs::write(&spec.report, json)
+            .map_err(|e| EngineError::Internal(format!("writing the report: {e}")))
+    });
+    let (exit, error) = match outcome {
+        Ok(()) => return EXIT_OK,
+        Err(EngineError::Cancelled) => (
+            EXIT_CANCELLED,
+            ChildError {
+                code: "cancelled".into(),
+                message: "scan cancelled".into(),
+            },
+        ),
+        Err(e @ EngineError::InvalidInput(_)) => (
+            EXIT_INPUT,
+            ChildError {
+                code: "invalid_input".into(),
+                message: e.to_string(),
+            },
+        ),
+        Err(e) => (
+            EXIT_INTERNAL,
+            ChildError {
+                code: "internal".into(),
+                message: e.to_string(),
+            },
+        ),
+    };
+    if let Ok(json) = serde_json::to_string(&error) {
+        let _ = std::fs::write(&spec.error, json);
+    }
+    exit
+}

@@ -1,0 +1,159 @@
+//! The one error type of the API, rendered as an RFC 9457 problem document with a
+//! stable `code`. Client mistakes are 4xx; internal failures are logged with their
+//! cause and shown to the client only as `internal`.
+
+use axum::extract::multipart::MultipartError;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{what} not found")]
+    NotFound { what: String },
+    /// The request is malformed (syntax, framing, unknown fields).
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    /// The request is well formed but cannot be acted on (unknown blob, bad config).
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("the requested range does not lie within the {size} bytes of the file")]
+    RangeNotSatisfiable { size: u64 },
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn not_found(what: impl Into<String>) -> Self {
+        ApiError::NotFound { what: what.into() }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::Unprocessable {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(err: impl Into<anyhow::Error>) -> Self {
+        ApiError::Internal(err.into())
+    }
+
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Stable, machine-readable; clients branch on this, not on the message.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::NotFound { .. } => "not_found",
+            ApiError::BadRequest { code, .. }
+            | ApiError::Unprocessable { code, .. }
+            | ApiError::Conflict { code, .. } => code,
+            ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status_code();
+        if let ApiError::Internal(cause) = &self {
+            tracing::error!("internal error: {cause:#}");
+        }
+        let body = serde_json::json!({
+            "type": format!("https://bdscan.dev/problems/{}", self.code()),
+            "title": status.canonical_reason().unwrap_or("error"),
+            "status": status.as_u16(),
+            "code": self.code(),
+            "detail": self.to_string(),
+        });
+        let mut response = (
+            status,
+            [(header::CONTENT_TYPE, "application/problem+json")],
+            body.to_string(),
+        )
+            .into_response();
+        if let ApiError::RangeNotSatisfiable { size } = self {
+            if let Ok(value) = format!("bytes */{size}").parse() {
+                response.headers_mut().insert(header::CONTENT_RANGE, value);
+            }
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Database(sqlx::Error::PoolTimedOut) => {
+                ApiError::Unavailable("the database is busy".into())
+            }
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let code = match rejection {
+            JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
+            JsonRejection::JsonDataError(_) => "invalid_request",
+            _ => "malformed_json",
+        };
+        ApiError::bad_request(code, rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::bad_request("invalid_query", rejection.body_text())
+    }
+}
+
+impl From<MultipartError> for ApiError {
+    fn from(err: MultipartError) -> Self {
+        if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(err.body_text())
+        } else {
+            ApiError::bad_request("malformed_multipart", err.body_text())
+        }
+    }
+}
+
+/// `Json` whose rejections are problem documents.
+#[derive(axum::extract::FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct AppJson<T>(pub T);
+
+/// `Query` whose rejections are problem documents.
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct AppQuery<T>(pub T);

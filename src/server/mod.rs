@@ -1,0 +1,157 @@
+//! The HTTP scanning service: an axum API over the [`crate::store`], workers that run
+//! each scan in a child process of this binary, and a reaper for expired leases.
+//!
+//! - [`routes`]: one router per resource, merged in [`router`];
+//! - [`worker`]: claiming jobs and supervising their child process;
+//! - [`child`]: the child process itself (`bdscan job --spec FILE`).
+
+pub mod child;
+pub mod config;
+pub mod error;
+pub mod html;
+pub mod metrics;
+pub mod routes;
+pub mod view;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+pub use config::{ServerConfig, WorkerSettings};
+pub use error::ApiError;
+use metrics::Metrics;
+pub use worker::Worker;
+
+use crate::store::{Backend, Store};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub config: Arc<ServerConfig>,
+    pub metrics: Arc<Metrics>,
+    /// Nudges idle workers when a job is queued.
+    pub wake: Arc<Notify>,
+}
+
+/// The root router: every resource's routes plus a problem-document 404.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(routes::system::router())
+        .merge(routes::blobs::router(&state.config))
+        .merge(routes::jobs::router())
+        .merge(routes::scans::router(&state.config))
+        .fallback(|| async { ApiError::not_found("route") })
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("binding {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A bound, migrated, ready-to-run service.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    /// Connects to the database, applies migrations and binds the listener (port 0 picks one).
+    pub async fn build(config: ServerConfig) -> Result<Application, StartError> {
+        config.validate().map_err(StartError::Config)?;
+        std::fs::create_dir_all(&config.data_dir)?;
+        std::fs::create_dir_all(&config.worker.work_dir)?;
+        let store = Store::connect(&config.database_url).await?;
+        if store.backend() == Backend::Sqlite {
+            // A single process owns a SQLite database, so unfinished uploads are orphans.
+            store.sweep_staging().await?;
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| StartError::Bind(config.listen, e))?;
+        let state = AppState {
+            store,
+            config: Arc::new(config),
+            metrics: Arc::new(Metrics::default()),
+            wake: Arc::new(Notify::new()),
+        };
+        Ok(Application {
+            listener,
+            state,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Cancelling it stops the server, the workers and the reaper.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// A worker sharing this service's store and settings (tests drive it with `run_once`).
+    pub fn worker(&self, id: &str) -> Worker {
+        let s = &self.state;
+        Worker::new(
+            s.store.clone(),
+            Arc::new(s.config.worker.clone()),
+            s.metrics.clone(),
+            id,
+        )
+    }
+
+    /// Serves until the shutdown token is cancelled, then waits for workers to hand back their jobs.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let state = self.state.clone();
+        let settings = Arc::new(state.config.worker.clone());
+        let mut tasks = tokio::task::JoinSet::new();
+        let instance = uuid::Uuid::new_v4().simple().to_string();
+        for n in 0..state.config.workers {
+            let worker = Worker::new(
+                state.store.clone(),
+                settings.clone(),
+                state.metrics.clone(),
+                format!("{instance}-{n}"),
+            );
+            tasks.spawn(worker.run(self.shutdown.clone(), state.wake.clone()));
+        }
+        tasks.spawn(worker::run_reaper(
+            state.store.clone(),
+            settings,
+            state.metrics.clone(),
+            self.shutdown.clone(),
+        ));
+        let shutdown = self.shutdown.clone();
+        let served = axum::serve(self.listener, router(state.clone()))
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        self.shutdown.cancel();
+        while tasks.join_next().await.is_some() {}
+        state.store.close().await;
+        served
+    }
+}

@@ -1,0 +1,147 @@
+//! `POST /v1/blobs` (raw body or multipart, streamed into the store) and
+//! `GET /v1/blobs/{sha256}`.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+
+use crate::server::config::ServerConfig;
+use crate::server::{ApiError, AppState};
+use crate::store::BlobInfo;
+
+pub fn router(config: &ServerConfig) -> Router<AppState> {
+    Router::new()
+        .route("/v1/blobs", post(upload))
+        // Multipart framing adds a little to the file itself.
+        .layer(DefaultBodyLimit::max(multipart_limit(
+            config.max_blob_bytes,
+            1,
+        )))
+        .route("/v1/blobs/{sha256}", get(info))
+}
+
+/// Body limit for a multipart request carrying `files` files of at most `per_file` bytes.
+pub fn multipart_limit(per_file: u64, files: u64) -> usize {
+    per_file
+        .saturating_mul(files)
+        .saturating_add(1 << 20)
+        .min(usize::MAX as u64) as usize
+}
+
+async fn upload(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<impl IntoResponse, ApiError> {
+    let is_multipart = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let blob = if is_multipart {
+        let mut multipart = Multipart::from_request(request, &state)
+            .await
+            .map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))?;
+        let field = multipart.next_field().await?.ok_or_else(|| {
+            ApiError::unprocessable("missing_field", "the multipart body holds no file")
+        })?;
+        store_upload(&state, field_stream(field), "the upload").await?
+    } else {
+        let stream = request
+            .into_body()
+            .into_data_stream()
+            .map(|r| r.map_err(body_error));
+        store_upload(&state, stream, "the upload").await?
+    };
+    let status = if blob.created == Some(false) {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    let location = format!("/v1/blobs/{}", blob.sha256);
+    Ok((status, [(header::LOCATION, location)], Json(blob)))
+}
+
+async fn info(
+    State(state): State<AppState>,
+    Path(sha256): Path<String>,
+) -> Result<Json<BlobInfo>, ApiError> {
+    let blob = state.store.blob_info(&sha256.to_ascii_lowercase()).await?;
+    blob.map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("blob {sha256}")))
+}
+
+fn body_error(err: axum::Error) -> ApiError {
+    // A body cut short (client gone, length limit) is the client's problem, not ours.
+    let text = err.to_string();
+    if text.contains("length limit") {
+        ApiError::TooLarge(text)
+    } else {
+        ApiError::bad_request(
+            "incomplete_body",
+            format!("reading the request body: {text}"),
+        )
+    }
+}
+
+/// A multipart field as a stream of byte chunks.
+pub fn field_stream(
+    field: axum::extract::multipart::Field<'_>,
+) -> impl Stream<Item = Result<Bytes, ApiError>> + '_ {
+    futures_util::stream::unfold(field, |mut field| async move {
+        match field.chunk().await {
+            Ok(Some(bytes)) => Some((Ok(bytes), field)),
+            Ok(None) => None,
+            Err(e) => Some((Err(ApiError::from(e)), field)),
+        }
+    })
+}
+
+/// Streams `body` into the blob store, hashing on the way and refusing more than the
+/// configured size. `what` names the upload in errors.
+pub async fn store_upload<S>(state: &AppState, body: S, what: &str) -> Result<BlobInfo, ApiError>
+where
+    S: Stream<Item = Result<Bytes, ApiError>>,
+{
+    let limit = state.config.max_blob_bytes;
+    let mut upload = state.store.begin_upload();
+    let mut body = std::pin::pin!(body);
+    let failure = loop {
+        match body.next().await {
+            None => break None,
+            Some(Err(e)) => break Some(e),
+            Some(Ok(bytes)) => {
+                if upload.bytes_so_far() + bytes.len() as u64 > limit {
+                    break Some(ApiError::TooLarge(format!(
+                        "{what} exceeds the limit of {limit} bytes"
+                    )));
+                }
+                if let Err(e) = upload.write(&bytes).await {
+                    break Some(e.into());
+                }
+            }
+        }
+    };
+    if let Some(err) = failure {
+        upload.abort().await;
+        return Err(err);
+    }
+    if upload.bytes_so_far() == 0 {
+        upload.abort().await;
+        return Err(ApiError::bad_request(
+            "empty_upload",
+            format!("{what} is empty"),
+        ));
+    }
+    let blob = upload.finish().await?;
+    state
+        .metrics
+        .blob_bytes_received
+        .fetch_add(blob.size_bytes, Ordering::Relaxed);
+    Ok(blob)
+}

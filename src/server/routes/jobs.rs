@@ -1,0 +1,416 @@
+//! `/v1/jobs`: submit (idempotent), list, inspect, cancel, and read a finished job's
+//! report, report page and purified model.
+
+use std::sync::atomic::Ordering;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::engine::{ScanConfig, ScanReport};
+use crate::server::error::{AppJson, AppQuery};
+use crate::server::view::JobView;
+use crate::server::{html, ApiError, AppState};
+use crate::store::{CreateOutcome, Job, JobState, NewJob};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/jobs", get(list).post(submit))
+        .route("/v1/jobs/{id}", get(show).delete(cancel))
+        .route("/v1/jobs/{id}/report", get(report))
+        .route("/v1/jobs/{id}/report.html", get(report_page))
+        .route("/v1/jobs/{id}/artifact", get(artifact))
+}
+
+/// The body of `POST /v1/jobs`: blobs by sha256, plus how to scan.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    pub model: String,
+    pub clean: String,
+    #[serde(default)]
+    pub test: Option<String>,
+    #[serde(default)]
+    pub poison: Option<String>,
+    #[serde(default)]
+    pub target_label: Option<i64>,
+    /// Any subset of the scan settings; the rest take their defaults.
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+    #[serde(default)]
+    pub max_attempts: Option<i64>,
+}
+
+async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    AppJson(request): AppJson<JobRequest>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let (job, created) = submit_job(&state, request, key).await?;
+    let status = if created {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok(job_response(status, &job))
+}
+
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 255);
+    key.map(|k| Some(k.to_string())).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 visible characters",
+        )
+    })
+}
+
+/// Validates a request and queues it. Returns the job and whether it is new (an
+/// idempotency key seen before returns the earlier job).
+pub async fn submit_job(
+    state: &AppState,
+    request: JobRequest,
+    key: Option<String>,
+) -> Result<(Job, bool), ApiError> {
+    let config = parse_config(request.config.as_ref())?;
+    if request.poison.is_some() != request.target_label.is_some() {
+        return Err(ApiError::unprocessable(
+            "invalid_request",
+            "`poison` and `target_label` go together: give both or neither",
+        ));
+    }
+    let max_attempts = request
+        .max_attempts
+        .unwrap_or(state.config.worker.default_max_attempts);
+    if !(1..=100).contains(&max_attempts) {
+        return Err(ApiError::unprocessable(
+            "invalid_request",
+            "`max_attempts` must lie in 1..=100",
+        ));
+    }
+    let mut blobs = Vec::new();
+    for (role, sha) in [
+        ("model", Some(&request.model)),
+        ("clean", Some(&request.clean)),
+        ("test", request.test.as_ref()),
+        ("poison", request.poison.as_ref()),
+    ] {
+        blobs.push(match sha {
+            Some(sha) => Some(existing_blob(state, role, sha).await?),
+            None => None,
+        });
+    }
+    let config_json = serde_json::to_string(&config).map_err(ApiError::internal)?;
+    let fingerprint = key.as_ref().map(|_| {
+        let canonical =
+            serde_json::json!([blobs, request.target_label, config_json, max_attempts]).to_string();
+        hex::encode(Sha256::digest(canonical.as_bytes()))
+    });
+    let [model, clean, test, poison] = <[Option<String>; 4]>::try_from(blobs)
+        .map_err(|_| ApiError::internal(anyhow::anyhow!("four roles")))?;
+    let new = NewJob {
+        model_sha256: model.unwrap_or_default(),
+        clean_sha256: clean.unwrap_or_default(),
+        test_sha256: test,
+        poison_sha256: poison,
+        target_label: request.target_label,
+        config: config_json,
+        max_attempts,
+        idempotency_key: key,
+        idempotency_fingerprint: fingerprint,
+    };
+    match state.store.create_job(&new).await? {
+        CreateOutcome::Created(job) => {
+            state.metrics.jobs_submitted.fetch_add(1, Ordering::Relaxed);
+            state.wake.notify_one();
+            Ok((job, true))
+        }
+        CreateOutcome::Existing(job) => Ok((job, false)),
+        CreateOutcome::KeyReused(job) => Err(ApiError::Conflict {
+            code: "idempotency_key_reused",
+            message: format!(
+                "this Idempotency-Key was used for job {} with a different request",
+                job.id
+            ),
+        }),
+    }
+}
+
+fn parse_config(value: Option<&serde_json::Value>) -> Result<ScanConfig, ApiError> {
+    let config: ScanConfig = match value {
+        None | Some(serde_json::Value::Null) => ScanConfig::default(),
+        Some(value) => serde_json::from_value(value.clone())
+            .map_err(|e| ApiError::unprocessable("invalid_config", format!("config: {e}")))?,
+    };
+    config
+        .validate()
+        .map_err(|e| ApiError::unprocessable("invalid_config", e.to_string()))?;
+    Ok(config)
+}
+
+async fn existing_blob(state: &AppState, role: &str, sha: &str) -> Result<String, ApiError> {
+    let sha = sha.to_ascii_lowercase();
+    if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::unprocessable(
+            "invalid_blob_id",
+            format!("`{role}` must be a sha256 in hex"),
+        ));
+    }
+    match state.store.blob_info(&sha).await? {
+        Some(_) => Ok(sha),
+        None => Err(ApiError::unprocessable(
+            "unknown_blob",
+            format!("`{role}`: no blob {sha}; upload it to /v1/blobs first"),
+        )),
+    }
+}
+
+pub fn job_response(status: StatusCode, job: &Job) -> Response {
+    let location = format!("/v1/jobs/{}", job.id);
+    (
+        status,
+        [(header::LOCATION, location)],
+        Json(JobView::new(job)),
+    )
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    cursor: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    AppQuery(query): AppQuery<ListQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let filter = match query.state.as_deref() {
+        None => None,
+        Some(s) => Some(JobState::parse(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("unknown state `{s}` (queued, running, succeeded, failed, cancelled)"),
+            )
+        })?),
+    };
+    let cursor = match query.cursor.as_deref() {
+        None => None,
+        Some(c) => {
+            let bad = || {
+                ApiError::bad_request(
+                    "invalid_cursor",
+                    "`cursor` must be a value from `next_cursor`",
+                )
+            };
+            let (created, id) = c.split_once('_').ok_or_else(bad)?;
+            Some((created.parse::<i64>().map_err(|_| bad())?, id.to_string()))
+        }
+    };
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "`limit` must lie in 1..=500",
+        ));
+    }
+    let page = state.store.list_jobs(filter, cursor, limit).await?;
+    let jobs: Vec<JobView> = page.jobs.iter().map(JobView::new).collect();
+    Ok(Json(
+        serde_json::json!({ "jobs": jobs, "next_cursor": page.next_cursor }),
+    ))
+}
+
+pub async fn find_job(state: &AppState, id: &str) -> Result<Job, ApiError> {
+    // Ids are UUIDs; anything else cannot name a job.
+    if uuid::Uuid::parse_str(id).is_err() {
+        return Err(ApiError::not_found(format!("job {id}")));
+    }
+    state
+        .store
+        .job(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("job {id}")))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    Ok(Json(JobView::new(&find_job(&state, &id).await?)))
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = find_job(&state, &id).await?;
+    if matches!(job.state, JobState::Succeeded | JobState::Failed) {
+        return Err(ApiError::Conflict {
+            code: "job_finished",
+            message: format!("job {id} already {}", job.state.as_str()),
+        });
+    }
+    let job = state
+        .store
+        .request_cancel(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("job {id}")))?;
+    state.wake.notify_waiters();
+    // A running job stops at its next step: 202 until then.
+    let status = if job.state == JobState::Cancelled {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok(job_response(status, &job))
+}
+
+/// The stored report and artifact hash of a job that succeeded.
+async fn finished_report(state: &AppState, id: &str) -> Result<(String, String), ApiError> {
+    let job = find_job(state, id).await?;
+    if job.state != JobState::Succeeded {
+        return Err(ApiError::Conflict {
+            code: "not_ready",
+            message: format!(
+                "job {id} is {}; reports exist only for succeeded jobs",
+                job.state.as_str()
+            ),
+        });
+    }
+    state
+        .store
+        .report(id)
+        .await?
+        .ok_or_else(|| ApiError::internal(anyhow::anyhow!("succeeded job {id} has no report")))
+}
+
+async fn report(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (report, _) = finished_report(&state, &id).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], report).into_response())
+}
+
+async fn report_page(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Html<String>, ApiError> {
+    let (report, _) = finished_report(&state, &id).await?;
+    let report: ScanReport = serde_json::from_str(&report).map_err(ApiError::internal)?;
+    Ok(Html(html::report_page(&id, &report)))
+}
+
+async fn artifact(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (_, sha256) = finished_report(&state, &id).await?;
+    let blob =
+        state.store.blob_info(&sha256).await?.ok_or_else(|| {
+            ApiError::internal(anyhow::anyhow!("artifact blob {sha256} is missing"))
+        })?;
+    let size = blob.size_bytes;
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(spec) => parse_range(spec, size)?,
+        None => None,
+    };
+    let (status, start, end) = match range {
+        Some((start, end)) => (StatusCode::PARTIAL_CONTENT, start, end),
+        None => (StatusCode::OK, 0, size),
+    };
+    let mut response = Response::new(Body::from_stream(
+        state.store.read_range(&sha256, start, end),
+    ));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    let value = |s: String| HeaderValue::from_str(&s).map_err(ApiError::internal);
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, value((end - start).to_string())?);
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::ETAG, value(format!("\"{sha256}\""))?);
+    h.insert("x-content-sha256", value(sha256.clone())?);
+    h.insert(
+        header::CONTENT_DISPOSITION,
+        value(format!("attachment; filename=\"purified-{id}.pt\""))?,
+    );
+    if status == StatusCode::PARTIAL_CONTENT {
+        h.insert(
+            header::CONTENT_RANGE,
+            value(format!("bytes {start}-{}/{size}", end - 1))?,
+        );
+    }
+    Ok(response)
+}
+
+/// One `bytes=` range as `start..end` (end exclusive). Several ranges, or a unit other
+/// than bytes, are answered with the whole file (`None`), which HTTP allows.
+pub fn parse_range(spec: &str, size: u64) -> Result<Option<(u64, u64)>, ApiError> {
+    let Some(ranges) = spec.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if ranges.contains(',') {
+        return Ok(None);
+    }
+    let unsatisfiable = || ApiError::RangeNotSatisfiable { size };
+    let (first, last) = ranges.trim().split_once('-').ok_or_else(unsatisfiable)?;
+    let (start, end) = match (first.trim(), last.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().map_err(|_| unsatisfiable())?;
+            if n == 0 {
+                return Err(unsatisfiable());
+            }
+            (size.saturating_sub(n), size)
+        }
+        (first, "") => (first.parse().map_err(|_| unsatisfiable())?, size),
+        (first, last) => {
+            let first: u64 = first.parse().map_err(|_| unsatisfiable())?;
+            let last: u64 = last.parse().map_err(|_| unsatisfiable())?;
+            if last < first {
+                return Err(unsatisfiable());
+            }
+            (first, last.saturating_add(1).min(size))
+        }
+    };
+    if start >= size {
+        return Err(unsatisfiable());
+    }
+    Ok(Some((start, end)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100).unwrap(), Some((0, 10)));
+        assert_eq!(parse_range("bytes=90-", 100).unwrap(), Some((90, 100)));
+        assert_eq!(parse_range("bytes=-10", 100).unwrap(), Some((90, 100)));
+        assert_eq!(parse_range("bytes=95-200", 100).unwrap(), Some((95, 100)));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100).unwrap(), None);
+        assert!(parse_range("bytes=100-", 100).is_err());
+        assert!(parse_range("bytes=5-2", 100).is_err());
+        assert!(parse_range("bytes=x-", 100).is_err());
+    }
+}

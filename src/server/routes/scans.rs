@@ -1,0 +1,131 @@
+//! `POST /v1/scans`: the one-shot audit. A multipart form with the files themselves
+//! (`model`, `clean`, optional `test`, `poison`) and fields `target_label`, `config`;
+//! `?wait=N` holds the response up to N seconds for the job to finish.
+
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Multipart, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::post;
+use axum::Router;
+use serde::Deserialize;
+
+use super::blobs::{field_stream, multipart_limit, store_upload};
+use super::jobs::{idempotency_key, job_response, submit_job, JobRequest};
+use crate::server::config::ServerConfig;
+use crate::server::error::AppQuery;
+use crate::server::{ApiError, AppState};
+
+/// The longest a client may ask to wait.
+const MAX_WAIT_SECS: u64 = 600;
+const WAIT_POLL: Duration = Duration::from_millis(200);
+/// Text fields are small; this bounds what is buffered for them.
+const MAX_TEXT_FIELD: usize = 64 * 1024;
+
+pub fn router(config: &ServerConfig) -> Router<AppState> {
+    Router::new()
+        .route("/v1/scans", post(scan))
+        .layer(DefaultBodyLimit::max(multipart_limit(
+            config.max_blob_bytes,
+            4,
+        )))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScanQuery {
+    wait: Option<u64>,
+}
+
+async fn scan(
+    State(state): State<AppState>,
+    AppQuery(query): AppQuery<ScanQuery>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let mut multipart =
+        multipart.map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))?;
+    let mut files: [Option<String>; 4] = Default::default();
+    let mut target_label = None;
+    let mut config = None;
+    while let Some(mut field) = multipart.next_field().await? {
+        let name = field.name().unwrap_or_default().to_string();
+        let slot = ["model", "clean", "test", "poison"]
+            .iter()
+            .position(|n| *n == name);
+        if let Some(slot) = slot {
+            if files[slot].is_some() {
+                return Err(ApiError::bad_request(
+                    "duplicate_field",
+                    format!("`{name}` given twice"),
+                ));
+            }
+            let blob = store_upload(&state, field_stream(field), &format!("`{name}`")).await?;
+            files[slot] = Some(blob.sha256);
+            continue;
+        }
+        let mut text = Vec::new();
+        while let Some(chunk) = field.chunk().await? {
+            text.extend_from_slice(&chunk);
+            if text.len() > MAX_TEXT_FIELD {
+                return Err(ApiError::TooLarge(format!(
+                    "`{name}` exceeds {MAX_TEXT_FIELD} bytes"
+                )));
+            }
+        }
+        let text = String::from_utf8(text).map_err(|_| {
+            ApiError::bad_request("invalid_field", format!("`{name}` is not UTF-8"))
+        })?;
+        match name.as_str() {
+            "target_label" => {
+                let label = text.trim().parse::<i64>().map_err(|_| {
+                    ApiError::unprocessable("invalid_request", format!("`target_label` must be an integer, got `{}`", text.trim()))
+                })?;
+                target_label = Some(label);
+            }
+            "config" => {
+                let value: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| ApiError::unprocessable("invalid_config", format!("config is not JSON: {e}")))?;
+                config = Some(value);
+            }
+            other => {
+                return Err(ApiError::bad_request(
+                    "unknown_field",
+                    format!("unknown form field `{other}` (model, clean, test, poison, target_label, config)"),
+                ))
+            }
+        }
+    }
+    let [model, clean, test, poison] = files;
+    let missing = |name: &str| {
+        ApiError::unprocessable("missing_field", format!("the form needs a `{name}` file"))
+    };
+    let request = JobRequest {
+        model: model.ok_or_else(|| missing("model"))?,
+        clean: clean.ok_or_else(|| missing("clean"))?,
+        test,
+        poison,
+        target_label,
+        config,
+        max_attempts: None,
+    };
+    let (mut job, _) = submit_job(&state, request, key).await?;
+    let wait = Duration::from_secs(query.wait.unwrap_or(0).min(MAX_WAIT_SECS));
+    let deadline = tokio::time::Instant::now() + wait;
+    while !job.state.is_terminal() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(WAIT_POLL).await;
+        job = state
+            .store
+            .job(&job.id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("job {}", job.id)))?;
+    }
+    let status = if job.state.is_terminal() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok(job_response(status, &job))
+}

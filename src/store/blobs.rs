@@ -1,0 +1,245 @@
+//! Content-addressed blobs, stored as fixed-size chunks in the database.
+//!
+//! An upload streams into chunks under a staging key while its sha256 is computed; on
+//! completion it either becomes the blob named by that hash or, when the hash is
+//! already stored, is dropped in favour of the existing copy (deduplication).
+
+use std::path::Path;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{now_ms, Store, StoreError};
+
+/// Size of every stored chunk but the last.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BlobInfo {
+    pub sha256: String,
+    pub size_bytes: u64,
+    /// False when an identical blob was already stored and this upload was dropped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created: Option<bool>,
+}
+
+/// An upload in progress. Call [`BlobUpload::finish`] or [`BlobUpload::abort`]; an
+/// upload that is dropped leaves staging chunks behind that [`Store::sweep_staging`] removes.
+pub struct BlobUpload {
+    store: Store,
+    staging_key: String,
+    hasher: Sha256,
+    pending: Vec<u8>,
+    next_seq: i64,
+    stored_bytes: u64,
+}
+
+impl Store {
+    pub fn begin_upload(&self) -> BlobUpload {
+        BlobUpload {
+            store: self.clone(),
+            staging_key: format!("upload:{}", uuid::Uuid::new_v4()),
+            hasher: Sha256::new(),
+            pending: Vec::with_capacity(CHUNK_BYTES),
+            next_seq: 0,
+            stored_bytes: 0,
+        }
+    }
+
+    /// Stores a file (a purified artifact) as a blob.
+    pub async fn put_file(&self, path: &Path) -> Result<BlobInfo, StoreError> {
+        let io = |source| StoreError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut file = tokio::fs::File::open(path).await.map_err(io)?;
+        let mut upload = self.begin_upload();
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        loop {
+            let n = file.read(&mut buf).await.map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            if let Err(e) = upload.write(&buf[..n]).await {
+                upload.abort().await;
+                return Err(e);
+            }
+        }
+        upload.finish().await
+    }
+
+    pub async fn blob_info(&self, sha256: &str) -> Result<Option<BlobInfo>, StoreError> {
+        let row = sqlx::query("SELECT size_bytes FROM blobs WHERE sha256 = $1")
+            .bind(sha256)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.map(|r| BlobInfo {
+            sha256: sha256.to_string(),
+            size_bytes: r.get::<i64, _>(0) as u64,
+            created: None,
+        }))
+    }
+
+    /// Bytes `start..end` of a blob, one stored chunk at a time.
+    pub fn read_range(
+        &self,
+        sha256: &str,
+        start: u64,
+        end: u64,
+    ) -> impl Stream<Item = Result<Bytes, StoreError>> + Send + 'static {
+        let store = self.clone();
+        let key = sha256.to_string();
+        futures_util::stream::try_unfold(start, move |position| {
+            let store = store.clone();
+            let key = key.clone();
+            async move {
+                if position >= end {
+                    return Ok(None);
+                }
+                let row = sqlx::query(
+                    "SELECT byte_offset, data FROM blob_chunks WHERE blob_key = $1 AND byte_offset <= $2 \
+                     ORDER BY byte_offset DESC LIMIT 1",
+                )
+                .bind(&key)
+                .bind(position as i64)
+                .fetch_optional(store.pool())
+                .await?
+                .ok_or_else(|| StoreError::Corrupt(key.clone(), format!("no chunk holds byte {position}")))?;
+                let offset = row.get::<i64, _>(0) as u64;
+                let data: Vec<u8> = row.get(1);
+                let from = (position - offset) as usize;
+                let to = (end - offset).min(data.len() as u64) as usize;
+                if from >= to {
+                    return Err(StoreError::Corrupt(
+                        key.clone(),
+                        format!("chunk at {offset} is short"),
+                    ));
+                }
+                let piece = Bytes::copy_from_slice(&data[from..to]);
+                Ok(Some((piece, offset + to as u64)))
+            }
+        })
+    }
+
+    /// Writes a whole blob to `path` (the inputs of a job's child process).
+    pub async fn write_blob_to(&self, sha256: &str, path: &Path) -> Result<(), StoreError> {
+        use futures_util::TryStreamExt;
+        let info = self
+            .blob_info(sha256)
+            .await?
+            .ok_or_else(|| StoreError::BlobNotFound(sha256.to_string()))?;
+        let io = |source| StoreError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut file = tokio::fs::File::create(path).await.map_err(io)?;
+        let mut chunks = std::pin::pin!(self.read_range(sha256, 0, info.size_bytes));
+        while let Some(piece) = chunks.try_next().await? {
+            file.write_all(&piece).await.map_err(io)?;
+        }
+        file.flush().await.map_err(io)?;
+        Ok(())
+    }
+
+    /// Removes chunks of uploads that never finished (a dropped connection, a crash).
+    pub async fn sweep_staging(&self) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM blob_chunks WHERE blob_key LIKE 'upload:%'")
+            .execute(self.pool())
+            .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+impl BlobUpload {
+    pub fn bytes_so_far(&self) -> u64 {
+        self.stored_bytes + self.pending.len() as u64
+    }
+
+    pub async fn write(&mut self, mut bytes: &[u8]) -> Result<(), StoreError> {
+        self.hasher.update(bytes);
+        while !bytes.is_empty() {
+            let room = CHUNK_BYTES - self.pending.len();
+            let take = room.min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.pending.len() == CHUNK_BYTES {
+                self.flush_chunk().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush_chunk(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let len = self.pending.len() as u64;
+        sqlx::query(
+            "INSERT INTO blob_chunks (blob_key, seq, byte_offset, data) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&self.staging_key)
+        .bind(self.next_seq)
+        .bind(self.stored_bytes as i64)
+        .bind(std::mem::take(&mut self.pending))
+        .execute(self.store.pool())
+        .await?;
+        self.pending.reserve(CHUNK_BYTES);
+        self.next_seq += 1;
+        self.stored_bytes += len;
+        Ok(())
+    }
+
+    /// Completes the upload; the result names the stored blob.
+    pub async fn finish(mut self) -> Result<BlobInfo, StoreError> {
+        self.flush_chunk().await?;
+        let size = self.stored_bytes;
+        let sha256 = hex::encode(self.hasher.clone().finalize());
+        let mut tx = self.store.pool().begin().await?;
+        // Insert first so the transaction takes the write lock at once (SQLite) and a
+        // concurrent upload of the same bytes waits on the primary key (PostgreSQL).
+        let inserted = sqlx::query(
+            "INSERT INTO blobs (sha256, size_bytes, chunk_count, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (sha256) DO NOTHING",
+        )
+        .bind(&sha256)
+        .bind(size as i64)
+        .bind(self.next_seq)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted {
+            sqlx::query("UPDATE blob_chunks SET blob_key = $1 WHERE blob_key = $2")
+                .bind(&sha256)
+                .bind(&self.staging_key)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query("DELETE FROM blob_chunks WHERE blob_key = $1")
+                .bind(&self.staging_key)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(BlobInfo {
+            sha256,
+            size_bytes: size,
+            created: Some(inserted),
+        })
+    }
+
+    /// Drops what was stored so far.
+    pub async fn abort(self) {
+        let result = sqlx::query("DELETE FROM blob_chunks WHERE blob_key = $1")
+            .bind(&self.staging_key)
+            .execute(self.store.pool())
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(key = %self.staging_key, "could not remove an aborted upload: {e}");
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! Jobs and the queue: creation (with idempotency keys), the atomic claim, leases,
+//! heartbeats, progress, completion guarded by lease ownership, cancellation and the
+//! reaper that re-queues jobs whose worker stopped renewing its lease.
+
+use sqlx::any::AnyRow;
+use sqlx::{FromRow, Row};
+
+use super::{now_ms, Backend, Store, StoreError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|state| state.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// One job as stored.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub state: JobState,
+    pub model_sha256: String,
+    pub clean_sha256: String,
+    pub test_sha256: Option<String>,
+    pub poison_sha256: Option<String>,
+    pub target_label: Option<i64>,
+    /// The scan config as JSON text.
+    pub config: String,
+    pub progress_phase: Option<String>,
+    pub progress_step: i64,
+    pub progress_total: i64,
+    pub error_code: Option<String>,
+    pub error: Option<String>,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub cancel_requested: bool,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<i64>,
+    pub idempotency_key: Option<String>,
+    pub idempotency_fingerprint: Option<String>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+const JOB_COLUMNS: &str = "id, state, model_sha256, clean_sha256, test_sha256, poison_sha256, target_label, config, \
+     progress_phase, progress_step, progress_total, error_code, error, attempts, max_attempts, cancel_requested, \
+     lease_owner, lease_until, idempotency_key, idempotency_fingerprint, created_at, started_at, finished_at";
+
+impl<'r> FromRow<'r, AnyRow> for Job {
+    fn from_row(row: &'r AnyRow) -> Result<Self, sqlx::Error> {
+        let state: String = row.try_get("state")?;
+        Ok(Job {
+            id: row.try_get("id")?,
+            state: JobState::parse(&state).ok_or_else(|| {
+                sqlx::Error::Decode(format!("unknown job state `{state}`").into())
+            })?,
+            model_sha256: row.try_get("model_sha256")?,
+            clean_sha256: row.try_get("clean_sha256")?,
+            test_sha256: row.try_get("test_sha256")?,
+            poison_sha256: row.try_get("poison_sha256")?,
+            target_label: row.try_get("target_label")?,
+            config: row.try_get("config")?,
+            progress_phase: row.try_get("progress_phase")?,
+            progress_step: row.try_get("progress_step")?,
+            progress_total: row.try_get("progress_total")?,
+            error_code: row.try_get("error_code")?,
+            error: row.try_get("error")?,
+            attempts: row.try_get("attempts")?,
+            max_attempts: row.try_get("max_attempts")?,
+            cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+            lease_owner: row.try_get("lease_owner")?,
+            lease_until: row.try_get("lease_until")?,
+            idempotency_key: row.try_get("idempotency_key")?,
+            idempotency_fingerprint: row.try_get("idempotency_fingerprint")?,
+            created_at: row.try_get("created_at")?,
+            started_at: row.try_get("started_at")?,
+            finished_at: row.try_get("finished_at")?,
+        })
+    }
+}
+
+/// What a client asked to run.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub model_sha256: String,
+    pub clean_sha256: String,
+    pub test_sha256: Option<String>,
+    pub poison_sha256: Option<String>,
+    pub target_label: Option<i64>,
+    pub config: String,
+    pub max_attempts: i64,
+    pub idempotency_key: Option<String>,
+    /// A digest of the request, so a reused key with a different request is refused.
+    pub idempotency_fingerprint: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum CreateOutcome {
+    Created(Job),
+    /// The idempotency key was seen before with the same request: the earlier job.
+    Existing(Job),
+    /// The idempotency key was seen before with a different request.
+    KeyReused(Job),
+}
+
+/// A job this worker now holds a lease on.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub job: Job,
+    pub owner: String,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reaped {
+    pub requeued: Vec<String>,
+    pub failed: Vec<String>,
+    pub cancelled: Vec<String>,
+}
+
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    /// Pass back as `cursor` for the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+impl Store {
+    pub async fn create_job(&self, new: &NewJob) -> Result<CreateOutcome, StoreError> {
+        let now = now_ms();
+        let sql = format!(
+            "INSERT INTO jobs (id, state, model_sha256, clean_sha256, test_sha256, poison_sha256, target_label, config, \
+             max_attempts, idempotency_key, idempotency_fingerprint, run_after, created_at) \
+             VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING {JOB_COLUMNS}"
+        );
+        let inserted: Option<Job> = sqlx::query_as(&sql)
+            .bind(uuid::Uuid::new_v4().to_string())
+            .bind(&new.model_sha256)
+            .bind(&new.clean_sha256)
+            .bind(&new.test_sha256)
+            .bind(&new.poison_sha256)
+            .bind(new.target_label)
+            .bind(&new.config)
+            .bind(new.max_attempts)
+            .bind(&new.idempotency_key)
+            .bind(&new.idempotency_fingerprint)
+            .bind(now)
+            .fetch_optional(self.pool())
+            .await?;
+        if let Some(job) = inserted {
+            return Ok(CreateOutcome::Created(job));
+        }
+        // Only a repeated idempotency key makes the insert a no-op.
+        let key = new.idempotency_key.as_deref().unwrap_or_default();
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1");
+        let earlier: Job = sqlx::query_as(&sql)
+            .bind(key)
+            .fetch_one(self.pool())
+            .await?;
+        if earlier.idempotency_fingerprint == new.idempotency_fingerprint {
+            Ok(CreateOutcome::Existing(earlier))
+        } else {
+            Ok(CreateOutcome::KeyReused(earlier))
+        }
+    }
+
+    pub async fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
+        Ok(sqlx::query_as(&sql)
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?)
+    }
+
+    /// Newest first. The cursor is the last job's `created_at` and id.
+    pub async fn list_jobs(
+        &self,
+        state: Option<JobState>,
+        cursor: Option<(i64, String)>,
+        limit: i64,
+    ) -> Result<JobPage, StoreError> {
+        let mut conditions = Vec::new();
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if state.is_some() {
+            conditions.push(format!("state = {}", next()));
+        }
+        if cursor.is_some() {
+            let (a, b, c) = (next(), next(), next());
+            conditions.push(format!(
+                "(created_at < {a} OR (created_at = {b} AND id < {c}))"
+            ));
+        }
+        let limit_param = next();
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let sql =
+            format!("SELECT {JOB_COLUMNS} FROM jobs {filter} ORDER BY created_at DESC, id DESC LIMIT {limit_param}");
+        let mut query = sqlx::query_as::<_, Job>(&sql);
+        if let Some(state) = state {
+            query = query.bind(state.as_str());
+        }
+        if let Some((created_at, id)) = cursor {
+            query = query.bind(created_at).bind(created_at).bind(id);
+        }
+        let mut jobs = query.bind(limit + 1).fetch_all(self.pool()).await?;
+        let next_cursor = if jobs.len() as i64 > limit {
+            jobs.truncate(limit as usize);
+            jobs.last().map(|j| format!("{}_{}", j.created_at, j.id))
+        } else {
+            None
+        };
+        Ok(JobPage { jobs, next_cursor })
+    }
+
+    pub async fn count_jobs_by_state(&self) -> Result<Vec<(JobState, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                JobState::parse(&r.get::<String, _>(0)).map(|s| (s, r.get::<i64, _>(1)))
+            })
+            .collect())
+    }
+
+    /// Takes the oldest runnable queued job, if any, leasing it to `owner` for `lease_ms`.
+    /// One statement, committed at once: two workers can never claim the same job.
+    pub async fn claim_job(
+        &self,
+        owner: &str,
+        lease_ms: i64,
+    ) -> Result<Option<Claimed>, StoreError> {
+        // PostgreSQL: rows another transaction is claiming are skipped rather than waited
+        // on. SQLite: writers are serialised, so the same statement without the lock clause.
+        let lock = match self.backend() {
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE jobs SET state = 'running', lease_owner = $1, lease_until = $2, attempts = attempts + 1, \
+             started_at = COALESCE(started_at, $3), progress_phase = NULL, progress_step = 0, progress_total = 0 \
+             WHERE state = 'queued' AND id = (SELECT id FROM jobs WHERE state = 'queued' AND run_after <= $3 \
+             ORDER BY created_at, id LIMIT 1 {lock}) RETURNING {JOB_COLUMNS}"
+        );
+        let now = now_ms();
+        let job: Option<Job> = sqlx::query_as(&sql)
+            .bind(owner)
+            .bind(now + lease_ms)
+            .bind(now)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(job.map(|job| Claimed {
+            job,
+            owner: owner.to_string(),
+        }))
+    }
+
+    /// Extends the lease. `Ok(None)`: the lease was lost (reaped, or the job finished);
+    /// `Ok(Some(true))`: a client asked to cancel the job.
+    pub async fn heartbeat(
+        &self,
+        claimed: &Claimed,
+        lease_ms: i64,
+    ) -> Result<Option<bool>, StoreError> {
+        let row = sqlx::query(
+            "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND lease_owner = $3 AND state = 'running' \
+             RETURNING cancel_requested",
+        )
+        .bind(now_ms() + lease_ms)
+        .bind(&claimed.job.id)
+        .bind(&claimed.owner)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(|r| r.get::<i64, _>(0) != 0))
+    }
+
+    pub async fn record_progress(
+        &self,
+        claimed: &Claimed,
+        phase: &str,
+        step: i64,
+        total: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE jobs SET progress_phase = $1, progress_step = $2, progress_total = $3 \
+             WHERE id = $4 AND lease_owner = $5 AND state = 'running'",
+        )
+        .bind(phase)
+        .bind(step)
+        .bind(total)
+        .bind(&claimed.job.id)
+        .bind(&claimed.owner)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Marks the job succeeded with its report. `Ok(false)`: this worker no longer owns it.
+    pub async fn finish_succeeded(
+        &self,
+        claimed: &Claimed,
+        report_json: &str,
+        artifact_sha256: &str,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let mut tx = self.pool().begin().await?;
+        let owned = sqlx::query(
+            "UPDATE jobs SET state = 'succeeded', finished_at = $1, lease_owner = NULL, lease_until = NULL, \
+             error_code = NULL, error = NULL WHERE id = $2 AND lease_owner = $3 AND state = 'running'",
+        )
+        .bind(now)
+        .bind(&claimed.job.id)
+        .bind(&claimed.owner)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !owned {
+            return Ok(false);
+        }
+        sqlx::query("INSERT INTO reports (job_id, report, artifact_sha256, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(&claimed.job.id)
+            .bind(report_json)
+            .bind(artifact_sha256)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Ends the job as `failed` or `cancelled` with a reason. `Ok(false)`: not owned any more.
+    pub async fn finish_unsuccessful(
+        &self,
+        claimed: &Claimed,
+        state: JobState,
+        code: &str,
+        message: &str,
+    ) -> Result<bool, StoreError> {
+        debug_assert!(matches!(state, JobState::Failed | JobState::Cancelled));
+        let done = sqlx::query(
+            "UPDATE jobs SET state = $1, error_code = $2, error = $3, finished_at = $4, lease_owner = NULL, \
+             lease_until = NULL WHERE id = $5 AND lease_owner = $6 AND state = 'running'",
+        )
+        .bind(state.as_str())
+        .bind(code)
+        .bind(message)
+        .bind(now_ms())
+        .bind(&claimed.job.id)
+        .bind(&claimed.owner)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Gives a job back to the queue without counting the attempt (graceful shutdown).
+    pub async fn release(&self, claimed: &Claimed) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE jobs SET state = 'queued', attempts = attempts - 1, lease_owner = NULL, lease_until = NULL \
+             WHERE id = $1 AND lease_owner = $2 AND state = 'running'",
+        )
+        .bind(&claimed.job.id)
+        .bind(&claimed.owner)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Cancels a queued job at once, or asks the worker of a running one to stop.
+    /// Returns the job as it now stands, `None` if there is no such job.
+    pub async fn request_cancel(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        sqlx::query(
+            "UPDATE jobs SET state = 'cancelled', error_code = 'cancelled', error = 'cancelled before it started', \
+             finished_at = $1 WHERE id = $2 AND state = 'queued'",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = $1 AND state = 'running'")
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        self.job(id).await
+    }
+
+    /// Re-queues running jobs whose lease expired (their worker died or hung), after a
+    /// backoff of `backoff_ms` × attempts; fails those out of attempts; cancels those a
+    /// client had asked to cancel.
+    pub async fn reap_expired(&self, backoff_ms: i64) -> Result<Reaped, StoreError> {
+        let now = now_ms();
+        let ids = |rows: Vec<AnyRow>| {
+            rows.iter()
+                .map(|r| r.get::<String, _>(0))
+                .collect::<Vec<_>>()
+        };
+        let cancelled = sqlx::query(
+            "UPDATE jobs SET state = 'cancelled', error_code = 'cancelled', error = 'cancelled; its worker stopped', \
+             finished_at = $1, lease_owner = NULL, lease_until = NULL \
+             WHERE state = 'running' AND lease_until < $1 AND cancel_requested = 1 RETURNING id",
+        )
+        .bind(now)
+        .fetch_all(self.pool())
+        .await?;
+        let requeued = sqlx::query(
+            "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL, run_after = $1 + $2 * attempts, \
+             error_code = 'lease_expired', error = 'a worker stopped renewing its lease; re-queued' \
+             WHERE state = 'running' AND lease_until < $1 AND attempts < max_attempts RETURNING id",
+        )
+        .bind(now)
+        .bind(backoff_ms)
+        .fetch_all(self.pool())
+        .await?;
+        let failed = sqlx::query(
+            "UPDATE jobs SET state = 'failed', error_code = 'lease_expired', \
+             error = 'its worker stopped renewing the lease on the last allowed attempt', \
+             finished_at = $1, lease_owner = NULL, lease_until = NULL \
+             WHERE state = 'running' AND lease_until < $1 AND attempts >= max_attempts RETURNING id",
+        )
+        .bind(now)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(Reaped {
+            requeued: ids(requeued),
+            failed: ids(failed),
+            cancelled: ids(cancelled),
+        })
+    }
+
+    /// The report JSON and artifact hash of a succeeded job.
+    pub async fn report(&self, job_id: &str) -> Result<Option<(String, String)>, StoreError> {
+        let row = sqlx::query("SELECT report, artifact_sha256 FROM reports WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+}

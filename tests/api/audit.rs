@@ -1,0 +1,133 @@
+//! The audit a user runs with curl: upload everything in one form, wait, read the
+//! report, download the purified model.
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::helpers::{audit_form, demo_files, quick_config, spawn_app, Options};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shot_audit_removes_the_backdoor_end_to_end_on_sqlite() {
+    let files = demo_files().await;
+    let app = spawn_app(Options {
+        workers: 1,
+        ..Options::default()
+    })
+    .await;
+
+    let response = app
+        .client
+        .post(app.url("/v1/scans?wait=240"))
+        .multipart(audit_form(&files, &quick_config()))
+        .send()
+        .await
+        .unwrap();
+    // `wait` holds the response until the job is done.
+    assert_eq!(response.status(), StatusCode::OK);
+    let location = response.headers()["location"].to_str().unwrap().to_string();
+    let job: Value = response.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    assert_eq!(location, format!("/v1/jobs/{id}"));
+    assert_eq!(job["inputs"]["target_label"], files.target);
+    assert_eq!(job["config"]["purify_epochs"], 2);
+
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 1);
+    assert!(job["timings"]["running_ms"].as_i64().unwrap() > 0);
+    assert!(job["finished_at"].is_string());
+
+    // The report: the attack worked before and much less after.
+    let (status, report) = app.get_json(job["links"]["report"].as_str().unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let before = report["metrics"]["before"]["asr"].as_f64().unwrap();
+    let after = report["metrics"]["after"]["asr"].as_f64().unwrap();
+    assert!(before > 0.9, "the demo model is backdoored: ASR {before}");
+    assert!(
+        after < before - 0.2,
+        "purification lowers ASR: {before} -> {after}"
+    );
+    assert_eq!(report["config"]["purify_epochs"], 2);
+
+    // The purified model: whole, then a range.
+    let artifact_path = job["links"]["artifact"].as_str().unwrap();
+    let response = app.client.get(app.url(artifact_path)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let header =
+        |r: &reqwest::Response, name: &str| r.headers()[name].to_str().unwrap().to_string();
+    let digest = header(&response, "x-content-sha256");
+    let length: usize = header(&response, "content-length").parse().unwrap();
+    assert_eq!(header(&response, "accept-ranges"), "bytes");
+    let model = response.bytes().await.unwrap();
+    assert_eq!(model.len(), length);
+    assert_eq!(hex::encode(Sha256::digest(&model)), digest);
+    assert_eq!(report["artifact"]["sha256"], digest.as_str());
+    assert_eq!(report["artifact"]["bytes"], length);
+
+    let part = app
+        .client
+        .get(app.url(artifact_path))
+        .header("Range", "bytes=100-1099")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        header(&part, "content-range"),
+        format!("bytes 100-1099/{length}")
+    );
+    assert_eq!(part.bytes().await.unwrap(), model.slice(100..1100));
+    let tail = app
+        .client
+        .get(app.url(artifact_path))
+        .header("Range", "bytes=-10")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tail.bytes().await.unwrap(), model.slice(length - 10..));
+    let beyond = app
+        .client
+        .get(app.url(artifact_path))
+        .header("Range", format!("bytes={length}-"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(beyond.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(
+        header(&beyond, "content-range"),
+        format!("bytes */{length}")
+    );
+
+    // The page for people.
+    let page = app
+        .client
+        .get(app.url(job["links"]["report_html"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert!(header(&page, "content-type").starts_with("text/html"));
+    let page = page.text().await.unwrap();
+    assert!(
+        page.contains("<svg") && page.contains(&digest),
+        "report page lacks the plot or the digest"
+    );
+
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("bdscan_jobs{state=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("bdscan_jobs_finished_total{outcome=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+    app.stop().await;
+}

@@ -1,0 +1,316 @@
+//! Spawning the app, making databases and fixtures, and asserting on problem documents.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bdscan::engine::Monitor;
+use bdscan::lab::demo::{self, DemoFiles};
+use bdscan::server::{AppState, Application, ServerConfig, Worker};
+use bdscan::store::{NewJob, Store};
+use reqwest::multipart::{Form, Part};
+use reqwest::{Response, StatusCode};
+use serde_json::Value;
+use sqlx::Connection;
+use tokio_util::sync::CancellationToken;
+
+/// Which database a test runs against.
+#[derive(Debug, Clone)]
+pub enum Db {
+    Sqlite,
+    /// A fresh database created on this server for the test.
+    Postgres(String),
+}
+
+/// The Postgres server URL, or `None` with a printed notice (the variant is skipped).
+pub fn postgres_url(test: &str) -> Option<String> {
+    let url = std::env::var("BDSCAN_TEST_POSTGRES_URL").ok().or_else(|| {
+        std::env::var("DATABASE_URL")
+            .ok()
+            .filter(|u| u.starts_with("postgres"))
+    });
+    if url.is_none() {
+        eprintln!("skipping {test}: set BDSCAN_TEST_POSTGRES_URL (see scripts/start-postgres.sh) to run it");
+    }
+    url
+}
+
+/// Creates an empty database for one test and returns its URL.
+pub async fn fresh_postgres_database(server_url: &str) -> String {
+    let name = format!("bdscan_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(server_url)
+        .await
+        .expect("connecting to the test Postgres");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("creating a test database");
+    conn.close().await.ok();
+    let (base, _) = server_url
+        .rsplit_once('/')
+        .expect("a postgres URL ends in /database");
+    let base = if base.ends_with('/') || base.ends_with(':') {
+        server_url.to_string()
+    } else {
+        base.to_string()
+    };
+    format!("{base}/{name}")
+}
+
+pub struct Options {
+    pub db: Db,
+    pub workers: usize,
+    pub max_blob_bytes: u64,
+    /// The program run for each job (default: the bdscan binary).
+    pub exe: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            db: Db::Sqlite,
+            workers: 0,
+            max_blob_bytes: 64 << 20,
+            exe: None,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub state: AppState,
+    shutdown: CancellationToken,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    dir: Option<tempfile::TempDir>,
+}
+
+pub async fn spawn_app(options: Options) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let exe = options
+        .exe
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_bdscan")));
+    let mut config = ServerConfig::new(
+        "127.0.0.1:0".parse().expect("address"),
+        dir.path().to_path_buf(),
+        exe,
+    );
+    if let Db::Postgres(server_url) = &options.db {
+        config.database_url = fresh_postgres_database(server_url).await;
+    }
+    config.workers = options.workers;
+    config.max_blob_bytes = options.max_blob_bytes;
+    let w = &mut config.worker;
+    w.lease = Duration::from_secs(5);
+    w.heartbeat = Duration::from_millis(200);
+    w.poll_interval = Duration::from_millis(100);
+    w.reap_interval = Duration::from_millis(200);
+    w.retry_backoff = Duration::ZERO;
+    w.cancel_grace = Duration::from_secs(5);
+    w.job_threads = Some(1);
+    let app = Application::build(config).await.expect("the app starts");
+    let base = format!("http://{}", app.local_addr());
+    let state = app.state().clone();
+    let shutdown = app.shutdown_token();
+    let server = tokio::spawn(app.run_until_stopped());
+    TestApp {
+        base,
+        client: reqwest::Client::new(),
+        state,
+        shutdown,
+        server: Some(server),
+        dir: Some(dir),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.state.store
+    }
+
+    /// A worker outside the app's pool, for tests that drive jobs one at a time.
+    pub fn worker(&self, id: &str) -> Worker {
+        let s = &self.state;
+        Worker::new(
+            s.store.clone(),
+            Arc::new(s.config.worker.clone()),
+            s.metrics.clone(),
+            id,
+        )
+    }
+
+    pub async fn get_json(&self, path: &str) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn upload(&self, bytes: Vec<u8>) -> String {
+        let response = self
+            .client
+            .post(self.url("/v1/blobs"))
+            .body(bytes)
+            .send()
+            .await
+            .expect("upload");
+        assert!(
+            response.status().is_success(),
+            "upload failed: {}",
+            response.status()
+        );
+        let body: Value = response.json().await.expect("json");
+        body["sha256"].as_str().expect("sha256").to_string()
+    }
+
+    /// Polls the job until `done(job)` or the timeout.
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (status, job) = self.get_json(&format!("/v1/jobs/{id}")).await;
+            assert_eq!(status, StatusCode::OK, "{job}");
+            if done(&job) {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting on job {id}; last seen: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the app and waits for it; the returned folder still holds its data.
+    pub async fn stop(mut self) -> Option<tempfile::TempDir> {
+        self.shutdown.cancel();
+        if let Some(server) = self.server.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
+        }
+        self.dir.take()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Asserts a 4xx problem document with `code` and returns it.
+pub async fn assert_problem(response: Response, status: StatusCode, code: &str) -> Value {
+    assert_eq!(response.status(), status, "unexpected status");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(content_type, "application/problem+json");
+    let body: Value = response.json().await.expect("problem JSON");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status.as_u16(), "{body}");
+    assert!(
+        body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "{body}"
+    );
+    body
+}
+
+/// The demo's backdoored model and bundles, trained once per test run.
+pub async fn demo_files() -> DemoFiles {
+    static FILES: OnceLock<DemoFiles> = OnceLock::new();
+    tokio::task::spawn_blocking(|| {
+        FILES
+            .get_or_init(|| {
+                let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+                remove_dead_runs_fixtures(root);
+                let dir = root.join(format!("api-demo-{}", std::process::id()));
+                tch::set_num_threads(1);
+                let mut quiet = |_: &bdscan::engine::Progress| {};
+                demo::prepare(
+                    &dir,
+                    demo::MNIST_CNN_BN,
+                    0,
+                    &mut Monitor::new(&mut quiet, None),
+                )
+                .expect("demo model trains")
+            })
+            .clone()
+    })
+    .await
+    .expect("fixture task")
+}
+
+/// Fixture folders of earlier test runs (their process is gone) are removed.
+fn remove_dead_runs_fixtures(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(pid) = name.strip_prefix("api-demo-") {
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// A scan config small enough for tests.
+pub fn quick_config() -> Value {
+    serde_json::json!({ "purify_epochs": 2, "recovery_epochs": 1 })
+}
+
+pub fn file_part(path: &Path) -> Part {
+    Part::bytes(std::fs::read(path).expect("fixture file"))
+        .file_name(path.file_name().unwrap().to_string_lossy().to_string())
+}
+
+/// The multipart form of a full audit of the demo model.
+pub fn audit_form(files: &DemoFiles, config: &Value) -> Form {
+    Form::new()
+        .part("model", file_part(&files.backdoored_model))
+        .part("clean", file_part(&files.clean))
+        .part("test", file_part(&files.test))
+        .part("poison", file_part(&files.poison))
+        .text("target_label", files.target.to_string())
+        .text("config", config.to_string())
+}
+
+/// A queued job over throwaway blobs, straight into the store (for queue tests).
+pub async fn queue_job(store: &Store, max_attempts: i64) -> String {
+    let mut upload = store.begin_upload();
+    upload
+        .write(b"not a model, never run")
+        .await
+        .expect("write");
+    let blob = upload.finish().await.expect("finish");
+    let new = NewJob {
+        model_sha256: blob.sha256.clone(),
+        clean_sha256: blob.sha256,
+        test_sha256: None,
+        poison_sha256: None,
+        target_label: None,
+        config: "{}".into(),
+        max_attempts,
+        idempotency_key: None,
+        idempotency_fingerprint: None,
+    };
+    match store.create_job(&new).await.expect("create job") {
+        bdscan::store::CreateOutcome::Created(job) => job.id,
+        other => panic!("unexpected {other:?}"),
+    }
+}

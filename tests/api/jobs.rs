@@ -1,0 +1,260 @@
+use std::collections::HashSet;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::helpers::{assert_problem, spawn_app, Options};
+
+#[tokio::test]
+async fn client_mistakes_get_4xx_problem_documents() {
+    let app = spawn_app(Options::default()).await;
+    let blob = app.upload(b"some bytes".to_vec()).await;
+    let post = |body: Value| app.client.post(app.url("/v1/jobs")).json(&body).send();
+
+    let malformed = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .header("content-type", "application/json")
+        .body("{\"model\":")
+        .send();
+    assert_problem(
+        malformed.await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "malformed_json",
+    )
+    .await;
+    let unknown_field = post(json!({ "model": blob, "clean": blob, "colour": "red" }));
+    assert_problem(
+        unknown_field.await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    )
+    .await;
+    let bad_id = post(json!({ "model": "abc", "clean": blob }));
+    assert_problem(
+        bad_id.await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_blob_id",
+    )
+    .await;
+    let unknown_blob = post(json!({ "model": blob, "clean": "f".repeat(64) }));
+    let problem = assert_problem(
+        unknown_blob.await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unknown_blob",
+    )
+    .await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("clean"),
+        "{problem}"
+    );
+    let unknown_setting =
+        post(json!({ "model": blob, "clean": blob, "config": { "learning_rate": 1 } }));
+    assert_problem(
+        unknown_setting.await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_config",
+    )
+    .await;
+    let bad_setting = post(json!({ "model": blob, "clean": blob, "config": { "batch_size": 1 } }));
+    let problem = assert_problem(
+        bad_setting.await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_config",
+    )
+    .await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("batch_size"),
+        "{problem}"
+    );
+    let poison_alone = post(json!({ "model": blob, "clean": blob, "poison": blob }));
+    assert_problem(
+        poison_alone.await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request",
+    )
+    .await;
+
+    let get = |path: String| app.client.get(app.url(&path)).send();
+    assert_problem(
+        get(format!("/v1/jobs/{}", uuid::Uuid::new_v4()))
+            .await
+            .unwrap(),
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    assert_problem(
+        get("/v1/jobs/not-a-uuid".into()).await.unwrap(),
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    assert_problem(
+        get("/v1/jobs?state=sleeping".into()).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    )
+    .await;
+    assert_problem(
+        get("/v1/jobs?cursor=nonsense".into()).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_cursor",
+    )
+    .await;
+    assert_problem(
+        get("/v1/jobs?limit=0".into()).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    )
+    .await;
+
+    // No worker runs here, so the job stays queued: it has no report or artifact yet.
+    let queued: Value = post(json!({ "model": blob, "clean": blob }))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = queued["id"].as_str().unwrap();
+    assert_eq!(queued["links"]["report"], Value::Null);
+    for what in ["report", "report.html", "artifact"] {
+        assert_problem(
+            get(format!("/v1/jobs/{id}/{what}")).await.unwrap(),
+            StatusCode::CONFLICT,
+            "not_ready",
+        )
+        .await;
+    }
+
+    let scan_without_model = app
+        .client
+        .post(app.url("/v1/scans"))
+        .multipart(reqwest::multipart::Form::new().text("target_label", "0"))
+        .send();
+    assert_problem(
+        scan_without_model.await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "missing_field",
+    )
+    .await;
+    let scan_unknown_field = app
+        .client
+        .post(app.url("/v1/scans"))
+        .multipart(reqwest::multipart::Form::new().text("weights", "x"))
+        .send();
+    assert_problem(
+        scan_unknown_field.await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "unknown_field",
+    )
+    .await;
+    let scan_not_multipart = app.client.post(app.url("/v1/scans")).body("model").send();
+    assert_problem(
+        scan_not_multipart.await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "malformed_multipart",
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_first_job_and_refuses_a_different_request() {
+    let app = spawn_app(Options::default()).await;
+    let blob = app.upload(b"model bytes".to_vec()).await;
+    let body = json!({ "model": blob, "clean": blob, "config": { "seed": 3 } });
+    let send = |body: Value| {
+        app.client
+            .post(app.url("/v1/jobs"))
+            .header("Idempotency-Key", "audit-42")
+            .json(&body)
+            .send()
+    };
+
+    let first = send(body.clone()).await.unwrap();
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let first: Value = first.json().await.unwrap();
+    let second = send(body.clone()).await.unwrap();
+    assert_eq!(second.status(), StatusCode::OK);
+    let second: Value = second.json().await.unwrap();
+    assert_eq!(first["id"], second["id"]);
+
+    let different = send(json!({ "model": blob, "clean": blob, "config": { "seed": 4 } }))
+        .await
+        .unwrap();
+    assert_problem(different, StatusCode::CONFLICT, "idempotency_key_reused").await;
+    let (_, list) = app.get_json("/v1/jobs").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn jobs_list_by_state_with_cursor_pagination_and_queued_jobs_cancel_at_once() {
+    let app = spawn_app(Options::default()).await;
+    let blob = app.upload(b"model bytes".to_vec()).await;
+    let mut ids = Vec::new();
+    for seed in 0..5 {
+        let body = json!({ "model": blob, "clean": blob, "config": { "seed": seed } });
+        let job: Value = app
+            .client
+            .post(app.url("/v1/jobs"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(job["state"], "queued");
+        ids.push(job["id"].as_str().unwrap().to_string());
+        // Distinct creation times make "newest first" a strict order.
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    }
+    for id in &ids[..2] {
+        let response = app
+            .client
+            .delete(app.url(&format!("/v1/jobs/{id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let job: Value = response.json().await.unwrap();
+        assert_eq!(job["state"], "cancelled");
+        assert_eq!(job["error"]["code"], "cancelled");
+    }
+
+    let mut seen = Vec::new();
+    let mut path = "/v1/jobs?limit=2".to_string();
+    loop {
+        let (status, page) = app.get_json(&path).await;
+        assert_eq!(status, StatusCode::OK);
+        let jobs = page["jobs"].as_array().unwrap();
+        assert!(jobs.len() <= 2);
+        seen.extend(jobs.iter().map(|j| j["id"].as_str().unwrap().to_string()));
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/v1/jobs?limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 5);
+    assert_eq!(
+        seen.iter().collect::<HashSet<_>>().len(),
+        5,
+        "no job twice across pages"
+    );
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    assert_eq!(seen, newest_first);
+
+    let (_, cancelled) = app.get_json("/v1/jobs?state=cancelled").await;
+    let cancelled: HashSet<String> = cancelled["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(cancelled, ids[..2].iter().cloned().collect());
+    let (_, queued) = app.get_json("/v1/jobs?state=queued").await;
+    assert_eq!(queued["jobs"].as_array().unwrap().len(), 3);
+    app.stop().await;
+}

@@ -1,0 +1,11 @@
+//! The scanning service over real HTTP on 127.0.0.1, with a real client, against SQLite
+//! and (when `BDSCAN_TEST_POSTGRES_URL` or a postgres `DATABASE_URL` is set) PostgreSQL.
+
+mod audit;
+mod blobs;
+mod helpers;
+mod jobs;
+mod queue;
+mod serve;
+mod system;
+mod workers;

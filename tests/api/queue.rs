@@ -1,0 +1,221 @@
+//! The queue's guarantees, on SQLite and on PostgreSQL.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bdscan::store::{JobState, Store};
+
+use crate::helpers::{fresh_postgres_database, postgres_url, queue_job};
+
+async fn sqlite_store() -> (Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (
+        Store::connect(&Store::sqlite_url(dir.path()))
+            .await
+            .unwrap(),
+        dir,
+    )
+}
+
+async fn postgres_store(test: &str) -> Option<Store> {
+    let url = postgres_url(test)?;
+    Some(
+        Store::connect(&fresh_postgres_database(&url).await)
+            .await
+            .unwrap(),
+    )
+}
+
+const JOBS: usize = 40;
+const CLAIMERS: usize = 8;
+
+async fn two_workers_never_claim_the_same_job(store: Store) {
+    for _ in 0..JOBS {
+        queue_job(&store, 3).await;
+    }
+    let mut claimers = tokio::task::JoinSet::new();
+    for n in 0..CLAIMERS {
+        let store = store.clone();
+        claimers.spawn(async move {
+            let mut mine = Vec::new();
+            while let Some(claimed) = store
+                .claim_job(&format!("worker-{n}"), 60_000)
+                .await
+                .unwrap()
+            {
+                assert_eq!(claimed.job.state, JobState::Running);
+                assert_eq!(
+                    claimed.job.lease_owner.as_deref(),
+                    Some(claimed.owner.as_str())
+                );
+                mine.push(claimed.job.id);
+            }
+            mine
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(mine) = claimers.join_next().await {
+        all.extend(mine.unwrap());
+    }
+    assert_eq!(all.len(), JOBS, "every job claimed exactly once");
+    assert_eq!(
+        all.iter().collect::<HashSet<_>>().len(),
+        JOBS,
+        "a job was claimed twice"
+    );
+    assert!(store.claim_job("late", 60_000).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_never_claim_the_same_job_sqlite() {
+    let (store, _dir) = sqlite_store().await;
+    two_workers_never_claim_the_same_job(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_never_claim_the_same_job_postgres() {
+    if let Some(store) = postgres_store("two_workers_never_claim_the_same_job_postgres").await {
+        two_workers_never_claim_the_same_job(store).await;
+    }
+}
+
+async fn expired_lease_is_requeued_and_its_old_owner_is_fenced_off(store: Store) {
+    let id = queue_job(&store, 3).await;
+    let dead = store
+        .claim_job("dead-worker", 1)
+        .await
+        .unwrap()
+        .expect("claims");
+    assert_eq!(dead.job.id, id);
+    assert_eq!(dead.job.attempts, 1);
+    // The lease is still running for a live worker: the reaper leaves it alone.
+    let other = queue_job(&store, 3).await;
+    let live = store
+        .claim_job("live-worker", 60_000)
+        .await
+        .unwrap()
+        .expect("claims");
+    assert_eq!(live.job.id, other);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    let reaped = store.reap_expired(0).await.unwrap();
+    assert_eq!(reaped.requeued, vec![id.clone()]);
+    assert!(reaped.failed.is_empty() && reaped.cancelled.is_empty());
+    assert_eq!(
+        store.job(&id).await.unwrap().unwrap().state,
+        JobState::Queued
+    );
+
+    let second = store
+        .claim_job("second-worker", 60_000)
+        .await
+        .unwrap()
+        .expect("re-claims");
+    assert_eq!(second.job.id, id);
+    assert_eq!(second.job.attempts, 2);
+    // The first worker wakes up: it can neither renew nor finish what is no longer its job.
+    assert_eq!(store.heartbeat(&dead, 60_000).await.unwrap(), None);
+    assert!(!store.record_progress(&dead, "purify", 1, 2).await.unwrap());
+    assert!(!store
+        .finish_unsuccessful(&dead, JobState::Failed, "internal", "stale")
+        .await
+        .unwrap());
+    assert_eq!(store.heartbeat(&second, 60_000).await.unwrap(), Some(false));
+    assert!(store
+        .finish_unsuccessful(&second, JobState::Failed, "internal", "done")
+        .await
+        .unwrap());
+    let job = store.job(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (job.state, job.error.as_deref()),
+        (JobState::Failed, Some("done"))
+    );
+}
+
+#[tokio::test]
+async fn expired_lease_is_requeued_and_its_old_owner_is_fenced_off_sqlite() {
+    let (store, _dir) = sqlite_store().await;
+    expired_lease_is_requeued_and_its_old_owner_is_fenced_off(store).await;
+}
+
+#[tokio::test]
+async fn expired_lease_is_requeued_and_its_old_owner_is_fenced_off_postgres() {
+    if let Some(store) =
+        postgres_store("expired_lease_is_requeued_and_its_old_owner_is_fenced_off_postgres").await
+    {
+        expired_lease_is_requeued_and_its_old_owner_is_fenced_off(store).await;
+    }
+}
+
+async fn last_attempt_failing_its_lease_fails_the_job(store: Store) {
+    let id = queue_job(&store, 1).await;
+    let cancel_me = queue_job(&store, 1).await;
+    store
+        .claim_job("dead-worker", 1)
+        .await
+        .unwrap()
+        .expect("claims");
+    store
+        .claim_job("dead-worker", 1)
+        .await
+        .unwrap()
+        .expect("claims");
+    store.request_cancel(&cancel_me).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let reaped = store.reap_expired(0).await.unwrap();
+    assert_eq!(reaped.failed, vec![id.clone()]);
+    assert_eq!(reaped.cancelled, vec![cancel_me.clone()]);
+    assert!(reaped.requeued.is_empty());
+    let job = store.job(&id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.error_code.as_deref(), Some("lease_expired"));
+    assert!(job.finished_at.is_some() && job.lease_owner.is_none());
+    assert_eq!(
+        store.job(&cancel_me).await.unwrap().unwrap().state,
+        JobState::Cancelled
+    );
+    assert!(store.claim_job("anyone", 1000).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn last_attempt_failing_its_lease_fails_the_job_sqlite() {
+    let (store, _dir) = sqlite_store().await;
+    last_attempt_failing_its_lease_fails_the_job(store).await;
+}
+
+#[tokio::test]
+async fn last_attempt_failing_its_lease_fails_the_job_postgres() {
+    if let Some(store) =
+        postgres_store("last_attempt_failing_its_lease_fails_the_job_postgres").await
+    {
+        last_attempt_failing_its_lease_fails_the_job(store).await;
+    }
+}
+
+async fn backoff_delays_a_requeued_job(store: Store) {
+    let id = queue_job(&store, 3).await;
+    store
+        .claim_job("dead-worker", 1)
+        .await
+        .unwrap()
+        .expect("claims");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(store.reap_expired(60_000).await.unwrap().requeued, vec![id]);
+    assert!(
+        store.claim_job("eager", 1000).await.unwrap().is_none(),
+        "the job waits out its backoff"
+    );
+}
+
+#[tokio::test]
+async fn backoff_delays_a_requeued_job_sqlite() {
+    let (store, _dir) = sqlite_store().await;
+    backoff_delays_a_requeued_job(store).await;
+}
+
+#[tokio::test]
+async fn backoff_delays_a_requeued_job_postgres() {
+    if let Some(store) = postgres_store("backoff_delays_a_requeued_job_postgres").await {
+        backoff_delays_a_requeued_job(store).await;
+    }
+}

@@ -1,0 +1,234 @@
+//! Workers with real child processes: cancellation, crashes, and re-running a job
+//! whose worker died.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use bdscan::store::JobState;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{
+    audit_form, demo_files, postgres_url, quick_config, spawn_app, Db, Options, TestApp,
+};
+
+async fn submit_demo_job(app: &TestApp, config: &Value) -> String {
+    let files = demo_files().await;
+    let response = app
+        .client
+        .post(app.url("/v1/scans"))
+        .multipart(audit_form(&files, config))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let job: Value = response.json().await.unwrap();
+    job["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_running_job_stops_its_process() {
+    let app = spawn_app(Options {
+        workers: 1,
+        ..Options::default()
+    })
+    .await;
+    // Long enough that it cannot finish before the cancellation lands.
+    let id = submit_demo_job(&app, &json!({ "purify_epochs": 500 })).await;
+    app.wait_for(&id, Duration::from_secs(120), |j| {
+        j["state"] == "running" && !j["progress"]["phase"].is_null()
+    })
+    .await;
+
+    let response = app
+        .client
+        .delete(app.url(&format!("/v1/jobs/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let job: Value = response.json().await.unwrap();
+    assert_eq!(job["cancel_requested"], true);
+
+    let job = app
+        .wait_for(&id, Duration::from_secs(60), |j| j["state"] != "running")
+        .await;
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert_eq!(job["error"]["code"], "cancelled");
+    let response = app
+        .client
+        .get(app.url(&format!("/v1/jobs/{id}/report")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_scan_process_fails_its_job_and_the_server_keeps_serving() {
+    // Stands in for libtorch dying inside the child: the process ends by SIGSEGV.
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("segfaulting-bdscan");
+    std::fs::write(
+        &exe,
+        "#!/bin/sh\necho 'about to crash' >&2\nkill -SEGV $$\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let app = spawn_app(Options {
+        workers: 1,
+        exe: Some(exe),
+        ..Options::default()
+    })
+    .await;
+
+    let blob = app.upload(b"model".to_vec()).await;
+    let body = json!({ "model": blob, "clean": blob });
+    let job: Value = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    let job = app
+        .wait_for(id, Duration::from_secs(30), |j| {
+            j["state"] != "queued" && j["state"] != "running"
+        })
+        .await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "worker_crashed");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("signal 11") && message.contains("about to crash"),
+        "{message}"
+    );
+
+    assert_eq!(app.get_json("/healthz").await.0, StatusCode::OK);
+    // The worker survived too: it picks up the next job.
+    let body = json!({ "model": blob, "clean": blob, "config": { "seed": 1 } });
+    let next: Value = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let next = app
+        .wait_for(next["id"].as_str().unwrap(), Duration::from_secs(30), |j| {
+            j["state"] == "failed"
+        })
+        .await;
+    assert_eq!(next["error"]["code"], "worker_crashed");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_files_fail_the_job_as_invalid_input() {
+    let app = spawn_app(Options::default()).await;
+    let blob = app.upload(b"this is not TorchScript".to_vec()).await;
+    let body = json!({ "model": blob, "clean": blob });
+    let job: Value = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let state = app
+        .worker("w")
+        .run_once(&CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(state, Some(JobState::Failed));
+    let (_, job) = app
+        .get_json(&format!("/v1/jobs/{}", job["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(job["error"]["code"], "invalid_input", "{job}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_down_hands_running_jobs_back_to_the_queue() {
+    let app = spawn_app(Options {
+        workers: 1,
+        ..Options::default()
+    })
+    .await;
+    let id = submit_demo_job(&app, &json!({ "purify_epochs": 500 })).await;
+    app.wait_for(&id, Duration::from_secs(120), |j| j["state"] == "running")
+        .await;
+    let database_url = app.state.config.database_url.clone();
+    let _data = app.stop().await;
+
+    let store = bdscan::store::Store::connect(&database_url).await.unwrap();
+    let job = store.job(&id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Queued, "{job:?}");
+    assert_eq!(job.attempts, 0, "a hand-back does not use up an attempt");
+    assert!(job.lease_owner.is_none());
+}
+
+async fn a_job_whose_worker_died_is_run_again(db: Db) {
+    let app = spawn_app(Options {
+        db,
+        workers: 0,
+        ..Options::default()
+    })
+    .await;
+    let id = submit_demo_job(&app, &quick_config()).await;
+    // A worker takes the job and dies at once: its 1 ms lease is never renewed.
+    let dead = app
+        .store()
+        .claim_job("dead-worker", 1)
+        .await
+        .unwrap()
+        .expect("claims");
+    assert_eq!(dead.job.id, id);
+
+    // The app's reaper puts it back in the queue; another worker runs it to the end.
+    app.wait_for(&id, Duration::from_secs(30), |j| j["state"] == "queued")
+        .await;
+    let state = app
+        .worker("second-worker")
+        .run_once(&CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(state, Some(JobState::Succeeded));
+    let (_, job) = app.get_json(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 2);
+    let (status, report) = app.get_json(&format!("/v1/jobs/{id}/report")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(report["metrics"]["after"]["asr"].as_f64().is_some());
+    // The dead worker's late result is refused.
+    assert!(!app
+        .store()
+        .finish_unsuccessful(&dead, JobState::Failed, "internal", "late")
+        .await
+        .unwrap());
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_died_is_run_again_sqlite() {
+    a_job_whose_worker_died_is_run_again(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_died_is_run_again_postgres() {
+    if let Some(url) = postgres_url("a_job_whose_worker_died_is_run_again_postgres") {
+        a_job_whose_worker_died_is_run_again(Db::Postgres(url)).await;
+    }
+}
