@@ -1,5 +1,6 @@
 # The two commands of the README:
-#   make run   - install libtorch (PyPI torch wheel) into .venv, build, start bdscan
+#   make run   - install libtorch (PyPI torch wheel) into .venv, build, start the server
+#                on the embedded SQLite store (http://127.0.0.1:8080)
 #   make test  - install the same, build, run the whole test suite
 SHELL := /bin/bash
 CARGO_ENV := source scripts/env.sh &&
@@ -13,9 +14,10 @@ build: setup
 	$(CARGO_ENV) cargo build
 
 run: build
-	$(CARGO_ENV) ./target/debug/bdscan demo --threads $$(nproc)
+	./target/debug/bdscan serve
 
-demo: run
+demo: build
+	./target/debug/bdscan demo --threads $$(nproc)
 
 test: setup
 	$(CARGO_ENV) scripts/test.sh
