@@ -166,7 +166,9 @@ pub fn main() -> ExitCode {
     init_tracing();
     let outcome = match cli.command {
         Command::Serve(args) => return serve(args),
-        Command::Job(args) => return ExitCode::from(crate::server::child::run_job_process(&args.spec)),
+        Command::Job(args) => {
+            return ExitCode::from(crate::server::child::run_job_process(&args.spec))
+        }
         Command::Scan(args) => scan(args),
         Command::Demo(args) => demo_command(args),
     };
@@ -217,7 +219,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let outcome = runtime.block_on(async move {
-        let app = crate::server::Application::build(config).await.map_err(|e| e.to_string())?;
+        let app = crate::server::Application::build(config)
+            .await
+            .map_err(|e| e.to_string())?;
         tracing::info!(address = %app.local_addr(), "bdscan serving");
         let token = app.shutdown_token();
         tokio::spawn(async move {

@@ -171,6 +171,13 @@ pub fn run_scan(
         .map(|p| tensor_scale(&p.tensor))
         .collect::<Result<_, _>>()?;
     let suspect_norm_at_start = masked_norm(&model, &masks)?;
+    let tracer = Tracer {
+        held_out: &held_out,
+        poison: poison_set.as_ref(),
+        masks: &masks,
+        suspect_norm_at_start,
+        batch,
+    };
     let mut trace = Vec::new();
     // The teacher is a second, frozen load of the archive as it arrived.
     let teacher = if config.distill_weight > 0.0 {
@@ -180,12 +187,15 @@ pub fn run_scan(
     } else {
         None
     };
-    let purify_plan = FineTune {
-        distill: teacher.as_ref().map(|teacher| Distill {
+    let distill = || {
+        teacher.as_ref().map(|teacher| Distill {
             teacher,
             weight: config.distill_weight,
             temperature: config.distill_temperature,
-        }),
+        })
+    };
+    let purify_plan = FineTune {
+        distill: distill(),
         epochs: config.purify_epochs,
         batch_size: batch,
         peak_lr: config.purify_lr,
@@ -217,17 +227,7 @@ pub fn run_scan(
             Ok(())
         },
         &mut |model, epoch, loss| {
-            trace.push(epoch_trace(
-                model,
-                "purify",
-                epoch,
-                loss,
-                &held_out,
-                poison_set.as_ref(),
-                &masks,
-                suspect_norm_at_start,
-                batch,
-            )?);
+            trace.push(tracer.record(model, "purify", epoch, loss)?);
             Ok(())
         },
     )?;
@@ -237,11 +237,7 @@ pub fn run_scan(
     // with them held at zero so the backdoor cannot grow back through them.
     let pruned = prune_small(&mut model, &masks, &scales, config.prune_threshold)?;
     let recover_plan = FineTune {
-        distill: teacher.as_ref().map(|teacher| Distill {
-            teacher,
-            weight: config.distill_weight,
-            temperature: config.distill_temperature,
-        }),
+        distill: distill(),
         epochs: config.recovery_epochs,
         batch_size: batch,
         peak_lr: config.recovery_lr,
@@ -259,17 +255,7 @@ pub fn run_scan(
         monitor,
         &mut |model, _lr| hold_at_zero(model, &pruned),
         &mut |model, epoch, loss| {
-            trace.push(epoch_trace(
-                model,
-                "recover",
-                epoch,
-                loss,
-                &held_out,
-                poison_set.as_ref(),
-                &masks,
-                suspect_norm_at_start,
-                batch,
-            )?);
+            trace.push(tracer.record(model, "recover", epoch, loss)?);
             Ok(())
         },
     )?;
@@ -448,35 +434,42 @@ fn masked_norm(model: &ScanModel, masks: &[Option<Tensor>]) -> Result<f64, Engin
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn epoch_trace(
-    model: &mut ScanModel,
-    phase: &str,
-    epoch: usize,
-    train_loss: f64,
-    held_out: &SampleSet,
-    poison: Option<&PoisonSet>,
-    masks: &[Option<Tensor>],
+/// What a per-epoch trace entry is measured on.
+struct Tracer<'a> {
+    held_out: &'a SampleSet,
+    poison: Option<&'a PoisonSet>,
+    masks: &'a [Option<Tensor>],
     suspect_norm_at_start: f64,
     batch: usize,
-) -> Result<EpochTrace, EngineError> {
-    let held_out_acc = accuracy(model, held_out, batch)?;
-    let asr = poison
-        .map(|p| p.measure(model, batch).map(|(asr, _)| asr))
-        .transpose()?;
-    let ratio = if suspect_norm_at_start > 0.0 {
-        masked_norm(model, masks)? / suspect_norm_at_start
-    } else {
-        0.0
-    };
-    Ok(EpochTrace {
-        phase: phase.into(),
-        epoch,
-        train_loss,
-        held_out_acc,
-        suspect_norm_ratio: ratio,
-        asr,
-    })
+}
+
+impl Tracer<'_> {
+    fn record(
+        &self,
+        model: &mut ScanModel,
+        phase: &str,
+        epoch: usize,
+        train_loss: f64,
+    ) -> Result<EpochTrace, EngineError> {
+        let held_out_acc = accuracy(model, self.held_out, self.batch)?;
+        let asr = self
+            .poison
+            .map(|p| p.measure(model, self.batch).map(|(asr, _)| asr))
+            .transpose()?;
+        let suspect_norm_ratio = if self.suspect_norm_at_start > 0.0 {
+            masked_norm(model, self.masks)? / self.suspect_norm_at_start
+        } else {
+            0.0
+        };
+        Ok(EpochTrace {
+            phase: phase.into(),
+            epoch,
+            train_loss,
+            held_out_acc,
+            suspect_norm_ratio,
+            asr,
+        })
+    }
 }
 
 /// Zeroes suspect entries smaller than `threshold` × their tensor's starting scale and
