@@ -139,6 +139,13 @@ impl Application {
             );
             tasks.spawn(worker.run(self.shutdown.clone(), state.wake.clone()));
         }
+        if state.store.backend() == Backend::Postgres && state.config.workers > 0 {
+            tasks.spawn(worker::relay_queue_notifications(
+                state.config.database_url.clone(),
+                state.wake.clone(),
+                self.shutdown.clone(),
+            ));
+        }
         tasks.spawn(worker::run_reaper(
             state.store.clone(),
             settings,

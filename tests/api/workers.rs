@@ -232,3 +232,29 @@ async fn a_job_whose_worker_died_is_run_again_postgres() {
         a_job_whose_worker_died_is_run_again(Db::Postgres(url)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_queued_by_another_instance_wakes_idle_workers_on_postgres() {
+    let Some(url) = postgres_url("a_job_queued_by_another_instance_wakes_idle_workers_on_postgres")
+    else {
+        return;
+    };
+    // Workers that would not poll again for a minute: only the notification can wake them.
+    let app = spawn_app(Options {
+        db: Db::Postgres(url),
+        workers: 1,
+        poll_interval: Duration::from_secs(60),
+        ..Options::default()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other_instance = bdscan::store::Store::connect(&app.state.config.database_url)
+        .await
+        .unwrap();
+    let id = crate::helpers::queue_job(&other_instance, 1).await;
+    let job = app
+        .wait_for(&id, Duration::from_secs(20), |j| j["state"] != "queued")
+        .await;
+    assert_ne!(job["state"], "queued");
+    app.stop().await;
+}
