@@ -351,7 +351,7 @@ impl Store {
         let now = now_ms();
         let mut tx = self.pool().begin().await?;
         let owned = sqlx::query(
-            "UPDATE jobs SET state = 'succeeded', finished_at = $1, lease_owner = NULL, lease_until = NULL, \
+            "UPDATE jobs SET state = 'succeeded', finished_at = $1, progress_step = progress_total, lease_owner = NULL, lease_until = NULL, \
              error_code = NULL, error = NULL WHERE id = $2 AND lease_owner = $3 AND state = 'running'",
         )
         .bind(now)
