@@ -38,6 +38,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Nudges idle workers when a job is queued.
     pub wake: Arc<Notify>,
+    /// Cancelled when the service stops; long waits (`/v1/scans?wait=`) end early on it.
+    pub shutdown: CancellationToken,
 }
 
 /// The root router: every resource's routes plus a problem-document 404.
@@ -104,11 +106,12 @@ impl Application {
             config: Arc::new(config),
             metrics: Arc::new(Metrics::default()),
             wake: Arc::new(Notify::new()),
+            shutdown: CancellationToken::new(),
         };
         Ok(Application {
             listener,
+            shutdown: state.shutdown.clone(),
             state,
-            shutdown: CancellationToken::new(),
         })
     }
 

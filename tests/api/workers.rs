@@ -258,3 +258,34 @@ async fn a_job_queued_by_another_instance_wakes_idle_workers_on_postgres() {
     assert_ne!(job["state"], "queued");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_scan_request_returns_when_the_service_stops() {
+    use reqwest::multipart::{Form, Part};
+    let app = spawn_app(Options::default()).await;
+    let (client, url) = (app.client.clone(), app.url("/v1/scans?wait=300"));
+    let form = Form::new()
+        .part(
+            "model",
+            Part::bytes(b"model".to_vec()).file_name("model.pt"),
+        )
+        .part(
+            "clean",
+            Part::bytes(b"clean".to_vec()).file_name("clean.safetensors"),
+        );
+    let request = tokio::spawn(async move { client.post(url).multipart(form).send().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let stopping = tokio::spawn(app.stop());
+    let response = tokio::time::timeout(Duration::from_secs(10), request)
+        .await
+        .expect("the waiting request ends when the service stops")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::ACCEPTED,
+        "no worker ran it: still queued"
+    );
+    stopping.await.unwrap();
+}
