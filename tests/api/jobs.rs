@@ -23,6 +23,13 @@ async fn client_mistakes_get_4xx_problem_documents() {
         "malformed_json",
     )
     .await;
+    let not_json = app.client.post(app.url("/v1/jobs")).body("model=x").send();
+    assert_problem(
+        not_json.await.unwrap(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
     let unknown_field = post(json!({ "model": blob, "clean": blob, "colour": "red" }));
     assert_problem(
         unknown_field.await.unwrap(),
