@@ -289,3 +289,58 @@ async fn a_waiting_scan_request_returns_when_the_service_stops() {
     );
     stopping.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_workers_runs_every_job_exactly_once() {
+    // A stand-in scan process that logs which job it ran and writes a token result.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    let exe = dir.path().join("logging-bdscan");
+    let script = format!(
+        "#!/bin/sh\npython3 - \"$3\" <<'PY'\nimport json, os, sys, time\nspec = json.load(open(sys.argv[1]))\n\
+         with open({log:?}, 'a') as log: log.write(os.path.basename(os.path.dirname(sys.argv[1])) + '\\n')\n\
+         time.sleep(0.2)\nopen(spec['artifact'], 'wb').write(b'artifact')\nopen(spec['report'], 'w').write('{{}}')\nPY\n",
+        log = log.display().to_string()
+    );
+    std::fs::write(&exe, script).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let app = spawn_app(Options {
+        workers: 3,
+        exe: Some(exe),
+        ..Options::default()
+    })
+    .await;
+
+    let blob = app.upload(b"model".to_vec()).await;
+    let mut ids = Vec::new();
+    for seed in 0..8 {
+        let body = json!({ "model": blob, "clean": blob, "config": { "seed": seed } });
+        let job: Value = app
+            .client
+            .post(app.url("/v1/jobs"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        let job = app
+            .wait_for(id, Duration::from_secs(60), |j| {
+                j["state"] != "queued" && j["state"] != "running"
+            })
+            .await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert_eq!(job["attempts"], 1);
+    }
+    let runs = std::fs::read_to_string(&log).unwrap();
+    let mut runs: Vec<&str> = runs.lines().collect();
+    runs.sort_unstable();
+    let mut expected: Vec<String> = ids.iter().map(|id| format!("{id}-1")).collect();
+    expected.sort_unstable();
+    assert_eq!(runs, expected, "each job ran once, in one process");
+    app.stop().await;
+}
