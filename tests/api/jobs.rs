@@ -74,6 +74,8 @@ async fn client_mistakes_get_4xx_problem_documents() {
         problem["detail"].as_str().unwrap().contains("batch_size"),
         "{problem}"
     );
+    let greedy = post(json!({ "model": blob, "clean": blob, "config": { "threads": 100_000 } }));
+    assert_problem(greedy.await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_config").await;
     let poison_alone = post(json!({ "model": blob, "clean": blob, "poison": blob }));
     assert_problem(
         poison_alone.await.unwrap(),
