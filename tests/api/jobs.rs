@@ -75,7 +75,12 @@ async fn client_mistakes_get_4xx_problem_documents() {
         "{problem}"
     );
     let greedy = post(json!({ "model": blob, "clean": blob, "config": { "threads": 100_000 } }));
-    assert_problem(greedy.await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_config").await;
+    assert_problem(
+        greedy.await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_config",
+    )
+    .await;
     let poison_alone = post(json!({ "model": blob, "clean": blob, "poison": blob }));
     assert_problem(
         poison_alone.await.unwrap(),
