@@ -60,6 +60,12 @@ pub struct ServeArgs {
     /// libtorch threads per job when its config does not say.
     #[arg(long, env = "BDSCAN_JOB_THREADS")]
     pub job_threads: Option<usize>,
+    /// Seconds a worker holds a job without renewing its lease before the job is re-queued.
+    #[arg(long, env = "BDSCAN_LEASE_SECS", default_value_t = 30)]
+    pub lease_secs: u64,
+    /// Runs of a job before a lost lease fails it (clients may set their own per job).
+    #[arg(long, env = "BDSCAN_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: i64,
 }
 
 #[derive(Args, Debug)]
@@ -211,6 +217,10 @@ fn serve(args: ServeArgs) -> ExitCode {
     config.workers = args.workers;
     config.max_blob_bytes = args.max_blob_bytes;
     config.worker.job_threads = args.job_threads;
+    config.worker.lease = std::time::Duration::from_secs(args.lease_secs);
+    // Renew well before the lease runs out, so a few slow beats do not lose it.
+    config.worker.heartbeat = config.worker.lease / 6;
+    config.worker.default_max_attempts = args.max_attempts;
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

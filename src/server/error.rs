@@ -23,6 +23,8 @@ pub enum ApiError {
     Conflict { code: &'static str, message: String },
     #[error("{0}")]
     TooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     #[error("the requested range does not lie within the {size} bytes of the file")]
     RangeNotSatisfiable { size: u64 },
     #[error("service unavailable: {0}")]
@@ -61,6 +63,7 @@ impl ApiError {
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -75,6 +78,7 @@ impl ApiError {
             | ApiError::Unprocessable { code, .. }
             | ApiError::Conflict { code, .. } => code,
             ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -124,7 +128,9 @@ impl From<StoreError> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         let code = match rejection {
-            JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
+            JsonRejection::MissingJsonContentType(_) => {
+                return ApiError::UnsupportedMediaType(rejection.body_text())
+            }
             JsonRejection::JsonDataError(_) => "invalid_request",
             _ => "malformed_json",
         };

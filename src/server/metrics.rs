@@ -13,9 +13,20 @@ pub struct Metrics {
     pub jobs_failed: AtomicU64,
     pub jobs_cancelled: AtomicU64,
     pub leases_reaped: AtomicU64,
+    /// HTTP responses by status class: 1xx..5xx.
+    pub responses: [AtomicU64; 5],
 }
 
 impl Metrics {
+    pub fn record_response(&self, status: u16) {
+        if let Some(counter) = self
+            .responses
+            .get(usize::from(status / 100).wrapping_sub(1))
+        {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn record_outcome(&self, state: JobState) {
         let counter = match state {
             JobState::Succeeded => &self.jobs_succeeded,
@@ -77,6 +88,19 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "bdscan_jobs_finished_total{{outcome=\"{outcome}\"}} {}",
+                get(counter)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP bdscan_http_responses_total HTTP responses by status class.\n\
+             # TYPE bdscan_http_responses_total counter"
+        );
+        for (i, counter) in self.responses.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "bdscan_http_responses_total{{class=\"{}xx\"}} {}",
+                i + 1,
                 get(counter)
             );
         }

@@ -38,6 +38,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Nudges idle workers when a job is queued.
     pub wake: Arc<Notify>,
+    /// Cancelled when the service stops; long waits (`/v1/scans?wait=`) end early on it.
+    pub shutdown: CancellationToken,
 }
 
 /// The root router: every resource's routes plus a problem-document 404.
@@ -48,8 +50,22 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::jobs::router())
         .merge(routes::scans::router(&state.config))
         .fallback(|| async { ApiError::not_found("route") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_responses,
+        ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+async fn count_responses(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let response = next.run(request).await;
+    state.metrics.record_response(response.status().as_u16());
+    response
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,11 +106,12 @@ impl Application {
             config: Arc::new(config),
             metrics: Arc::new(Metrics::default()),
             wake: Arc::new(Notify::new()),
+            shutdown: CancellationToken::new(),
         };
         Ok(Application {
             listener,
+            shutdown: state.shutdown.clone(),
             state,
-            shutdown: CancellationToken::new(),
         })
     }
 
@@ -138,6 +155,13 @@ impl Application {
                 format!("{instance}-{n}"),
             );
             tasks.spawn(worker.run(self.shutdown.clone(), state.wake.clone()));
+        }
+        if state.store.backend() == Backend::Postgres && state.config.workers > 0 {
+            tasks.spawn(worker::relay_queue_notifications(
+                state.config.database_url.clone(),
+                state.wake.clone(),
+                self.shutdown.clone(),
+            ));
         }
         tasks.spawn(worker::run_reaper(
             state.store.clone(),

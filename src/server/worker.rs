@@ -415,3 +415,36 @@ pub async fn run_reaper(
         }
     }
 }
+
+/// Wakes this process's idle workers when any instance queues a job (PostgreSQL
+/// `LISTEN`); polling remains the fallback when the listener is down.
+pub async fn relay_queue_notifications(
+    database_url: String,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match sqlx::postgres::PgListener::connect(&database_url).await {
+            Ok(mut listener) => match listener.listen(crate::store::jobs::JOBS_CHANNEL).await {
+                Ok(()) => loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        received = listener.recv() => match received {
+                            Ok(_) => wake.notify_waiters(),
+                            Err(e) => {
+                                tracing::warn!("queue notifications: {e}");
+                                break;
+                            }
+                        },
+                    }
+                },
+                Err(e) => tracing::warn!("queue notifications: LISTEN failed: {e}"),
+            },
+            Err(e) => tracing::warn!("queue notifications: connecting: {e}"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}

@@ -77,6 +77,9 @@ pub struct Job {
     pub finished_at: Option<i64>,
 }
 
+/// The PostgreSQL notification channel announcing queued jobs.
+pub const JOBS_CHANNEL: &str = "bdscan_jobs_queued";
+
 const JOB_COLUMNS: &str = "id, state, model_sha256, clean_sha256, test_sha256, poison_sha256, target_label, config, \
      progress_phase, progress_step, progress_total, error_code, error, attempts, max_attempts, cancel_requested, \
      lease_owner, lease_until, idempotency_key, idempotency_fingerprint, created_at, started_at, finished_at";
@@ -182,6 +185,7 @@ impl Store {
             .fetch_optional(self.pool())
             .await?;
         if let Some(job) = inserted {
+            self.announce_queued().await?;
             return Ok(CreateOutcome::Created(job));
         }
         // Only a repeated idempotency key makes the insert a no-op.
@@ -347,7 +351,7 @@ impl Store {
         let now = now_ms();
         let mut tx = self.pool().begin().await?;
         let owned = sqlx::query(
-            "UPDATE jobs SET state = 'succeeded', finished_at = $1, lease_owner = NULL, lease_until = NULL, \
+            "UPDATE jobs SET state = 'succeeded', finished_at = $1, progress_step = progress_total, lease_owner = NULL, lease_until = NULL, \
              error_code = NULL, error = NULL WHERE id = $2 AND lease_owner = $3 AND state = 'running'",
         )
         .bind(now)
@@ -462,11 +466,25 @@ impl Store {
         .bind(now)
         .fetch_all(self.pool())
         .await?;
+        if !requeued.is_empty() {
+            self.announce_queued().await?;
+        }
         Ok(Reaped {
             requeued: ids(requeued),
             failed: ids(failed),
             cancelled: ids(cancelled),
         })
+    }
+
+    /// Tells idle workers of every instance that a job is queued (PostgreSQL
+    /// `NOTIFY`; SQLite has a single process, whose workers are woken in memory).
+    async fn announce_queued(&self) -> Result<(), StoreError> {
+        if self.backend() == Backend::Postgres {
+            sqlx::query(&format!("NOTIFY {JOBS_CHANNEL}"))
+                .execute(self.pool())
+                .await?;
+        }
+        Ok(())
     }
 
     /// The report JSON and artifact hash of a succeeded job.

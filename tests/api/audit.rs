@@ -34,6 +34,7 @@ async fn one_shot_audit_removes_the_backdoor_end_to_end_on_sqlite() {
 
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["attempts"], 1);
+    assert_eq!(job["progress"]["step"], job["progress"]["total"], "{job}");
     assert!(job["timings"]["running_ms"].as_i64().unwrap() > 0);
     assert!(job["finished_at"].is_string());
 

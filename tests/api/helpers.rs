@@ -63,6 +63,7 @@ pub struct Options {
     pub max_blob_bytes: u64,
     /// The program run for each job (default: the bdscan binary).
     pub exe: Option<PathBuf>,
+    pub poll_interval: Duration,
 }
 
 impl Default for Options {
@@ -72,6 +73,7 @@ impl Default for Options {
             workers: 0,
             max_blob_bytes: 64 << 20,
             exe: None,
+            poll_interval: Duration::from_millis(100),
         }
     }
 }
@@ -103,7 +105,7 @@ pub async fn spawn_app(options: Options) -> TestApp {
     let w = &mut config.worker;
     w.lease = Duration::from_secs(5);
     w.heartbeat = Duration::from_millis(200);
-    w.poll_interval = Duration::from_millis(100);
+    w.poll_interval = options.poll_interval;
     w.reap_interval = Duration::from_millis(200);
     w.retry_backoff = Duration::ZERO;
     w.cancel_grace = Duration::from_secs(5);

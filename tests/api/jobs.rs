@@ -23,6 +23,13 @@ async fn client_mistakes_get_4xx_problem_documents() {
         "malformed_json",
     )
     .await;
+    let not_json = app.client.post(app.url("/v1/jobs")).body("model=x").send();
+    assert_problem(
+        not_json.await.unwrap(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
     let unknown_field = post(json!({ "model": blob, "clean": blob, "colour": "red" }));
     assert_problem(
         unknown_field.await.unwrap(),
@@ -67,6 +74,13 @@ async fn client_mistakes_get_4xx_problem_documents() {
         problem["detail"].as_str().unwrap().contains("batch_size"),
         "{problem}"
     );
+    let greedy = post(json!({ "model": blob, "clean": blob, "config": { "threads": 100_000 } }));
+    assert_problem(
+        greedy.await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_config",
+    )
+    .await;
     let poison_alone = post(json!({ "model": blob, "clean": blob, "poison": blob }));
     assert_problem(
         poison_alone.await.unwrap(),

@@ -49,8 +49,10 @@ async fn serve_binary_uses_sqlite_in_the_data_dir_and_stops_on_sigterm() {
         "SQLite database in --data-dir"
     );
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+    // The shell's builtin `kill`: no procps needed.
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -TERM {}", child.id()))
         .status()
         .unwrap();
     assert!(status.success());

@@ -14,6 +14,13 @@ async fn health_readiness_metrics_and_openapi_answer() {
         (StatusCode::OK, serde_json::json!({ "status": "ready" }))
     );
 
+    let missing = app
+        .client
+        .get(app.url("/v1/jobs/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     let metrics = app.client.get(app.url("/metrics")).send().await.unwrap();
     assert_eq!(metrics.status(), StatusCode::OK);
     assert!(metrics.headers()["content-type"]
@@ -23,6 +30,15 @@ async fn health_readiness_metrics_and_openapi_answer() {
     let text = metrics.text().await.unwrap();
     assert!(text.contains("# TYPE bdscan_jobs gauge"), "{text}");
     assert!(text.contains("bdscan_jobs{state=\"queued\"} 0"), "{text}");
+    // healthz and readyz succeeded; the unknown job did not.
+    assert!(
+        text.contains("bdscan_http_responses_total{class=\"2xx\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("bdscan_http_responses_total{class=\"4xx\"} 1"),
+        "{text}"
+    );
 
     let (status, spec) = app.get_json("/v1/openapi.json").await;
     assert_eq!(status, StatusCode::OK);

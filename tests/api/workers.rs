@@ -232,3 +232,115 @@ async fn a_job_whose_worker_died_is_run_again_postgres() {
         a_job_whose_worker_died_is_run_again(Db::Postgres(url)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_queued_by_another_instance_wakes_idle_workers_on_postgres() {
+    let Some(url) = postgres_url("a_job_queued_by_another_instance_wakes_idle_workers_on_postgres")
+    else {
+        return;
+    };
+    // Workers that would not poll again for a minute: only the notification can wake them.
+    let app = spawn_app(Options {
+        db: Db::Postgres(url),
+        workers: 1,
+        poll_interval: Duration::from_secs(60),
+        ..Options::default()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other_instance = bdscan::store::Store::connect(&app.state.config.database_url)
+        .await
+        .unwrap();
+    let id = crate::helpers::queue_job(&other_instance, 1).await;
+    let job = app
+        .wait_for(&id, Duration::from_secs(20), |j| j["state"] != "queued")
+        .await;
+    assert_ne!(job["state"], "queued");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_scan_request_returns_when_the_service_stops() {
+    use reqwest::multipart::{Form, Part};
+    let app = spawn_app(Options::default()).await;
+    let (client, url) = (app.client.clone(), app.url("/v1/scans?wait=300"));
+    let form = Form::new()
+        .part(
+            "model",
+            Part::bytes(b"model".to_vec()).file_name("model.pt"),
+        )
+        .part(
+            "clean",
+            Part::bytes(b"clean".to_vec()).file_name("clean.safetensors"),
+        );
+    let request = tokio::spawn(async move { client.post(url).multipart(form).send().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let stopping = tokio::spawn(app.stop());
+    let response = tokio::time::timeout(Duration::from_secs(10), request)
+        .await
+        .expect("the waiting request ends when the service stops")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::ACCEPTED,
+        "no worker ran it: still queued"
+    );
+    stopping.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_workers_runs_every_job_exactly_once() {
+    // A stand-in scan process that logs which job it ran and writes a token result.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs.log");
+    let exe = dir.path().join("logging-bdscan");
+    let script = format!(
+        "#!/bin/sh\npython3 - \"$3\" <<'PY'\nimport json, os, sys, time\nspec = json.load(open(sys.argv[1]))\n\
+         with open({log:?}, 'a') as log: log.write(os.path.basename(os.path.dirname(sys.argv[1])) + '\\n')\n\
+         time.sleep(0.2)\nopen(spec['artifact'], 'wb').write(b'artifact')\nopen(spec['report'], 'w').write('{{}}')\nPY\n",
+        log = log.display().to_string()
+    );
+    std::fs::write(&exe, script).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let app = spawn_app(Options {
+        workers: 3,
+        exe: Some(exe),
+        ..Options::default()
+    })
+    .await;
+
+    let blob = app.upload(b"model".to_vec()).await;
+    let mut ids = Vec::new();
+    for seed in 0..8 {
+        let body = json!({ "model": blob, "clean": blob, "config": { "seed": seed } });
+        let job: Value = app
+            .client
+            .post(app.url("/v1/jobs"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        let job = app
+            .wait_for(id, Duration::from_secs(60), |j| {
+                j["state"] != "queued" && j["state"] != "running"
+            })
+            .await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert_eq!(job["attempts"], 1);
+    }
+    let runs = std::fs::read_to_string(&log).unwrap();
+    let mut runs: Vec<&str> = runs.lines().collect();
+    runs.sort_unstable();
+    let mut expected: Vec<String> = ids.iter().map(|id| format!("{id}-1")).collect();
+    expected.sort_unstable();
+    assert_eq!(runs, expected, "each job ran once, in one process");
+    app.stop().await;
+}

@@ -158,6 +158,14 @@ fn parse_config(value: Option<&serde_json::Value>) -> Result<ScanConfig, ApiErro
     config
         .validate()
         .map_err(|e| ApiError::unprocessable("invalid_config", e.to_string()))?;
+    // A client may not ask one job to oversubscribe the server's cores.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if config.threads.is_some_and(|t| t > cores) {
+        return Err(ApiError::unprocessable(
+            "invalid_config",
+            format!("config `threads`: this server has {cores} cores"),
+        ));
+    }
     Ok(config)
 }
 

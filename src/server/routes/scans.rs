@@ -114,8 +114,12 @@ async fn scan(
     let (mut job, _) = submit_job(&state, request, key).await?;
     let wait = Duration::from_secs(query.wait.unwrap_or(0).min(MAX_WAIT_SECS));
     let deadline = tokio::time::Instant::now() + wait;
+    // Ends at the deadline, or at once when the service shuts down (a 202 then).
     while !job.state.is_terminal() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(WAIT_POLL).await;
+        tokio::select! {
+            _ = tokio::time::sleep(WAIT_POLL) => {}
+            _ = state.shutdown.cancelled() => break,
+        }
         job = state
             .store
             .job(&job.id)
