@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
+    // Migrations are embedded at compile time by sqlx::migrate!.
+    println!("cargo:rerun-if-changed=migrations");
     for var in ["LIBTORCH", "LIBTORCH_USE_PYTORCH", "PYTHON_SYS_EXECUTABLE"] {
         println!("cargo:rerun-if-env-changed={var}");
     }

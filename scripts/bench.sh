@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 SEEDS=${BENCH_SEEDS:-"0 1 2 3 4"}
 OUT=${BENCH_OUT:-BENCHMARKS.md}
-cargo build --release --example finetune_bench --bin bdscan
+# The dev profile (our crate at opt-level 1, dependencies at 2) is what the suite and
+# `make run` build; the tensor work happens in libtorch either way.
+cargo build --example finetune_bench --bin bdscan
+BIN=target/debug
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -31,8 +34,9 @@ model=tests/fixtures/models/mnist_cnn_bn.pt
 
 best() { sort -n | tail -1; }
 rows=""
-for threads in 1 2; do
-  rust=$(for i in 1 2 3; do ./target/release/examples/finetune_bench $model 4096 64 $threads 3 | $PY -c 'import json,sys; print(json.load(sys.stdin)["samples_per_second"])'; done | best)
+parts=${BENCH_PARTS:-"throughput defense"}
+[[ $parts == *throughput* ]] && for threads in 1 2; do
+  rust=$(for i in 1 2 3; do $BIN/examples/finetune_bench $model 4096 64 $threads 3 | $PY -c 'import json,sys; print(json.load(sys.stdin)["samples_per_second"])'; done | best)
   py=$(for i in 1 2 3; do $PY benches/finetune_python.py $model 4096 64 $threads 3 2>/dev/null | $PY -c 'import json,sys; print(json.load(sys.stdin)["samples_per_second"])'; done | best)
   ratio=$($PY -c "print(f'{$rust/$py:.2f}x')")
   rows+="| $threads | $rust | $py | $ratio |"$'\n'
@@ -43,7 +47,7 @@ run_demo() { # arch label config-json
   local arch=$1 label=$2 cfg=$3
   echo "$cfg" > "$tmp/cfg.json"
   for seed in $SEEDS; do
-    ./target/release/bdscan demo --arch "$arch" --threads "$(nproc)" --seed "$seed" --config "$tmp/cfg.json" --work-dir "$tmp/run" >/dev/null 2>&1
+    $BIN/bdscan demo --arch "$arch" --threads "$(nproc)" --seed "$seed" --config "$tmp/cfg.json" --work-dir "$tmp/run" >/dev/null 2>&1
     $PY - "$tmp/run/report.json" "$arch" "$label" "$seed" <<'PYEOF'
 import json, sys
 r = json.load(open(sys.argv[1])); b, a = r["metrics"]["before"], r["metrics"]["after"]
@@ -52,7 +56,7 @@ print(f"{sys.argv[2]}\t{sys.argv[3]}\t{sys.argv[4]}\t{b['clean_acc']*100:.2f}\t{
 PYEOF
   done
 }
-{
+[[ $parts == *defense* ]] && {
   run_demo cnn-bn "AR (default)" '{}'
   run_demo cnn-bn "L1" '{"regularizer": "l1"}'
   run_demo cnn-bn "L2" '{"regularizer": "l2"}'

@@ -231,7 +231,7 @@ impl Worker {
         let mut stdin = child.stdin.take();
         let mut stdout = child.stdout.take().map(|s| BufReader::new(s).lines());
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-        if let Some(stderr) = child.stderr.take() {
+        let stderr_reader = child.stderr.take().map(|stderr| {
             let tail = stderr_tail.clone();
             tokio::spawn(async move {
                 let mut lines = BufReader::new(stderr).lines();
@@ -242,8 +242,8 @@ impl Worker {
                     }
                     tail.push_back(line);
                 }
-            });
-        }
+            })
+        });
         let lease_ms = self.settings.lease.as_millis() as i64;
         let mut heartbeat = tokio::time::interval(self.settings.heartbeat);
         heartbeat.tick().await;
@@ -342,6 +342,12 @@ impl Worker {
                     });
                 }
             }
+        }
+        // The child has exited, so its stderr is at end of file: let the reader take the
+        // last lines (a crash message is written just before the signal), but do not wait
+        // on a pipe some grandchild may still hold open.
+        if let Some(reader) = stderr_reader {
+            let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
         }
         let tail = stderr_tail
             .lock()
