@@ -97,4 +97,8 @@ for r in rows:
 print("```")
 PYEOF
 } > "$OUT"
+if [[ $parts == *defense* && $parts == *throughput* ]] || [[ $parts == *service* ]]; then
+  echo >> "$OUT"
+  scripts/service_bench.sh >> "$OUT"
+fi
 echo "wrote $OUT"
