@@ -57,7 +57,7 @@ pub struct ServeArgs {
     /// Largest accepted upload, per file, in bytes.
     #[arg(long, env = "BDSCAN_MAX_BLOB_BYTES", default_value_t = 1 << 30)]
     pub max_blob_bytes: u64,
-    /// libtorch threads per job when its config does not say.
+    /// libtorch threads per job when its config does not say (default: cores / workers).
     #[arg(long, env = "BDSCAN_JOB_THREADS")]
     pub job_threads: Option<usize>,
     /// Seconds a worker holds a job without renewing its lease before the job is re-queued.
@@ -216,7 +216,11 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     config.workers = args.workers;
     config.max_blob_bytes = args.max_blob_bytes;
-    config.worker.job_threads = args.job_threads;
+    // Divide the CPU between job slots so concurrent scans do not fight over cores.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    config.worker.job_threads = args
+        .job_threads
+        .or_else(|| (args.workers > 0).then(|| (cores / args.workers).max(1)));
     config.worker.lease = std::time::Duration::from_secs(args.lease_secs);
     // Renew well before the lease runs out, so a few slow beats do not lose it.
     config.worker.heartbeat = config.worker.lease / 6;
