@@ -5,8 +5,62 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::store::JobState;
 
-#[derive(Debug, Default)]
+/// A Prometheus histogram with fixed upper bounds (seconds), lock-free.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Cumulative-on-render counts per bucket; the last slot is +Inf.
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, seconds: f64) {
+        let slot = self
+            .bounds
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(self.bounds.len());
+        self.counts[slot].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((seconds.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, count) in self.counts.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            let le = self
+                .bounds
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
+}
+
+const HTTP_BOUNDS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
+const JOB_BOUNDS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+#[derive(Debug)]
 pub struct Metrics {
+    /// Time from request to response headers, every route.
+    pub http_latency: Histogram,
+    /// Claim to finish of jobs this process's workers finished.
+    pub job_duration: Histogram,
     pub jobs_submitted: AtomicU64,
     pub blob_bytes_received: AtomicU64,
     pub jobs_succeeded: AtomicU64,
@@ -15,6 +69,22 @@ pub struct Metrics {
     pub leases_reaped: AtomicU64,
     /// HTTP responses by status class: 1xx..5xx.
     pub responses: [AtomicU64; 5],
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            http_latency: Histogram::new(HTTP_BOUNDS),
+            job_duration: Histogram::new(JOB_BOUNDS),
+            jobs_submitted: AtomicU64::default(),
+            blob_bytes_received: AtomicU64::default(),
+            jobs_succeeded: AtomicU64::default(),
+            jobs_failed: AtomicU64::default(),
+            jobs_cancelled: AtomicU64::default(),
+            leases_reaped: AtomicU64::default(),
+            responses: Default::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -104,6 +174,35 @@ impl Metrics {
                 get(counter)
             );
         }
+        self.http_latency.render(
+            &mut out,
+            "bdscan_http_request_duration_seconds",
+            "Time to answer HTTP requests.",
+        );
+        self.job_duration.render(
+            &mut out,
+            "bdscan_job_duration_seconds",
+            "First claim to finish, for jobs this process finished.",
+        );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_with_sum_and_count() {
+        let h = Histogram::new(&[0.1, 1.0]);
+        h.observe(0.05);
+        h.observe(0.5);
+        h.observe(7.0);
+        let mut out = String::new();
+        h.render(&mut out, "x", "help");
+        assert!(out.contains("x_bucket{le=\"0.1\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"1\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_sum 7.55\nx_count 3"), "{out}");
     }
 }

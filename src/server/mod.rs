@@ -63,7 +63,12 @@ async fn count_responses(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    let started = std::time::Instant::now();
     let response = next.run(request).await;
+    state
+        .metrics
+        .http_latency
+        .observe(started.elapsed().as_secs_f64());
     state.metrics.record_response(response.status().as_u16());
     response
 }

@@ -154,6 +154,10 @@ impl Worker {
         };
         if owned {
             self.metrics.record_outcome(state);
+            if let Some(started) = claimed.job.started_at {
+                let seconds = (crate::store::now_ms() - started).max(0) as f64 / 1000.0;
+                self.metrics.job_duration.observe(seconds);
+            }
         } else {
             tracing::warn!(job = %claimed.job.id, "lost the lease before recording the outcome; discarded");
         }

@@ -39,6 +39,16 @@ async fn health_readiness_metrics_and_openapi_answer() {
         text.contains("bdscan_http_responses_total{class=\"4xx\"} 1"),
         "{text}"
     );
+    // The three earlier requests are in the latency histogram (the /metrics request
+    // itself is recorded after its body is rendered).
+    assert!(
+        text.contains("bdscan_http_request_duration_seconds_count 3\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE bdscan_job_duration_seconds histogram"),
+        "{text}"
+    );
 
     let (status, spec) = app.get_json("/v1/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
