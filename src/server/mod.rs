@@ -92,6 +92,18 @@ pub struct Application {
     shutdown: CancellationToken,
 }
 
+impl AppState {
+    /// A worker sharing this service's store, settings and metrics.
+    pub fn worker(&self, id: &str) -> Worker {
+        Worker::new(
+            self.store.clone(),
+            Arc::new(self.config.worker.clone()),
+            self.metrics.clone(),
+            id,
+        )
+    }
+}
+
 impl Application {
     /// Connects to the database, applies migrations and binds the listener (port 0 picks one).
     pub async fn build(config: ServerConfig) -> Result<Application, StartError> {
@@ -137,28 +149,16 @@ impl Application {
 
     /// A worker sharing this service's store and settings (tests drive it with `run_once`).
     pub fn worker(&self, id: &str) -> Worker {
-        let s = &self.state;
-        Worker::new(
-            s.store.clone(),
-            Arc::new(s.config.worker.clone()),
-            s.metrics.clone(),
-            id,
-        )
+        self.state.worker(id)
     }
 
     /// Serves until the shutdown token is cancelled, then waits for workers to hand back their jobs.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let state = self.state.clone();
-        let settings = Arc::new(state.config.worker.clone());
         let mut tasks = tokio::task::JoinSet::new();
         let instance = uuid::Uuid::new_v4().simple().to_string();
         for n in 0..state.config.workers {
-            let worker = Worker::new(
-                state.store.clone(),
-                settings.clone(),
-                state.metrics.clone(),
-                format!("{instance}-{n}"),
-            );
+            let worker = state.worker(&format!("{instance}-{n}"));
             tasks.spawn(worker.run(self.shutdown.clone(), state.wake.clone()));
         }
         if state.store.backend() == Backend::Postgres && state.config.workers > 0 {
@@ -170,7 +170,7 @@ impl Application {
         }
         tasks.spawn(worker::run_reaper(
             state.store.clone(),
-            settings,
+            Arc::new(state.config.worker.clone()),
             state.metrics.clone(),
             self.shutdown.clone(),
         ));

@@ -1,7 +1,7 @@
 //! Spawning the app, making databases and fixtures, and asserting on problem documents.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bdscan::engine::Monitor;
@@ -136,13 +136,7 @@ impl TestApp {
 
     /// A worker outside the app's pool, for tests that drive jobs one at a time.
     pub fn worker(&self, id: &str) -> Worker {
-        let s = &self.state;
-        Worker::new(
-            s.store.clone(),
-            Arc::new(s.config.worker.clone()),
-            s.metrics.clone(),
-            id,
-        )
+        self.state.worker(id)
     }
 
     pub async fn get_json(&self, path: &str) -> (StatusCode, Value) {
@@ -171,6 +165,18 @@ impl TestApp {
         );
         let body: Value = response.json().await.expect("json");
         body["sha256"].as_str().expect("sha256").to_string()
+    }
+
+    /// POST /v1/jobs with `body`; the job object the server answered with.
+    pub async fn create_job(&self, body: &Value) -> Value {
+        let response = self
+            .client
+            .post(self.url("/v1/jobs"))
+            .json(body)
+            .send()
+            .await
+            .expect("create job");
+        response.json().await.expect("json")
     }
 
     /// Polls the job until `done(job)` or the timeout.

@@ -210,16 +210,7 @@ async fn jobs_list_by_state_with_cursor_pagination_and_queued_jobs_cancel_at_onc
     let mut ids = Vec::new();
     for seed in 0..5 {
         let body = json!({ "model": blob, "clean": blob, "config": { "seed": seed } });
-        let job: Value = app
-            .client
-            .post(app.url("/v1/jobs"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let job: Value = app.create_job(&body).await;
         assert_eq!(job["state"], "queued");
         ids.push(job["id"].as_str().unwrap().to_string());
         // Distinct creation times make "newest first" a strict order.

@@ -86,16 +86,7 @@ async fn a_crashing_scan_process_fails_its_job_and_the_server_keeps_serving() {
 
     let blob = app.upload(b"model".to_vec()).await;
     let body = json!({ "model": blob, "clean": blob });
-    let job: Value = app
-        .client
-        .post(app.url("/v1/jobs"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job: Value = app.create_job(&body).await;
     let id = job["id"].as_str().unwrap();
     let job = app
         .wait_for(id, Duration::from_secs(30), |j| {
@@ -113,16 +104,7 @@ async fn a_crashing_scan_process_fails_its_job_and_the_server_keeps_serving() {
     assert_eq!(app.get_json("/healthz").await.0, StatusCode::OK);
     // The worker survived too: it picks up the next job.
     let body = json!({ "model": blob, "clean": blob, "config": { "seed": 1 } });
-    let next: Value = app
-        .client
-        .post(app.url("/v1/jobs"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let next: Value = app.create_job(&body).await;
     let next = app
         .wait_for(next["id"].as_str().unwrap(), Duration::from_secs(30), |j| {
             j["state"] == "failed"
@@ -137,16 +119,7 @@ async fn bad_input_files_fail_the_job_as_invalid_input() {
     let app = spawn_app(Options::default()).await;
     let blob = app.upload(b"this is not TorchScript".to_vec()).await;
     let body = json!({ "model": blob, "clean": blob });
-    let job: Value = app
-        .client
-        .post(app.url("/v1/jobs"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job: Value = app.create_job(&body).await;
     let state = app
         .worker("w")
         .run_once(&CancellationToken::new())
@@ -315,16 +288,7 @@ async fn a_pool_of_workers_runs_every_job_exactly_once() {
     let mut ids = Vec::new();
     for seed in 0..8 {
         let body = json!({ "model": blob, "clean": blob, "config": { "seed": seed } });
-        let job: Value = app
-            .client
-            .post(app.url("/v1/jobs"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let job: Value = app.create_job(&body).await;
         ids.push(job["id"].as_str().unwrap().to_string());
     }
     for id in &ids {
