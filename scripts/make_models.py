@@ -5,10 +5,19 @@ returns N x K logits; normalisation lives inside the model, as it would in a mod
 user uploads. Weights are a seeded random initialisation: bdscan trains them itself
 (`bdscan demo`, the test suite), so the archives stay small.
 
+Activations: every architecture also exports `activations(x) -> Dict[str, Tensor]`, the
+mean (over spatial positions) output of each hidden layer after its nonlinearity, shape
+N x C, keyed by the module path of the layer whose weight produces those channels (the
+names bdscan's layer grouping uses, e.g. `features.0`). TorchScript gives a host program
+no forward hooks, so defenses that rank neurons by clean activation (Fine-Pruning, the
+activation-magnitude ablation) read them through this method; models without it get a
+clear error from those methods and work with every other one.
+
 Usage: python scripts/make_models.py tests/fixtures/models
 """
 import sys
 from pathlib import Path
+from typing import Dict
 
 import torch
 from torch import nn
@@ -51,6 +60,20 @@ class MnistCnnBn(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(self.input(x)))
 
+    @torch.jit.export
+    def activations(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out: Dict[str, torch.Tensor] = {}
+        h = self.input(x)
+        h = self.features[2](self.features[1](self.features[0](h)))
+        out["features.0"] = h.mean(dim=(2, 3))
+        h = self.features[3](h)
+        h = self.features[6](self.features[5](self.features[4](h)))
+        out["features.4"] = h.mean(dim=(2, 3))
+        h = self.features[7](h)
+        h = self.classifier[2](self.classifier[1](self.classifier[0](h)))
+        out["classifier.1"] = h
+        return out
+
 
 class MnistCnn(nn.Module):
     """The same shape without BatchNorm."""
@@ -76,6 +99,20 @@ class MnistCnn(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(self.input(x)))
 
+    @torch.jit.export
+    def activations(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out: Dict[str, torch.Tensor] = {}
+        h = self.input(x)
+        h = self.features[1](self.features[0](h))
+        out["features.0"] = h.mean(dim=(2, 3))
+        h = self.features[2](h)
+        h = self.features[4](self.features[3](h))
+        out["features.3"] = h.mean(dim=(2, 3))
+        h = self.features[5](h)
+        h = self.classifier[2](self.classifier[1](self.classifier[0](h)))
+        out["classifier.1"] = h
+        return out
+
 
 class TinyMlp(nn.Module):
     """4 inputs -> 3 hidden ReLU units -> 2 classes, with weights set by hand so tests
@@ -95,6 +132,10 @@ class TinyMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32).flatten(1)
         return self.out(torch.relu(self.hidden(x)))
+
+    @torch.jit.export
+    def activations(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {"hidden": torch.relu(self.hidden(x.to(torch.float32).flatten(1)))}
 
 
 def main(out_dir: str) -> None:
