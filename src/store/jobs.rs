@@ -155,6 +155,13 @@ pub struct Reaped {
     pub cancelled: Vec<String>,
 }
 
+/// What deleting a finished job removed besides the job and its report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Purged {
+    /// The job's blobs that no other job or report used.
+    pub freed_blobs: Vec<String>,
+}
+
 pub struct JobPage {
     pub jobs: Vec<Job>,
     /// Pass back as `cursor` for the next page; `None` on the last page.
@@ -485,6 +492,54 @@ impl Store {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Deletes a finished job, its report, and then every blob it used (inputs and
+    /// artifact) that nothing else references any more. `Ok(None)`: there is no
+    /// finished job with this id (none at all, or it is still queued or running).
+    pub async fn purge_job(&self, id: &str) -> Result<Option<Purged>, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND state IN ('succeeded', 'failed', 'cancelled')"
+        );
+        let Some(job) = sqlx::query_as::<_, Job>(&sql)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let artifact: Option<String> =
+            sqlx::query("DELETE FROM reports WHERE job_id = $1 RETURNING artifact_sha256")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| r.get(0));
+        let deleted = sqlx::query(
+            "DELETE FROM jobs WHERE id = $1 AND state IN ('succeeded', 'failed', 'cancelled')",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if deleted != 1 {
+            // Another request purged it between our read and delete.
+            return Ok(None);
+        }
+        tx.commit().await?;
+        let mut candidates = vec![job.model_sha256, job.clean_sha256];
+        candidates.extend(job.test_sha256);
+        candidates.extend(job.poison_sha256);
+        candidates.extend(artifact);
+        candidates.sort();
+        candidates.dedup();
+        let mut freed_blobs = Vec::new();
+        for sha in candidates {
+            if self.free_blob_if_unreferenced(&sha).await? {
+                freed_blobs.push(sha);
+            }
+        }
+        Ok(Some(Purged { freed_blobs }))
     }
 
     /// The report JSON and artifact hash of a succeeded job.

@@ -5,6 +5,7 @@ mod audit;
 mod blobs;
 mod helpers;
 mod jobs;
+mod purge;
 mod queue;
 mod serve;
 mod system;

@@ -1,5 +1,5 @@
-//! `/v1/jobs`: submit (idempotent), list, inspect, cancel, and read a finished job's
-//! report, report page and purified model.
+//! `/v1/jobs`: submit (idempotent), list, inspect, cancel or delete, and read a finished
+//! job's report, report page and purified model.
 
 use std::sync::atomic::Ordering;
 
@@ -21,7 +21,7 @@ use crate::store::{CreateOutcome, Job, JobState, NewJob};
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/jobs", get(list).post(submit))
-        .route("/v1/jobs/{id}", get(show).delete(cancel))
+        .route("/v1/jobs/{id}", get(show).delete(delete_job))
         .route("/v1/jobs/{id}/report", get(report))
         .route("/v1/jobs/{id}/report.html", get(report_page))
         .route("/v1/jobs/{id}/artifact", get(artifact))
@@ -132,7 +132,18 @@ pub async fn submit_job(
         idempotency_key: key,
         idempotency_fingerprint: fingerprint,
     };
-    match state.store.create_job(&new).await? {
+    let outcome = state.store.create_job(&new).await.map_err(|e| {
+        if e.is_foreign_key_violation() {
+            // A blob checked above was freed by a job deletion in the meantime.
+            ApiError::unprocessable(
+                "unknown_blob",
+                "an input blob was deleted while the job was being created; upload it again",
+            )
+        } else {
+            e.into()
+        }
+    })?;
+    match outcome {
         CreateOutcome::Created(job) => {
             state.metrics.jobs_submitted.fetch_add(1, Ordering::Relaxed);
             state.wake.notify_one();
@@ -263,16 +274,22 @@ async fn show(
     Ok(Json(JobView::new(&find_job(&state, &id).await?)))
 }
 
-async fn cancel(
+/// `DELETE /v1/jobs/{id}`: an active job is cancelled (200 when it was still queued and
+/// is now cancelled, 202 while a running one stops at its next step); a finished job is
+/// deleted with its report and every blob nothing else uses (204).
+async fn delete_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job = find_job(&state, &id).await?;
-    if matches!(job.state, JobState::Succeeded | JobState::Failed) {
-        return Err(ApiError::Conflict {
-            code: "job_finished",
-            message: format!("job {id} already {}", job.state.as_str()),
-        });
+    if job.state.is_terminal() {
+        let purged = state
+            .store
+            .purge_job(&id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("job {id}")))?;
+        tracing::info!(job = %id, freed_blobs = purged.freed_blobs.len(), "job deleted");
+        return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let job = state
         .store
@@ -281,10 +298,10 @@ async fn cancel(
         .ok_or_else(|| ApiError::not_found(format!("job {id}")))?;
     state.wake.notify_waiters();
     // A running job stops at its next step: 202 until then.
-    let status = if job.state == JobState::Cancelled {
-        StatusCode::OK
-    } else {
+    let status = if job.state == JobState::Running {
         StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
     };
     Ok(job_response(status, &job))
 }

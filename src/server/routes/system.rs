@@ -68,7 +68,7 @@ pub fn openapi() -> serde_json::Value {
                          "responses": { "200": { "description": "{jobs, next_cursor}" }, "400": problem } } },
             "/v1/jobs/{id}": {
                 "get": { "parameters": id, "responses": { "200": job, "404": problem } },
-                "delete": { "summary": "Cancel", "parameters": id, "responses": { "200": job, "202": job, "404": problem, "409": problem } } },
+                "delete": { "summary": "Cancel an active job; delete a finished one and the blobs nothing else uses", "parameters": id, "responses": { "200": job, "202": job, "204": { "description": "deleted" }, "404": problem } } },
             "/v1/jobs/{id}/report": { "get": { "parameters": id, "responses": { "200": { "description": "the scan report (JSON)" }, "409": problem } } },
             "/v1/jobs/{id}/report.html": { "get": { "parameters": id, "responses": { "200": { "description": "the report as a page" }, "409": problem } } },
             "/v1/jobs/{id}/artifact": { "get": { "summary": "The purified TorchScript model; supports Range",
