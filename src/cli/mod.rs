@@ -51,9 +51,12 @@ pub struct ServeArgs {
     /// `postgres://…` to use PostgreSQL (default: SQLite in the data dir).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
-    /// Jobs run at once by this process (0: API only).
-    #[arg(long, env = "BDSCAN_WORKERS", default_value_t = 1)]
-    pub workers: usize,
+    /// CPU job slots of this process (0: API only) [default: 1].
+    #[arg(long, env = "BDSCAN_WORKERS")]
+    pub workers: Option<usize>,
+    /// One job slot per listed libtorch device, e.g. `cpu,cuda:0,cuda:1` (replaces --workers).
+    #[arg(long, env = "BDSCAN_DEVICES", value_delimiter = ',')]
+    pub devices: Option<Vec<String>>,
     /// Largest accepted upload, per file, in bytes.
     #[arg(long, env = "BDSCAN_MAX_BLOB_BYTES", default_value_t = 1 << 30)]
     pub max_blob_bytes: u64,
@@ -214,13 +217,17 @@ fn serve(args: ServeArgs) -> ExitCode {
     if let Some(url) = args.database_url {
         config.database_url = url;
     }
-    config.workers = args.workers;
+    if let Err(e) = set_slots(&mut config, args.workers, args.devices.as_deref()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_INPUT);
+    }
     config.max_blob_bytes = args.max_blob_bytes;
     // Divide the CPU between job slots so concurrent scans do not fight over cores.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let slots = config.slot_devices().len();
     config.worker.job_threads = args
         .job_threads
-        .or_else(|| (args.workers > 0).then(|| (cores / args.workers).max(1)));
+        .or_else(|| (slots > 0).then(|| (cores / slots).max(1)));
     config.worker.lease = std::time::Duration::from_secs(args.lease_secs);
     // Renew well before the lease runs out, so a few slow beats do not lose it.
     config.worker.heartbeat = config.worker.lease / 6;
@@ -235,7 +242,11 @@ fn serve(args: ServeArgs) -> ExitCode {
     let outcome = runtime.block_on(async move {
         let app = crate::server::Application::build(config)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                // A setting the user can fix: a usage error, like a bad flag.
+                crate::server::StartError::Config(_) => (EXIT_INPUT, e.to_string()),
+                other => (EXIT_INTERNAL, other.to_string()),
+            })?;
         tracing::info!(address = %app.local_addr(), "bdscan serving");
         let token = app.shutdown_token();
         tokio::spawn(async move {
@@ -243,13 +254,40 @@ fn serve(args: ServeArgs) -> ExitCode {
             tracing::info!("shutting down");
             token.cancel();
         });
-        app.run_until_stopped().await.map_err(|e| e.to_string())
+        app.run_until_stopped()
+            .await
+            .map_err(|e| (EXIT_INTERNAL, e.to_string()))
     });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err((code, e)) => {
             eprintln!("error: {e}");
-            ExitCode::from(EXIT_INTERNAL)
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Job slots from `--workers` (CPU slots) or `--devices` (one slot per device).
+fn set_slots(
+    config: &mut crate::server::ServerConfig,
+    workers: Option<usize>,
+    devices: Option<&[String]>,
+) -> Result<(), String> {
+    let devices = devices
+        .unwrap_or_default()
+        .iter()
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| crate::server::parse_device(d).map_err(|e| format!("devices: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    match workers {
+        Some(n) if !devices.is_empty() && n != devices.len() => Err(format!(
+            "workers ({n}) and devices ({} listed) disagree: give one of them",
+            devices.len()
+        )),
+        _ => {
+            config.workers = workers.unwrap_or(if devices.is_empty() { 1 } else { devices.len() });
+            config.devices = devices;
+            Ok(())
         }
     }
 }

@@ -316,6 +316,7 @@ pub async fn queue_job(store: &Store, max_attempts: i64) -> String {
         max_attempts,
         idempotency_key: None,
         idempotency_fingerprint: None,
+        device: None,
     };
     match store.create_job(&new).await.expect("create job") {
         bdscan::store::CreateOutcome::Created(job) => job.id,

@@ -3,6 +3,7 @@
 
 mod audit;
 mod blobs;
+mod devices;
 mod helpers;
 mod jobs;
 mod purge;

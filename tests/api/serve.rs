@@ -69,3 +69,38 @@ async fn serve_binary_uses_sqlite_in_the_data_dir_and_stops_on_sigterm() {
     };
     assert!(exit.success(), "graceful shutdown exits 0, got {exit}");
 }
+
+/// `bdscan serve` with `args` that must be refused before it binds: exit 2 and stderr.
+fn refused_serve(args: &[&str], envs: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bdscan"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("BDSCAN_WORKERS")
+        .env_remove("BDSCAN_DEVICES")
+        .env_remove("BDSCAN_CONFIG");
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
+#[test]
+fn serve_refuses_devices_it_cannot_use() {
+    let missing = format!("cuda:{}", tch::Cuda::device_count().max(0));
+    let stderr = refused_serve(&["--devices", &format!("cpu,{missing}")], &[]);
+    assert!(
+        stderr.contains(&format!("{missing} is not available")),
+        "{stderr}"
+    );
+    let stderr = refused_serve(&[], &[("BDSCAN_DEVICES", "cpu,tpu")]);
+    assert!(stderr.contains("device `tpu`"), "{stderr}");
+    let stderr = refused_serve(&["--workers", "3", "--devices", "cpu,cpu"], &[]);
+    assert!(stderr.contains("disagree"), "{stderr}");
+}

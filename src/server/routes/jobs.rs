@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::engine::{ScanConfig, ScanReport};
 use crate::server::error::{AppJson, AppQuery};
 use crate::server::view::JobView;
-use crate::server::{html, ApiError, AppState};
+use crate::server::{device_name, html, parse_device, ApiError, AppState};
 use crate::store::{CreateOutcome, Job, JobState, NewJob};
 
 pub fn router() -> Router<AppState> {
@@ -113,6 +113,7 @@ pub async fn submit_job(
             None => None,
         });
     }
+    let device = requested_device(state, request.config.as_ref())?;
     let config_json = serde_json::to_string(&config).map_err(ApiError::internal)?;
     let fingerprint = key.as_ref().map(|_| {
         let canonical =
@@ -131,6 +132,7 @@ pub async fn submit_job(
         max_attempts,
         idempotency_key: key,
         idempotency_fingerprint: fingerprint,
+        device,
     };
     let outcome = state.store.create_job(&new).await.map_err(|e| {
         if e.is_foreign_key_violation() {
@@ -146,6 +148,10 @@ pub async fn submit_job(
     match outcome {
         CreateOutcome::Created(job) => {
             state.metrics.jobs_submitted.fetch_add(1, Ordering::Relaxed);
+            if job.device.is_some() {
+                // Only some slots may take it: let all idle ones look.
+                state.wake.notify_waiters();
+            }
             state.wake.notify_one();
             Ok((job, true))
         }
@@ -158,6 +164,36 @@ pub async fn submit_job(
             ),
         }),
     }
+}
+
+/// The device a job's config names explicitly (`None` when it names none: any slot may
+/// run it). A server with worker slots refuses a device none of them has; an API-only
+/// server cannot know the other replicas' slots and queues the job for them.
+fn requested_device(
+    state: &AppState,
+    config: Option<&serde_json::Value>,
+) -> Result<Option<String>, ApiError> {
+    let Some(spec) = config.and_then(|c| c.get("device")) else {
+        return Ok(None);
+    };
+    let spec = spec.as_str().ok_or_else(|| {
+        ApiError::unprocessable("invalid_config", "config `device` must be a string")
+    })?;
+    let device = parse_device(spec)
+        .map_err(|e| ApiError::unprocessable("invalid_config", format!("config: {e}")))?;
+    let slots = state.config.slot_devices();
+    if !slots.is_empty() && !slots.contains(&device) {
+        let names: Vec<String> = slots.iter().map(|d| device_name(*d)).collect();
+        return Err(ApiError::unprocessable(
+            "device_unavailable",
+            format!(
+                "config `device` {}: this server's job slots run on {}; leave `device` out to run on any of them",
+                device_name(device),
+                names.join(", ")
+            ),
+        ));
+    }
+    Ok(Some(device_name(device)))
 }
 
 fn parse_config(value: Option<&serde_json::Value>) -> Result<ScanConfig, ApiError> {
