@@ -11,6 +11,7 @@ pub mod error;
 pub mod html;
 pub mod metrics;
 pub mod routes;
+pub mod settings;
 pub mod view;
 pub mod worker;
 
@@ -26,6 +27,7 @@ use tower_http::trace::TraceLayer;
 pub use config::{device_name, parse_device, ServerConfig, WorkerSettings};
 pub use error::ApiError;
 use metrics::Metrics;
+pub use settings::ServeSettings;
 pub use worker::Worker;
 
 use crate::store::{Backend, Store};
