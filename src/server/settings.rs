@@ -219,6 +219,19 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_file_parses() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n").expect("README has a TOML example") + 8;
+        let length = readme[start..].find("```").unwrap();
+        let example = ServeSettings::from_toml(&readme[start..start + length]).unwrap();
+        assert_eq!(
+            example.devices,
+            Some(vec!["cpu".to_string(), "cuda:0".to_string()])
+        );
+        assert_eq!(example.max_attempts, Some(3));
+    }
+
+    #[test]
     fn passwords_stay_out_of_debug_output() {
         let settings = ServeSettings {
             database_url: Some("postgres://u:hunter2@db/bdscan".into()),
