@@ -189,3 +189,50 @@ fn serve_refuses_devices_it_cannot_use() {
     let stderr = refused_serve(&["--workers", "3", "--devices", "cpu,cpu"], &[]);
     assert!(stderr.contains("disagree"), "{stderr}");
 }
+
+/// The container files cannot be built here (no Docker engine), but the settings they
+/// give `bdscan serve` must be ones it knows, and the config file they ship must load.
+#[test]
+fn container_files_use_settings_that_serve_knows() {
+    let help = Command::new(env!("CARGO_BIN_EXE_bdscan"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).to_string();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut named = 0;
+    for file in ["docker/Dockerfile", "deploy/docker-compose.yml"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        for (at, _) in text.match_indices("BDSCAN_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                .collect();
+            if name == "BDSCAN_" {
+                continue; // prose: "BDSCAN_* variables"
+            }
+            assert!(
+                help.contains(&format!("[env: {name}=")),
+                "{file} sets {name}, which `bdscan serve` does not read"
+            );
+            named += 1;
+        }
+        assert!(
+            text.contains("BDSCAN_CONFIG=/etc/bdscan/bdscan.toml")
+                || text.contains("BDSCAN_CONFIG: /etc/bdscan/bdscan.toml"),
+            "{file}"
+        );
+    }
+    assert!(named >= 3);
+    assert!(help.contains("[env: DATABASE_URL"));
+    let compose = std::fs::read_to_string(root.join("deploy/docker-compose.yml")).unwrap();
+    assert!(compose.contains("DATABASE_URL: postgres://"));
+
+    let settings = bdscan::server::ServeSettings::from_file(&root.join("deploy/bdscan.toml"))
+        .expect("deploy/bdscan.toml loads");
+    let config = settings
+        .into_config(env!("CARGO_BIN_EXE_bdscan").into())
+        .expect("deploy/bdscan.toml is a valid configuration on a CPU machine");
+    assert_eq!(config.listen.port(), 8080);
+    assert_eq!(config.data_dir, std::path::PathBuf::from("/data"));
+}
