@@ -183,6 +183,22 @@ async fn openapi_documents_every_route_with_exactly_its_methods() {
                     }
                 }
             } else {
+                let allowed: BTreeSet<String> = response.headers()["allow"]
+                    .to_str()
+                    .unwrap()
+                    .split(',')
+                    .map(|m| m.trim().to_lowercase())
+                    .filter(|m| m != "head")
+                    .collect();
+                let documented: BTreeSet<String> = METHODS
+                    .iter()
+                    .filter(|m| item[**m].is_object())
+                    .map(|m| m.to_string())
+                    .collect();
+                assert_eq!(
+                    allowed, documented,
+                    "Allow of {path} vs its documented methods"
+                );
                 let problem = assert_problem(
                     response,
                     StatusCode::METHOD_NOT_ALLOWED,
