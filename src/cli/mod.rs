@@ -40,32 +40,57 @@ pub enum Command {
     Job(JobArgs),
 }
 
+/// Every setting is a flag, an environment variable and a key of the `--config` file;
+/// a flag beats the environment, which beats the file, which beats the default.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, env = "BDSCAN_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: std::net::SocketAddr,
-    /// Folder for the SQLite database and jobs' scratch files.
-    #[arg(long, env = "BDSCAN_DATA_DIR", default_value = "./.data")]
-    pub data_dir: PathBuf,
+    /// TOML file with any of these settings as keys (`listen`, `data_dir`, `devices`, …).
+    #[arg(long, env = "BDSCAN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "BDSCAN_LISTEN")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Folder for the SQLite database and jobs' scratch files [default: ./.data].
+    #[arg(long, env = "BDSCAN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// `postgres://…` to use PostgreSQL (default: SQLite in the data dir).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
-    /// Jobs run at once by this process (0: API only).
-    #[arg(long, env = "BDSCAN_WORKERS", default_value_t = 1)]
-    pub workers: usize,
-    /// Largest accepted upload, per file, in bytes.
-    #[arg(long, env = "BDSCAN_MAX_BLOB_BYTES", default_value_t = 1 << 30)]
-    pub max_blob_bytes: u64,
-    /// libtorch threads per job when its config does not say (default: cores / workers).
+    /// CPU job slots of this process (0: API only) [default: 1].
+    #[arg(long, env = "BDSCAN_WORKERS")]
+    pub workers: Option<usize>,
+    /// One job slot per listed libtorch device, e.g. `cpu,cuda:0,cuda:1` (replaces --workers).
+    #[arg(long, env = "BDSCAN_DEVICES", value_delimiter = ',')]
+    pub devices: Option<Vec<String>>,
+    /// Largest accepted upload, per file, in bytes [default: 1073741824].
+    #[arg(long, env = "BDSCAN_MAX_BLOB_BYTES")]
+    pub max_blob_bytes: Option<u64>,
+    /// libtorch threads per job when its config does not say (default: cores / slots).
     #[arg(long, env = "BDSCAN_JOB_THREADS")]
     pub job_threads: Option<usize>,
-    /// Seconds a worker holds a job without renewing its lease before the job is re-queued.
-    #[arg(long, env = "BDSCAN_LEASE_SECS", default_value_t = 30)]
-    pub lease_secs: u64,
-    /// Runs of a job before a lost lease fails it (clients may set their own per job).
-    #[arg(long, env = "BDSCAN_MAX_ATTEMPTS", default_value_t = 3)]
-    pub max_attempts: i64,
+    /// Seconds a worker holds a job without renewing its lease before the job is re-queued [default: 30].
+    #[arg(long, env = "BDSCAN_LEASE_SECS")]
+    pub lease_secs: Option<u64>,
+    /// Runs of a job before a lost lease fails it (clients may set their own per job) [default: 3].
+    #[arg(long, env = "BDSCAN_MAX_ATTEMPTS")]
+    pub max_attempts: Option<i64>,
+}
+
+impl ServeArgs {
+    /// The flags-and-environment layer of the settings.
+    fn settings(&self) -> crate::server::ServeSettings {
+        crate::server::ServeSettings {
+            listen: self.listen,
+            data_dir: self.data_dir.clone(),
+            database_url: self.database_url.clone(),
+            workers: self.workers,
+            devices: self.devices.clone(),
+            max_blob_bytes: self.max_blob_bytes,
+            job_threads: self.job_threads,
+            lease_secs: self.lease_secs,
+            max_attempts: self.max_attempts,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -210,21 +235,23 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_INTERNAL);
         }
     };
-    let mut config = crate::server::ServerConfig::new(args.listen, args.data_dir, exe);
-    if let Some(url) = args.database_url {
-        config.database_url = url;
-    }
-    config.workers = args.workers;
-    config.max_blob_bytes = args.max_blob_bytes;
-    // Divide the CPU between job slots so concurrent scans do not fight over cores.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    config.worker.job_threads = args
-        .job_threads
-        .or_else(|| (args.workers > 0).then(|| (cores / args.workers).max(1)));
-    config.worker.lease = std::time::Duration::from_secs(args.lease_secs);
-    // Renew well before the lease runs out, so a few slow beats do not lose it.
-    config.worker.heartbeat = config.worker.lease / 6;
-    config.worker.default_max_attempts = args.max_attempts;
+    let file = match &args.config {
+        Some(path) => match crate::server::ServeSettings::from_file(path) {
+            Ok(file) => file,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_INPUT);
+            }
+        },
+        None => crate::server::ServeSettings::default(),
+    };
+    let config = match args.settings().or(file).into_config(exe) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: invalid configuration: {e}");
+            return ExitCode::from(EXIT_INPUT);
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -235,7 +262,11 @@ fn serve(args: ServeArgs) -> ExitCode {
     let outcome = runtime.block_on(async move {
         let app = crate::server::Application::build(config)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                // A setting the user can fix: a usage error, like a bad flag.
+                crate::server::StartError::Config(_) => (EXIT_INPUT, e.to_string()),
+                other => (EXIT_INTERNAL, other.to_string()),
+            })?;
         tracing::info!(address = %app.local_addr(), "bdscan serving");
         let token = app.shutdown_token();
         tokio::spawn(async move {
@@ -243,13 +274,15 @@ fn serve(args: ServeArgs) -> ExitCode {
             tracing::info!("shutting down");
             token.cancel();
         });
-        app.run_until_stopped().await.map_err(|e| e.to_string())
+        app.run_until_stopped()
+            .await
+            .map_err(|e| (EXIT_INTERNAL, e.to_string()))
     });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err((code, e)) => {
             eprintln!("error: {e}");
-            ExitCode::from(EXIT_INTERNAL)
+            ExitCode::from(code)
         }
     }
 }

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use tch::Device;
+
 #[derive(Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
@@ -12,7 +14,11 @@ pub struct ServerConfig {
     /// Where jobs' scratch folders live (and the default SQLite database).
     pub data_dir: PathBuf,
     /// Worker tasks in this process; 0 serves the API only (tests drive workers by hand).
+    /// Ignored when `devices` lists the slots.
     pub workers: usize,
+    /// One job slot per entry, each running its jobs on that libtorch device; empty:
+    /// `workers` CPU slots.
+    pub devices: Vec<Device>,
     /// Largest accepted blob (per file of a multipart scan).
     pub max_blob_bytes: u64,
     pub worker: WorkerSettings,
@@ -46,6 +52,7 @@ impl ServerConfig {
             listen,
             database_url: crate::store::Store::sqlite_url(&data_dir),
             workers: 1,
+            devices: Vec::new(),
             max_blob_bytes: 1 << 30,
             worker: WorkerSettings {
                 exe,
@@ -64,7 +71,28 @@ impl ServerConfig {
         }
     }
 
+    /// The device of every job slot of this process.
+    pub fn slot_devices(&self) -> Vec<Device> {
+        if self.devices.is_empty() {
+            vec![Device::Cpu; self.workers]
+        } else {
+            self.devices.clone()
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
+        let cuda_devices = || tch::Cuda::device_count().max(0) as usize;
+        for device in &self.devices {
+            if let Device::Cuda(index) = *device {
+                let available = cuda_devices();
+                if index >= available {
+                    return Err(format!(
+                        "devices: {} is not available: libtorch sees {available} CUDA device(s) on this machine",
+                        device_name(*device)
+                    ));
+                }
+            }
+        }
         let w = &self.worker;
         if w.heartbeat >= w.lease {
             return Err(format!(
@@ -93,8 +121,24 @@ impl std::fmt::Debug for ServerConfig {
             )
             .field("data_dir", &self.data_dir)
             .field("workers", &self.workers)
+            .field("devices", &self.devices)
             .field("max_blob_bytes", &self.max_blob_bytes)
             .field("worker", &self.worker)
             .finish()
     }
+}
+
+/// `cpu` or `cuda:N`: how devices are written in settings, job configs and the store.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(index) => format!("cuda:{index}"),
+        Device::Mps => "mps".into(),
+        Device::Vulkan => "vulkan".into(),
+        Device::Cpu => "cpu".into(),
+    }
+}
+
+/// Parses `cpu` or `cuda:N` (bare `cuda` is `cuda:0`).
+pub fn parse_device(spec: &str) -> Result<Device, String> {
+    crate::engine::config::parse_device(spec.trim()).map_err(|e| e.to_string())
 }

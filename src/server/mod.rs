@@ -10,7 +10,9 @@ pub mod config;
 pub mod error;
 pub mod html;
 pub mod metrics;
+pub mod openapi;
 pub mod routes;
+pub mod settings;
 pub mod view;
 pub mod worker;
 
@@ -23,9 +25,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 
-pub use config::{ServerConfig, WorkerSettings};
+pub use config::{device_name, parse_device, ServerConfig, WorkerSettings};
 pub use error::ApiError;
 use metrics::Metrics;
+pub use settings::ServeSettings;
 pub use worker::Worker;
 
 use crate::store::{Backend, Store};
@@ -50,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::jobs::router())
         .merge(routes::scans::router(&state.config))
         .fallback(|| async { ApiError::not_found("route") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_responses,
@@ -93,13 +97,19 @@ pub struct Application {
 }
 
 impl AppState {
-    /// A worker sharing this service's store, settings and metrics.
+    /// A CPU worker slot sharing this service's store, settings and metrics.
     pub fn worker(&self, id: &str) -> Worker {
+        self.worker_on(id, tch::Device::Cpu)
+    }
+
+    /// A worker slot whose jobs run on `device`.
+    pub fn worker_on(&self, id: &str, device: tch::Device) -> Worker {
         Worker::new(
             self.store.clone(),
             Arc::new(self.config.worker.clone()),
             self.metrics.clone(),
             id,
+            device,
         )
     }
 }
@@ -157,11 +167,12 @@ impl Application {
         let state = self.state.clone();
         let mut tasks = tokio::task::JoinSet::new();
         let instance = uuid::Uuid::new_v4().simple().to_string();
-        for n in 0..state.config.workers {
-            let worker = state.worker(&format!("{instance}-{n}"));
+        let slots = state.config.slot_devices();
+        for (n, device) in slots.iter().enumerate() {
+            let worker = state.worker_on(&format!("{instance}-{n}"), *device);
             tasks.spawn(worker.run(self.shutdown.clone(), state.wake.clone()));
         }
-        if state.store.backend() == Backend::Postgres && state.config.workers > 0 {
+        if state.store.backend() == Backend::Postgres && !slots.is_empty() {
             tasks.spawn(worker::relay_queue_notifications(
                 state.config.database_url.clone(),
                 state.wake.clone(),

@@ -12,6 +12,8 @@ pub struct JobView {
     pub progress: ProgressView,
     pub inputs: InputsView,
     pub config: Value,
+    /// The device the job must run on; `null`: whichever worker slot claims it.
+    pub device: Option<String>,
     pub attempts: i64,
     pub max_attempts: i64,
     pub cancel_requested: bool,
@@ -94,6 +96,7 @@ impl JobView {
                 target_label: job.target_label,
             },
             config: serde_json::from_str(&job.config).unwrap_or(Value::Null),
+            device: job.device.clone(),
             attempts: job.attempts,
             max_attempts: job.max_attempts,
             cancel_requested: job.cancel_requested,

@@ -30,6 +30,8 @@ pub struct Worker {
     settings: Arc<WorkerSettings>,
     metrics: Arc<Metrics>,
     id: String,
+    /// This slot's libtorch device: every job it claims runs there.
+    device: String,
 }
 
 /// How one attempt at a job ended.
@@ -56,12 +58,14 @@ impl Worker {
         settings: Arc<WorkerSettings>,
         metrics: Arc<Metrics>,
         id: impl Into<String>,
+        device: tch::Device,
     ) -> Worker {
         Worker {
             store,
             settings,
             metrics,
             id: id.into(),
+            device: super::config::device_name(device),
         }
     }
 
@@ -69,9 +73,13 @@ impl Worker {
         &self.id
     }
 
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
     /// Runs until `shutdown`, waking on `wake` or every poll interval.
     pub async fn run(self, shutdown: CancellationToken, wake: Arc<Notify>) {
-        tracing::info!(worker = %self.id, "worker started");
+        tracing::info!(worker = %self.id, device = %self.device, "worker started");
         while !shutdown.is_cancelled() {
             match self.run_once(&shutdown).await {
                 Ok(Some(_)) => continue,
@@ -93,7 +101,11 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Result<Option<JobState>, StoreError> {
         let lease_ms = self.settings.lease.as_millis() as i64;
-        let Some(claimed) = self.store.claim_job(&self.id, lease_ms).await? else {
+        let Some(claimed) = self
+            .store
+            .claim_job_on(&self.id, lease_ms, &self.device)
+            .await?
+        else {
             return Ok(None);
         };
         let job_id = claimed.job.id.clone();
@@ -189,6 +201,9 @@ impl Worker {
         if config.threads.is_none() {
             config.threads = self.settings.job_threads;
         }
+        // The slot's device wins: a job that asked for a device was only claimable by a
+        // slot on it, and one that did not runs wherever it was claimed.
+        config.device = self.device.clone();
         let spec = JobSpec {
             model: fetch(job.model_sha256.clone(), "model.pt").await?,
             clean: fetch(job.clean_sha256.clone(), "clean.bundle").await?,

@@ -144,6 +144,40 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes a blob and its chunks if no job names it as an input and no report as its
+    /// artifact; returns whether it was deleted. A job created at the same moment wins:
+    /// its foreign key makes the deletion fail, and the blob stays.
+    pub async fn free_blob_if_unreferenced(&self, sha256: &str) -> Result<bool, StoreError> {
+        let attempt = async {
+            let mut tx = self.pool().begin().await?;
+            let deleted = sqlx::query(
+                "DELETE FROM blobs WHERE sha256 = $1 \
+                 AND NOT EXISTS (SELECT 1 FROM jobs WHERE model_sha256 = $1 OR clean_sha256 = $1 \
+                                 OR test_sha256 = $1 OR poison_sha256 = $1) \
+                 AND NOT EXISTS (SELECT 1 FROM reports WHERE artifact_sha256 = $1)",
+            )
+            .bind(sha256)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if deleted {
+                // Chunks belong to exactly one blob (deduplication is per whole blob), so
+                // the blob's own chunks are free once its row is gone.
+                sqlx::query("DELETE FROM blob_chunks WHERE blob_key = $1")
+                    .bind(sha256)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok::<bool, StoreError>(deleted)
+        };
+        match attempt.await {
+            Err(e) if e.is_foreign_key_violation() => Ok(false),
+            other => other,
+        }
+    }
+
     /// Removes chunks of uploads that never finished (a dropped connection, a crash).
     pub async fn sweep_staging(&self) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM blob_chunks WHERE blob_key LIKE 'upload:%'")

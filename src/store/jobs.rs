@@ -75,6 +75,8 @@ pub struct Job {
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// The device the client asked for; `None`: any worker slot.
+    pub device: Option<String>,
 }
 
 /// The PostgreSQL notification channel announcing queued jobs.
@@ -82,7 +84,7 @@ pub const JOBS_CHANNEL: &str = "bdscan_jobs_queued";
 
 const JOB_COLUMNS: &str = "id, state, model_sha256, clean_sha256, test_sha256, poison_sha256, target_label, config, \
      progress_phase, progress_step, progress_total, error_code, error, attempts, max_attempts, cancel_requested, \
-     lease_owner, lease_until, idempotency_key, idempotency_fingerprint, created_at, started_at, finished_at";
+     lease_owner, lease_until, idempotency_key, idempotency_fingerprint, created_at, started_at, finished_at, device";
 
 impl<'r> FromRow<'r, AnyRow> for Job {
     fn from_row(row: &'r AnyRow) -> Result<Self, sqlx::Error> {
@@ -113,6 +115,7 @@ impl<'r> FromRow<'r, AnyRow> for Job {
             created_at: row.try_get("created_at")?,
             started_at: row.try_get("started_at")?,
             finished_at: row.try_get("finished_at")?,
+            device: row.try_get("device")?,
         })
     }
 }
@@ -130,6 +133,8 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     /// A digest of the request, so a reused key with a different request is refused.
     pub idempotency_fingerprint: Option<String>,
+    /// Only a worker slot on this device (`cpu`, `cuda:N`) may run the job; `None`: any.
+    pub device: Option<String>,
 }
 
 #[derive(Debug)]
@@ -155,6 +160,13 @@ pub struct Reaped {
     pub cancelled: Vec<String>,
 }
 
+/// What deleting a finished job removed besides the job and its report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Purged {
+    /// The job's blobs that no other job or report used.
+    pub freed_blobs: Vec<String>,
+}
+
 pub struct JobPage {
     pub jobs: Vec<Job>,
     /// Pass back as `cursor` for the next page; `None` on the last page.
@@ -166,8 +178,8 @@ impl Store {
         let now = now_ms();
         let sql = format!(
             "INSERT INTO jobs (id, state, model_sha256, clean_sha256, test_sha256, poison_sha256, target_label, config, \
-             max_attempts, idempotency_key, idempotency_fingerprint, run_after, created_at) \
-             VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11) \
+             max_attempts, idempotency_key, idempotency_fingerprint, run_after, created_at, device) \
+             VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12) \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING {JOB_COLUMNS}"
         );
         let inserted: Option<Job> = sqlx::query_as(&sql)
@@ -182,6 +194,7 @@ impl Store {
             .bind(&new.idempotency_key)
             .bind(&new.idempotency_fingerprint)
             .bind(now)
+            .bind(&new.device)
             .fetch_optional(self.pool())
             .await?;
         if let Some(job) = inserted {
@@ -269,12 +282,23 @@ impl Store {
             .collect())
     }
 
-    /// Takes the oldest runnable queued job, if any, leasing it to `owner` for `lease_ms`.
-    /// One statement, committed at once: two workers can never claim the same job.
+    /// [`Store::claim_job_on`] for a CPU slot.
     pub async fn claim_job(
         &self,
         owner: &str,
         lease_ms: i64,
+    ) -> Result<Option<Claimed>, StoreError> {
+        self.claim_job_on(owner, lease_ms, "cpu").await
+    }
+
+    /// Takes the oldest runnable queued job that a slot on `device` may run (one that
+    /// asked for no device, or for this one), leasing it to `owner` for `lease_ms`.
+    /// One statement, committed at once: two workers can never claim the same job.
+    pub async fn claim_job_on(
+        &self,
+        owner: &str,
+        lease_ms: i64,
+        device: &str,
     ) -> Result<Option<Claimed>, StoreError> {
         // PostgreSQL: rows another transaction is claiming are skipped rather than waited
         // on. SQLite: writers are serialised, so the same statement without the lock clause.
@@ -286,13 +310,14 @@ impl Store {
             "UPDATE jobs SET state = 'running', lease_owner = $1, lease_until = $2, attempts = attempts + 1, \
              started_at = COALESCE(started_at, $3), progress_phase = NULL, progress_step = 0, progress_total = 0 \
              WHERE state = 'queued' AND id = (SELECT id FROM jobs WHERE state = 'queued' AND run_after <= $3 \
-             ORDER BY created_at, id LIMIT 1 {lock}) RETURNING {JOB_COLUMNS}"
+             AND (device IS NULL OR device = $4) ORDER BY created_at, id LIMIT 1 {lock}) RETURNING {JOB_COLUMNS}"
         );
         let now = now_ms();
         let job: Option<Job> = sqlx::query_as(&sql)
             .bind(owner)
             .bind(now + lease_ms)
             .bind(now)
+            .bind(device)
             .fetch_optional(self.pool())
             .await?;
         Ok(job.map(|job| Claimed {
@@ -485,6 +510,54 @@ impl Store {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Deletes a finished job, its report, and then every blob it used (inputs and
+    /// artifact) that nothing else references any more. `Ok(None)`: there is no
+    /// finished job with this id (none at all, or it is still queued or running).
+    pub async fn purge_job(&self, id: &str) -> Result<Option<Purged>, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND state IN ('succeeded', 'failed', 'cancelled')"
+        );
+        let Some(job) = sqlx::query_as::<_, Job>(&sql)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let artifact: Option<String> =
+            sqlx::query("DELETE FROM reports WHERE job_id = $1 RETURNING artifact_sha256")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| r.get(0));
+        let deleted = sqlx::query(
+            "DELETE FROM jobs WHERE id = $1 AND state IN ('succeeded', 'failed', 'cancelled')",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if deleted != 1 {
+            // Another request purged it between our read and delete.
+            return Ok(None);
+        }
+        tx.commit().await?;
+        let mut candidates = vec![job.model_sha256, job.clean_sha256];
+        candidates.extend(job.test_sha256);
+        candidates.extend(job.poison_sha256);
+        candidates.extend(artifact);
+        candidates.sort();
+        candidates.dedup();
+        let mut freed_blobs = Vec::new();
+        for sha in candidates {
+            if self.free_blob_if_unreferenced(&sha).await? {
+                freed_blobs.push(sha);
+            }
+        }
+        Ok(Some(Purged { freed_blobs }))
     }
 
     /// The report JSON and artifact hash of a succeeded job.

@@ -13,7 +13,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 pub use blobs::{BlobInfo, BlobUpload, CHUNK_BYTES};
-pub use jobs::{Claimed, CreateOutcome, Job, JobPage, JobState, NewJob, Reaped};
+pub use jobs::{Claimed, CreateOutcome, Job, JobPage, JobState, NewJob, Purged, Reaped};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -35,6 +35,14 @@ pub enum StoreError {
     BlobNotFound(String),
     #[error("blob {0} is damaged: {1}")]
     Corrupt(String, String),
+}
+
+impl StoreError {
+    /// A row named a blob (or job) that another transaction had just deleted.
+    pub fn is_foreign_key_violation(&self) -> bool {
+        matches!(self, StoreError::Database(sqlx::Error::Database(e))
+            if e.kind() == sqlx::error::ErrorKind::ForeignKeyViolation)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

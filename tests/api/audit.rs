@@ -1,16 +1,62 @@
 //! The audit a user runs with curl: upload everything in one form, wait, read the
-//! report, download the purified model.
+//! report, download the purified model and check it, on SQLite and on PostgreSQL.
 
+use std::path::Path;
+
+use bdscan::engine::bundle::load_bundle;
+use bdscan::engine::data::SampleSet;
+use bdscan::engine::metrics::PoisonSet;
+use bdscan::engine::model::ScanModel;
+use bdscan::lab::demo::DemoFiles;
 use reqwest::StatusCode;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tch::Device;
 
-use crate::helpers::{audit_form, demo_files, quick_config, spawn_app, Options};
+use crate::helpers::{audit_form, demo_files, postgres_url, quick_config, spawn_app, Db, Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_shot_audit_removes_the_backdoor_end_to_end_on_sqlite() {
+    one_shot_audit(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shot_audit_removes_the_backdoor_end_to_end_on_postgres() {
+    if let Some(url) = postgres_url("one_shot_audit_removes_the_backdoor_end_to_end_on_postgres") {
+        one_shot_audit(Db::Postgres(url)).await;
+    }
+}
+
+/// The downloaded model's ASR on the poison bundle, measured here rather than trusted
+/// from the report: the file must load as TorchScript and behave as the report says.
+async fn measure_downloaded_asr(files: &DemoFiles, model: &[u8]) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("downloaded.pt");
+    std::fs::write(&path, model).unwrap();
+    let (poison, target) = (files.poison.clone(), files.target);
+    tokio::task::spawn_blocking(move || {
+        let poison = SampleSet::from_bundle(&load_bundle(&poison).unwrap(), Device::Cpu).unwrap();
+        let mut model = ScanModel::load(
+            Path::new(&path),
+            Device::Cpu,
+            &poison.images.narrow(0, 0, 2),
+        )
+        .expect("the downloaded artifact loads as TorchScript");
+        let (asr, _) = PoisonSet::new(poison, target)
+            .unwrap()
+            .measure(&mut model, 256)
+            .unwrap();
+        drop(dir);
+        asr
+    })
+    .await
+    .unwrap()
+}
+
+async fn one_shot_audit(db: Db) {
     let files = demo_files().await;
     let app = spawn_app(Options {
+        db,
         workers: 1,
         ..Options::default()
     })
@@ -64,6 +110,12 @@ async fn one_shot_audit_removes_the_backdoor_end_to_end_on_sqlite() {
     assert_eq!(hex::encode(Sha256::digest(&model)), digest);
     assert_eq!(report["artifact"]["sha256"], digest.as_str());
     assert_eq!(report["artifact"]["bytes"], length);
+    let measured = measure_downloaded_asr(&files, &model).await;
+    assert!(
+        (measured - after).abs() < 1e-9,
+        "the downloaded model's ASR {measured} is the report's {after}"
+    );
+    assert!(measured < before - 0.2, "{before} -> {measured}");
 
     let part = app
         .client

@@ -35,9 +35,29 @@ pub fn postgres_url(test: &str) -> Option<String> {
     url
 }
 
-/// Creates an empty database for one test and returns its URL.
-pub async fn fresh_postgres_database(server_url: &str) -> String {
-    let name = format!("bdscan_test_{}", uuid::Uuid::new_v4().simple());
+/// Prefix of every database a test creates, followed by the creating process's id.
+const TEST_DATABASE_PREFIX: &str = "bdscan_test_";
+
+/// A database created for one test on the test server; dropped with this value (also
+/// when the test panics). Databases of test runs that died before dropping theirs are
+/// removed when the next run creates its first one.
+pub struct TestDatabase {
+    pub url: String,
+    server_url: String,
+    name: String,
+}
+
+/// Creates an empty database for one test.
+pub async fn fresh_postgres_database(server_url: &str) -> TestDatabase {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT
+        .get_or_init(|| drop_databases_of_dead_runs(server_url))
+        .await;
+    let name = format!(
+        "{TEST_DATABASE_PREFIX}{}_{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    );
     let mut conn = sqlx::PgConnection::connect(server_url)
         .await
         .expect("connecting to the test Postgres");
@@ -54,7 +74,78 @@ pub async fn fresh_postgres_database(server_url: &str) -> String {
     } else {
         base.to_string()
     };
-    format!("{base}/{name}")
+    TestDatabase {
+        url: format!("{base}/{name}"),
+        server_url: server_url.to_string(),
+        name,
+    }
+}
+
+/// The test databases on this server, as (name, id of the process that made it).
+async fn test_databases(conn: &mut sqlx::PgConnection) -> Vec<(String, Option<u32>)> {
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname::text FROM pg_database WHERE starts_with(datname, $1)")
+            .bind(TEST_DATABASE_PREFIX)
+            .fetch_all(conn)
+            .await
+            .expect("listing test databases");
+    names
+        .into_iter()
+        .map(|name| {
+            let pid = name[TEST_DATABASE_PREFIX.len()..]
+                .split('_')
+                .next()
+                .and_then(|pid| pid.parse().ok());
+            (name, pid)
+        })
+        .collect()
+}
+
+async fn drop_database(conn: &mut sqlx::PgConnection, name: &str) {
+    // FORCE ends connections a pool still holds (the app may be mid-shutdown).
+    let dropped = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(conn)
+        .await;
+    if let Err(e) = dropped {
+        eprintln!("could not drop test database {name}: {e}");
+    }
+}
+
+/// Drops the databases whose creating test process is gone (a run that was killed).
+pub async fn drop_databases_of_dead_runs(server_url: &str) {
+    let mut conn = sqlx::PgConnection::connect(server_url)
+        .await
+        .expect("connecting to the test Postgres");
+    for (name, pid) in test_databases(&mut conn).await {
+        if pid.is_some_and(|pid| !Path::new("/proc").join(pid.to_string()).exists()) {
+            drop_database(&mut conn, &name).await;
+        }
+    }
+    conn.close().await.ok();
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Drop cannot await, and the test's runtime may be the one dropping us: use a
+        // runtime of our own on a thread of our own.
+        let (server_url, name) = (self.server_url.clone(), self.name.clone());
+        let dropping = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                match sqlx::PgConnection::connect(&server_url).await {
+                    Ok(mut conn) => {
+                        drop_database(&mut conn, &name).await;
+                        conn.close().await.ok();
+                    }
+                    Err(e) => eprintln!("could not drop test database {name}: {e}"),
+                }
+            });
+        });
+        let _ = dropping.join();
+    }
 }
 
 pub struct Options {
@@ -85,6 +176,7 @@ pub struct TestApp {
     shutdown: CancellationToken,
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     dir: Option<tempfile::TempDir>,
+    database: Option<TestDatabase>,
 }
 
 pub async fn spawn_app(options: Options) -> TestApp {
@@ -97,8 +189,12 @@ pub async fn spawn_app(options: Options) -> TestApp {
         dir.path().to_path_buf(),
         exe,
     );
-    if let Db::Postgres(server_url) = &options.db {
-        config.database_url = fresh_postgres_database(server_url).await;
+    let database = match &options.db {
+        Db::Postgres(server_url) => Some(fresh_postgres_database(server_url).await),
+        Db::Sqlite => None,
+    };
+    if let Some(database) = &database {
+        config.database_url = database.url.clone();
     }
     config.workers = options.workers;
     config.max_blob_bytes = options.max_blob_bytes;
@@ -122,6 +218,7 @@ pub async fn spawn_app(options: Options) -> TestApp {
         shutdown,
         server: Some(server),
         dir: Some(dir),
+        database,
     }
 }
 
@@ -201,12 +298,14 @@ impl TestApp {
         }
     }
 
-    /// Stops the app and waits for it; the returned folder still holds its data.
+    /// Stops the app and waits for it, then drops its PostgreSQL database; the returned
+    /// folder still holds its files (and its SQLite database).
     pub async fn stop(mut self) -> Option<tempfile::TempDir> {
         self.shutdown.cancel();
         if let Some(server) = self.server.take() {
             let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
         }
+        self.database.take();
         self.dir.take()
     }
 }
@@ -316,6 +415,7 @@ pub async fn queue_job(store: &Store, max_attempts: i64) -> String {
         max_attempts,
         idempotency_key: None,
         idempotency_fingerprint: None,
+        device: None,
     };
     match store.create_job(&new).await.expect("create job") {
         bdscan::store::CreateOutcome::Created(job) => job.id,

@@ -261,5 +261,20 @@ async fn jobs_list_by_state_with_cursor_pagination_and_queued_jobs_cancel_at_onc
     assert_eq!(cancelled, ids[..2].iter().cloned().collect());
     let (_, queued) = app.get_json("/v1/jobs?state=queued").await;
     assert_eq!(queued["jobs"].as_array().unwrap().len(), 3);
+
+    // A second DELETE of a cancelled job deletes it; the blob stays for the queued ones.
+    let response = app
+        .client
+        .delete(app.url(&format!("/v1/jobs/{}", ids[0])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let (status, _) = app.get_json(&format!("/v1/jobs/{}", ids[0])).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = app.get_json(&format!("/v1/blobs/{blob}")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, all) = app.get_json("/v1/jobs").await;
+    assert_eq!(all["jobs"].as_array().unwrap().len(), 4);
     app.stop().await;
 }

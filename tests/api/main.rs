@@ -3,8 +3,10 @@
 
 mod audit;
 mod blobs;
+mod devices;
 mod helpers;
 mod jobs;
+mod purge;
 mod queue;
 mod serve;
 mod system;

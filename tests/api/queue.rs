@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bdscan::store::{JobState, Store};
 
-use crate::helpers::{fresh_postgres_database, postgres_url, queue_job};
+use crate::helpers::{fresh_postgres_database, postgres_url, queue_job, TestDatabase};
 
 async fn sqlite_store() -> (Store, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -17,13 +17,11 @@ async fn sqlite_store() -> (Store, tempfile::TempDir) {
     )
 }
 
-async fn postgres_store(test: &str) -> Option<Store> {
+/// A store on a fresh PostgreSQL database, which is dropped with the returned guard.
+async fn postgres_store(test: &str) -> Option<(Store, TestDatabase)> {
     let url = postgres_url(test)?;
-    Some(
-        Store::connect(&fresh_postgres_database(&url).await)
-            .await
-            .unwrap(),
-    )
+    let database = fresh_postgres_database(&url).await;
+    Some((Store::connect(&database.url).await.unwrap(), database))
 }
 
 const JOBS: usize = 40;
@@ -74,7 +72,9 @@ async fn two_workers_never_claim_the_same_job_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_workers_never_claim_the_same_job_postgres() {
-    if let Some(store) = postgres_store("two_workers_never_claim_the_same_job_postgres").await {
+    if let Some((store, _database)) =
+        postgres_store("two_workers_never_claim_the_same_job_postgres").await
+    {
         two_workers_never_claim_the_same_job(store).await;
     }
 }
@@ -140,7 +140,7 @@ async fn expired_lease_is_requeued_and_its_old_owner_is_fenced_off_sqlite() {
 
 #[tokio::test]
 async fn expired_lease_is_requeued_and_its_old_owner_is_fenced_off_postgres() {
-    if let Some(store) =
+    if let Some((store, _database)) =
         postgres_store("expired_lease_is_requeued_and_its_old_owner_is_fenced_off_postgres").await
     {
         expired_lease_is_requeued_and_its_old_owner_is_fenced_off(store).await;
@@ -185,7 +185,7 @@ async fn last_attempt_failing_its_lease_fails_the_job_sqlite() {
 
 #[tokio::test]
 async fn last_attempt_failing_its_lease_fails_the_job_postgres() {
-    if let Some(store) =
+    if let Some((store, _database)) =
         postgres_store("last_attempt_failing_its_lease_fails_the_job_postgres").await
     {
         last_attempt_failing_its_lease_fails_the_job(store).await;
@@ -215,7 +215,57 @@ async fn backoff_delays_a_requeued_job_sqlite() {
 
 #[tokio::test]
 async fn backoff_delays_a_requeued_job_postgres() {
-    if let Some(store) = postgres_store("backoff_delays_a_requeued_job_postgres").await {
+    if let Some((store, _database)) = postgres_store("backoff_delays_a_requeued_job_postgres").await
+    {
         backoff_delays_a_requeued_job(store).await;
     }
+}
+
+async fn database_exists(server_url: &str, name: &str) -> bool {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(server_url).await.unwrap();
+    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(name)
+        .fetch_optional(&mut conn)
+        .await
+        .unwrap();
+    found.is_some()
+}
+
+#[tokio::test]
+async fn test_databases_are_dropped_after_their_test_and_after_dead_runs() {
+    use sqlx::Connection;
+    let Some(server_url) =
+        postgres_url("test_databases_are_dropped_after_their_test_and_after_dead_runs")
+    else {
+        return;
+    };
+    let database = fresh_postgres_database(&server_url).await;
+    let name = database.url.rsplit('/').next().unwrap().to_string();
+    let store = Store::connect(&database.url).await.unwrap();
+    queue_job(&store, 1).await;
+    assert!(database_exists(&server_url, &name).await);
+
+    // A database left by a run that was killed (pid 0 is never a test process).
+    let orphan = format!("bdscan_test_0_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&server_url).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {orphan}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    crate::helpers::drop_databases_of_dead_runs(&server_url).await;
+    assert!(
+        !database_exists(&server_url, &orphan).await,
+        "the dead run's database is gone"
+    );
+    assert!(
+        database_exists(&server_url, &name).await,
+        "a live run's database stays"
+    );
+
+    // Dropping the guard drops the database, even with the store's connections open.
+    drop(database);
+    assert!(!database_exists(&server_url, &name).await);
+    drop(store);
 }

@@ -1,23 +1,13 @@
-//! The `bdscan serve` binary itself: default SQLite store, port 0, clean exit on SIGTERM.
+//! The `bdscan serve` binary itself: default SQLite store, port 0, clean exit on SIGTERM,
+//! settings from flags, environment and a config file, refused settings.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-#[tokio::test]
-async fn serve_binary_uses_sqlite_in_the_data_dir_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bdscan"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .env_remove("DATABASE_URL")
+/// Starts `command` (a `bdscan serve`) and returns it with the address it logged.
+async fn start(mut command: Command) -> (Child, String) {
+    let mut child = command
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -36,6 +26,59 @@ async fn serve_binary_uses_sqlite_in_the_data_dir_and_stops_on_sigterm() {
     })
     .await
     .unwrap();
+    (child, address)
+}
+
+/// SIGTERM, then the exit status within 20 s.
+async fn terminate(mut child: Child) -> std::process::ExitStatus {
+    // The shell's builtin `kill`: no procps needed.
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -TERM {}", child.id()))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            return exit;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the server did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn serve_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bdscan"));
+    command.arg("serve");
+    for key in [
+        "DATABASE_URL",
+        "BDSCAN_CONFIG",
+        "BDSCAN_LISTEN",
+        "BDSCAN_DATA_DIR",
+        "BDSCAN_WORKERS",
+        "BDSCAN_DEVICES",
+        "BDSCAN_MAX_BLOB_BYTES",
+        "BDSCAN_JOB_THREADS",
+        "BDSCAN_LEASE_SECS",
+        "BDSCAN_MAX_ATTEMPTS",
+    ] {
+        command.env_remove(key);
+    }
+    command
+}
+
+#[tokio::test]
+async fn serve_binary_uses_sqlite_in_the_data_dir_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = serve_command();
+    command
+        .args(["--listen", "127.0.0.1:0", "--workers", "1", "--data-dir"])
+        .arg(dir.path());
+    let (child, address) = start(command).await;
 
     let client = reqwest::Client::new();
     let ready = client
@@ -48,24 +91,148 @@ async fn serve_binary_uses_sqlite_in_the_data_dir_and_stops_on_sigterm() {
         dir.path().join("bdscan.sqlite").exists(),
         "SQLite database in --data-dir"
     );
+    let exit = terminate(child).await;
+    assert!(exit.success(), "graceful shutdown exits 0, got {exit}");
+}
 
-    // The shell's builtin `kill`: no procps needed.
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!("kill -TERM {}", child.id()))
-        .status()
+#[tokio::test]
+async fn serve_settings_come_from_flags_then_environment_then_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file_dir, flag_dir) = (dir.path().join("from-file"), dir.path().join("from-flag"));
+    let config = dir.path().join("bdscan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# every key of the flags\nlisten = \"127.0.0.1:9\"\ndata_dir = \"{}\"\nworkers = 0\nmax_blob_bytes = 1000\n",
+            file_dir.display()
+        ),
+    )
+    .unwrap();
+    let mut command = serve_command();
+    command
+        .arg("--data-dir")
+        .arg(&flag_dir)
+        .env("BDSCAN_CONFIG", &config)
+        .env("BDSCAN_LISTEN", "127.0.0.1:0");
+    let (child, address) = start(command).await;
+    assert!(
+        !address.ends_with(":9"),
+        "the environment's port 0 beats the file's 9: {address}"
+    );
+    assert!(
+        flag_dir.join("bdscan.sqlite").exists(),
+        "the flag's data dir beats the file's"
+    );
+    assert!(!file_dir.exists());
+    // Only the file sets the upload limit: 1000 bytes, not the 1 GiB default.
+    let client = reqwest::Client::new();
+    let upload = |size: usize| {
+        client
+            .post(format!("http://{address}/v1/blobs"))
+            .body(vec![1u8; size])
+            .send()
+    };
+    assert_eq!(
+        upload(1000).await.unwrap().status(),
+        reqwest::StatusCode::CREATED
+    );
+    assert_eq!(
+        upload(1001).await.unwrap().status(),
+        reqwest::StatusCode::PAYLOAD_TOO_LARGE
+    );
+    let exit = terminate(child).await;
+    assert!(exit.success(), "{exit}");
+}
+
+#[test]
+fn serve_refuses_a_config_file_with_an_unknown_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bdscan.toml");
+    std::fs::write(&config, "workers = 1\ncolour = \"red\"\n").unwrap();
+    let path = config.to_str().unwrap();
+    let stderr = refused_serve(&["--config", path], &[]);
+    assert!(stderr.contains("unknown field `colour`"), "{stderr}");
+    assert!(stderr.contains(path), "names the file: {stderr}");
+    let stderr = refused_serve(&[], &[("BDSCAN_CONFIG", path)]);
+    assert!(stderr.contains("unknown field `colour`"), "{stderr}");
+    let stderr = refused_serve(&["--config", "/nonexistent/bdscan.toml"], &[]);
+    assert!(stderr.contains("/nonexistent/bdscan.toml"), "{stderr}");
+}
+
+/// `bdscan serve` with `args` that must be refused before it binds: exit 2 and stderr.
+fn refused_serve(args: &[&str], envs: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = serve_command();
+    command
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .args(args);
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
+#[test]
+fn serve_refuses_devices_it_cannot_use() {
+    let missing = format!("cuda:{}", tch::Cuda::device_count().max(0));
+    let stderr = refused_serve(&["--devices", &format!("cpu,{missing}")], &[]);
+    assert!(
+        stderr.contains(&format!("{missing} is not available")),
+        "{stderr}"
+    );
+    let stderr = refused_serve(&[], &[("BDSCAN_DEVICES", "cpu,tpu")]);
+    assert!(stderr.contains("device `tpu`"), "{stderr}");
+    let stderr = refused_serve(&["--workers", "3", "--devices", "cpu,cpu"], &[]);
+    assert!(stderr.contains("disagree"), "{stderr}");
+}
+
+/// The container files cannot be built here (no Docker engine), but the settings they
+/// give `bdscan serve` must be ones it knows, and the config file they ship must load.
+#[test]
+fn container_files_use_settings_that_serve_knows() {
+    let help = Command::new(env!("CARGO_BIN_EXE_bdscan"))
+        .args(["serve", "--help"])
+        .output()
         .unwrap();
-    assert!(status.success());
-    let started = Instant::now();
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
+    let help = String::from_utf8_lossy(&help.stdout).to_string();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut named = 0;
+    for file in ["docker/Dockerfile", "deploy/docker-compose.yml"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        for (at, _) in text.match_indices("BDSCAN_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                .collect();
+            if name == "BDSCAN_" {
+                continue; // prose: "BDSCAN_* variables"
+            }
+            assert!(
+                help.contains(&format!("[env: {name}=")),
+                "{file} sets {name}, which `bdscan serve` does not read"
+            );
+            named += 1;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the server did not stop on SIGTERM"
+            text.contains("BDSCAN_CONFIG=/etc/bdscan/bdscan.toml")
+                || text.contains("BDSCAN_CONFIG: /etc/bdscan/bdscan.toml"),
+            "{file}"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(exit.success(), "graceful shutdown exits 0, got {exit}");
+    }
+    assert!(named >= 3);
+    assert!(help.contains("[env: DATABASE_URL"));
+    let compose = std::fs::read_to_string(root.join("deploy/docker-compose.yml")).unwrap();
+    assert!(compose.contains("DATABASE_URL: postgres://"));
+
+    let settings = bdscan::server::ServeSettings::from_file(&root.join("deploy/bdscan.toml"))
+        .expect("deploy/bdscan.toml loads");
+    let config = settings
+        .into_config(env!("CARGO_BIN_EXE_bdscan").into())
+        .expect("deploy/bdscan.toml is a valid configuration on a CPU machine");
+    assert_eq!(config.listen.port(), 8080);
+    assert_eq!(config.data_dir, std::path::PathBuf::from("/data"));
 }

@@ -1,4 +1,9 @@
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use bdscan::server::openapi::METHODS;
 use reqwest::StatusCode;
+use serde_json::Value;
 
 use crate::helpers::{assert_problem, spawn_app, Options};
 
@@ -69,5 +74,143 @@ async fn unknown_routes_get_a_problem_document() {
     let app = spawn_app(Options::default()).await;
     let response = app.client.get(app.url("/v2/nothing")).send().await.unwrap();
     assert_problem(response, StatusCode::NOT_FOUND, "not_found").await;
+    app.stop().await;
+}
+
+/// The paths the routers register, read from their source: `.route("PATH", …)`.
+fn registered_paths() -> BTreeSet<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/server/routes");
+    let mut paths = BTreeSet::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let source = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for piece in source.split(".route(").skip(1) {
+            let literal = piece.trim_start();
+            assert!(
+                literal.starts_with('"'),
+                "routes take their path as a literal so this test can see them: {}",
+                &literal[..literal.len().min(60)]
+            );
+            let path = literal[1..].split('"').next().unwrap();
+            paths.insert(path.to_string());
+        }
+    }
+    paths
+}
+
+fn resolve_refs(node: &Value, document: &Value) {
+    match node {
+        Value::Object(map) => {
+            if let Some(Value::String(target)) = map.get("$ref") {
+                let pointer = target.strip_prefix('#').expect("local $ref");
+                assert!(
+                    document.pointer(pointer).is_some(),
+                    "dangling $ref {target}"
+                );
+            }
+            map.values().for_each(|v| resolve_refs(v, document));
+        }
+        Value::Array(items) => items.iter().for_each(|v| resolve_refs(v, document)),
+        _ => {}
+    }
+}
+
+#[tokio::test]
+async fn openapi_documents_every_route_with_exactly_its_methods() {
+    let app = spawn_app(Options::default()).await;
+    let (status, spec) = app.get_json("/v1/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    resolve_refs(&spec, &spec);
+    let documented: BTreeSet<String> = spec["paths"].as_object().unwrap().keys().cloned().collect();
+    let registered = registered_paths();
+    assert!(registered.len() >= 11, "found only {registered:?}");
+    assert_eq!(
+        documented, registered,
+        "documented paths vs registered ones"
+    );
+
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        let url = path
+            .replace("{id}", &uuid::Uuid::new_v4().to_string())
+            .replace("{sha256}", &"ab".repeat(32));
+        for method in METHODS {
+            let operation = &item[method];
+            let response = app
+                .client
+                .request(method.to_uppercase().parse().unwrap(), app.url(&url))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            if operation.is_object() {
+                assert!(
+                    operation["summary"].as_str().is_some_and(|s| !s.is_empty()),
+                    "{method} {path} has no summary"
+                );
+                let responses = operation["responses"].as_object().unwrap();
+                assert!(
+                    responses.keys().any(|s| s.starts_with('2')),
+                    "{method} {path} documents no success"
+                );
+                if let Some(parameters) = path.contains('{').then(|| &operation["parameters"]) {
+                    assert!(
+                        parameters.is_array(),
+                        "{method} {path} lacks its path parameter"
+                    );
+                }
+                assert_ne!(
+                    status,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path} is documented but not routed"
+                );
+                let body: Value = response.json().await.unwrap_or(Value::Null);
+                assert_ne!(
+                    body["detail"], "route not found",
+                    "{method} {path} is documented but not routed"
+                );
+                if status.is_client_error() || status.is_server_error() {
+                    assert!(
+                        responses.contains_key(status.as_str()),
+                        "{method} {path} answered {status}, which it does not document: {body}"
+                    );
+                    if let Some(codes) = responses[status.as_str()].pointer(
+                        "/content/application~1problem+json/schema/allOf/1/properties/code/enum",
+                    ) {
+                        assert!(
+                            codes.as_array().unwrap().contains(&body["code"]),
+                            "{method} {path} answered code {}, which it does not document",
+                            body["code"]
+                        );
+                    }
+                }
+            } else {
+                let allowed: BTreeSet<String> = response.headers()["allow"]
+                    .to_str()
+                    .unwrap()
+                    .split(',')
+                    .map(|m| m.trim().to_lowercase())
+                    .filter(|m| m != "head")
+                    .collect();
+                let documented: BTreeSet<String> = METHODS
+                    .iter()
+                    .filter(|m| item[**m].is_object())
+                    .map(|m| m.to_string())
+                    .collect();
+                assert_eq!(
+                    allowed, documented,
+                    "Allow of {path} vs its documented methods"
+                );
+                let problem = assert_problem(
+                    response,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                )
+                .await;
+                assert!(
+                    problem["detail"].as_str().unwrap().contains("openapi"),
+                    "{problem}"
+                );
+            }
+        }
+    }
     app.stop().await;
 }

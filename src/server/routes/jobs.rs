@@ -1,5 +1,5 @@
-//! `/v1/jobs`: submit (idempotent), list, inspect, cancel, and read a finished job's
-//! report, report page and purified model.
+//! `/v1/jobs`: submit (idempotent), list, inspect, cancel or delete, and read a finished
+//! job's report, report page and purified model.
 
 use std::sync::atomic::Ordering;
 
@@ -15,13 +15,13 @@ use sha2::{Digest, Sha256};
 use crate::engine::{ScanConfig, ScanReport};
 use crate::server::error::{AppJson, AppQuery};
 use crate::server::view::JobView;
-use crate::server::{html, ApiError, AppState};
+use crate::server::{device_name, html, parse_device, ApiError, AppState};
 use crate::store::{CreateOutcome, Job, JobState, NewJob};
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/jobs", get(list).post(submit))
-        .route("/v1/jobs/{id}", get(show).delete(cancel))
+        .route("/v1/jobs/{id}", get(show).delete(delete_job))
         .route("/v1/jobs/{id}/report", get(report))
         .route("/v1/jobs/{id}/report.html", get(report_page))
         .route("/v1/jobs/{id}/artifact", get(artifact))
@@ -113,6 +113,7 @@ pub async fn submit_job(
             None => None,
         });
     }
+    let device = requested_device(state, request.config.as_ref())?;
     let config_json = serde_json::to_string(&config).map_err(ApiError::internal)?;
     let fingerprint = key.as_ref().map(|_| {
         let canonical =
@@ -131,10 +132,26 @@ pub async fn submit_job(
         max_attempts,
         idempotency_key: key,
         idempotency_fingerprint: fingerprint,
+        device,
     };
-    match state.store.create_job(&new).await? {
+    let outcome = state.store.create_job(&new).await.map_err(|e| {
+        if e.is_foreign_key_violation() {
+            // A blob checked above was freed by a job deletion in the meantime.
+            ApiError::unprocessable(
+                "unknown_blob",
+                "an input blob was deleted while the job was being created; upload it again",
+            )
+        } else {
+            e.into()
+        }
+    })?;
+    match outcome {
         CreateOutcome::Created(job) => {
             state.metrics.jobs_submitted.fetch_add(1, Ordering::Relaxed);
+            if job.device.is_some() {
+                // Only some slots may take it: let all idle ones look.
+                state.wake.notify_waiters();
+            }
             state.wake.notify_one();
             Ok((job, true))
         }
@@ -147,6 +164,36 @@ pub async fn submit_job(
             ),
         }),
     }
+}
+
+/// The device a job's config names explicitly (`None` when it names none: any slot may
+/// run it). A server with worker slots refuses a device none of them has; an API-only
+/// server cannot know the other replicas' slots and queues the job for them.
+fn requested_device(
+    state: &AppState,
+    config: Option<&serde_json::Value>,
+) -> Result<Option<String>, ApiError> {
+    let Some(spec) = config.and_then(|c| c.get("device")) else {
+        return Ok(None);
+    };
+    let spec = spec.as_str().ok_or_else(|| {
+        ApiError::unprocessable("invalid_config", "config `device` must be a string")
+    })?;
+    let device = parse_device(spec)
+        .map_err(|e| ApiError::unprocessable("invalid_config", format!("config: {e}")))?;
+    let slots = state.config.slot_devices();
+    if !slots.is_empty() && !slots.contains(&device) {
+        let names: Vec<String> = slots.iter().map(|d| device_name(*d)).collect();
+        return Err(ApiError::unprocessable(
+            "device_unavailable",
+            format!(
+                "config `device` {}: this server's job slots run on {}; leave `device` out to run on any of them",
+                device_name(device),
+                names.join(", ")
+            ),
+        ));
+    }
+    Ok(Some(device_name(device)))
 }
 
 fn parse_config(value: Option<&serde_json::Value>) -> Result<ScanConfig, ApiError> {
@@ -263,16 +310,22 @@ async fn show(
     Ok(Json(JobView::new(&find_job(&state, &id).await?)))
 }
 
-async fn cancel(
+/// `DELETE /v1/jobs/{id}`: an active job is cancelled (200 when it was still queued and
+/// is now cancelled, 202 while a running one stops at its next step); a finished job is
+/// deleted with its report and every blob nothing else uses (204).
+async fn delete_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job = find_job(&state, &id).await?;
-    if matches!(job.state, JobState::Succeeded | JobState::Failed) {
-        return Err(ApiError::Conflict {
-            code: "job_finished",
-            message: format!("job {id} already {}", job.state.as_str()),
-        });
+    if job.state.is_terminal() {
+        let purged = state
+            .store
+            .purge_job(&id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("job {id}")))?;
+        tracing::info!(job = %id, freed_blobs = purged.freed_blobs.len(), "job deleted");
+        return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let job = state
         .store
@@ -281,10 +334,10 @@ async fn cancel(
         .ok_or_else(|| ApiError::not_found(format!("job {id}")))?;
     state.wake.notify_waiters();
     // A running job stops at its next step: 202 until then.
-    let status = if job.state == JobState::Cancelled {
-        StatusCode::OK
-    } else {
+    let status = if job.state == JobState::Running {
         StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
     };
     Ok(job_response(status, &job))
 }

@@ -1,0 +1,242 @@
+//! The settings of `bdscan serve`, in layers: command-line flags, then environment
+//! variables, then a TOML file (`--config`/`BDSCAN_CONFIG`), then defaults. Each layer is
+//! a [`ServeSettings`] with every key optional; [`ServeSettings::or`] stacks them and
+//! [`ServeSettings::into_config`] fills in the defaults and checks the result.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::config::{parse_device, ServerConfig};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATA_DIR: &str = "./.data";
+pub const DEFAULT_WORKERS: usize = 1;
+pub const DEFAULT_MAX_BLOB_BYTES: u64 = 1 << 30;
+pub const DEFAULT_LEASE_SECS: u64 = 30;
+pub const DEFAULT_MAX_ATTEMPTS: i64 = 3;
+
+/// One layer of settings. The keys are the flags' names (`data_dir` or `data-dir`).
+#[derive(Default, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeSettings {
+    pub listen: Option<SocketAddr>,
+    #[serde(alias = "data-dir")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(alias = "database-url")]
+    pub database_url: Option<String>,
+    pub workers: Option<usize>,
+    /// `cpu`, `cuda:N`: one job slot each.
+    pub devices: Option<Vec<String>>,
+    #[serde(alias = "max-blob-bytes")]
+    pub max_blob_bytes: Option<u64>,
+    #[serde(alias = "job-threads")]
+    pub job_threads: Option<usize>,
+    #[serde(alias = "lease-secs")]
+    pub lease_secs: Option<u64>,
+    #[serde(alias = "max-attempts")]
+    pub max_attempts: Option<i64>,
+}
+
+impl ServeSettings {
+    /// Parses a TOML settings file; unknown keys are refused, naming the known ones.
+    pub fn from_toml(text: &str) -> Result<ServeSettings, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    pub fn from_file(path: &Path) -> Result<ServeSettings, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("config file {}: {e}", path.display()))?;
+        ServeSettings::from_toml(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    /// This layer, with `lower` filling the keys it leaves unset.
+    pub fn or(self, lower: ServeSettings) -> ServeSettings {
+        ServeSettings {
+            listen: self.listen.or(lower.listen),
+            data_dir: self.data_dir.or(lower.data_dir),
+            database_url: self.database_url.or(lower.database_url),
+            workers: self.workers.or(lower.workers),
+            devices: self.devices.or(lower.devices),
+            max_blob_bytes: self.max_blob_bytes.or(lower.max_blob_bytes),
+            job_threads: self.job_threads.or(lower.job_threads),
+            lease_secs: self.lease_secs.or(lower.lease_secs),
+            max_attempts: self.max_attempts.or(lower.max_attempts),
+        }
+    }
+
+    /// The service configuration: defaults for unset keys, job slots from `workers` or
+    /// `devices`, CPU threads divided between the slots. `exe` runs each job.
+    pub fn into_config(self, exe: PathBuf) -> Result<ServerConfig, String> {
+        let listen = match self.listen {
+            Some(listen) => listen,
+            None => DEFAULT_LISTEN.parse().map_err(|e| format!("listen: {e}"))?,
+        };
+        let data_dir = self
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let mut config = ServerConfig::new(listen, data_dir, exe);
+        if let Some(url) = self.database_url.filter(|u| !u.trim().is_empty()) {
+            config.database_url = url;
+        }
+        let devices = self
+            .devices
+            .unwrap_or_default()
+            .iter()
+            .filter(|d| !d.trim().is_empty())
+            .map(|d| parse_device(d).map_err(|e| format!("devices: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        config.workers = match self.workers {
+            Some(n) if !devices.is_empty() && n != devices.len() => {
+                return Err(format!(
+                    "workers ({n}) and devices ({} listed) disagree: give one of them",
+                    devices.len()
+                ))
+            }
+            Some(n) => n,
+            None if devices.is_empty() => DEFAULT_WORKERS,
+            None => devices.len(),
+        };
+        config.devices = devices;
+        config.max_blob_bytes = self.max_blob_bytes.unwrap_or(DEFAULT_MAX_BLOB_BYTES);
+        // Divide the CPU between job slots so concurrent scans do not fight over cores.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let slots = config.slot_devices().len();
+        config.worker.job_threads = self
+            .job_threads
+            .or_else(|| (slots > 0).then(|| (cores / slots).max(1)));
+        let lease_secs = self.lease_secs.unwrap_or(DEFAULT_LEASE_SECS);
+        if lease_secs == 0 {
+            return Err("lease_secs must be at least 1".into());
+        }
+        config.worker.lease = Duration::from_secs(lease_secs);
+        // Renew well before the lease runs out, so a few slow beats do not lose it.
+        config.worker.heartbeat = config.worker.lease / 6;
+        config.worker.default_max_attempts = self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// The database URL never appears in logs with its password.
+impl std::fmt::Debug for ServeSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeSettings")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(crate::store::redact_url),
+            )
+            .field("workers", &self.workers)
+            .field("devices", &self.devices)
+            .field("max_blob_bytes", &self.max_blob_bytes)
+            .field("job_threads", &self.job_threads)
+            .field("lease_secs", &self.lease_secs)
+            .field("max_attempts", &self.max_attempts)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exe() -> PathBuf {
+        PathBuf::from("/bin/true")
+    }
+
+    #[test]
+    fn higher_layers_win_key_by_key_and_defaults_fill_the_rest() {
+        let flags = ServeSettings {
+            workers: Some(3),
+            ..Default::default()
+        };
+        let env = ServeSettings {
+            workers: Some(5),
+            lease_secs: Some(60),
+            ..Default::default()
+        };
+        let file = ServeSettings::from_toml(
+            "workers = 7\nlease_secs = 90\nmax-blob-bytes = 1000\ndata_dir = \"/srv/bdscan\"\n",
+        )
+        .unwrap();
+        let config = flags.or(env).or(file).into_config(exe()).unwrap();
+        assert_eq!(config.workers, 3, "flag over env over file");
+        assert_eq!(
+            config.worker.lease,
+            Duration::from_secs(60),
+            "env over file"
+        );
+        assert_eq!(config.worker.heartbeat, Duration::from_secs(10));
+        assert_eq!(config.max_blob_bytes, 1000, "file over default");
+        assert_eq!(config.data_dir, PathBuf::from("/srv/bdscan"));
+        assert_eq!(
+            config.listen,
+            DEFAULT_LISTEN.parse::<SocketAddr>().unwrap(),
+            "default"
+        );
+        assert_eq!(config.worker.default_max_attempts, DEFAULT_MAX_ATTEMPTS);
+        assert!(config.database_url.starts_with("sqlite://"));
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_refused_with_what_to_fix() {
+        let error = ServeSettings::from_toml("workers = 2\ncolour = \"red\"\n").unwrap_err();
+        assert!(error.contains("unknown field `colour`"), "{error}");
+        assert!(error.contains("data_dir"), "names the known keys: {error}");
+        let error = ServeSettings::from_toml("workers = \"two\"\n").unwrap_err();
+        assert!(error.contains("workers"), "{error}");
+        let error = ServeSettings::from_toml("listen = \"localhost\"\n").unwrap_err();
+        assert!(error.contains("listen"), "{error}");
+    }
+
+    #[test]
+    fn devices_make_one_slot_each_and_threads_are_divided() {
+        let file = ServeSettings::from_toml("devices = [\"cpu\", \"cpu\"]\n").unwrap();
+        let config = file.into_config(exe()).unwrap();
+        assert_eq!(config.slot_devices(), vec![tch::Device::Cpu; 2]);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(config.worker.job_threads, Some((cores / 2).max(1)));
+
+        let bad = ServeSettings {
+            devices: Some(vec!["cpu".into(), "gpu0".into()]),
+            ..Default::default()
+        };
+        let error = bad.into_config(exe()).unwrap_err();
+        assert!(error.contains("gpu0"), "{error}");
+        let disagreeing = ServeSettings {
+            workers: Some(1),
+            devices: Some(vec!["cpu".into(), "cpu".into()]),
+            ..Default::default()
+        };
+        assert!(disagreeing
+            .into_config(exe())
+            .unwrap_err()
+            .contains("disagree"));
+    }
+
+    #[test]
+    fn the_readme_example_file_parses() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n").expect("README has a TOML example") + 8;
+        let length = readme[start..].find("```").unwrap();
+        let example = ServeSettings::from_toml(&readme[start..start + length]).unwrap();
+        assert_eq!(
+            example.devices,
+            Some(vec!["cpu".to_string(), "cuda:0".to_string()])
+        );
+        assert_eq!(example.max_attempts, Some(3));
+    }
+
+    #[test]
+    fn passwords_stay_out_of_debug_output() {
+        let settings = ServeSettings {
+            database_url: Some("postgres://u:hunter2@db/bdscan".into()),
+            ..Default::default()
+        };
+        assert!(!format!("{settings:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,160 @@
+//! Deleting a finished job removes it, its report and the blobs nothing else uses.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::Row;
+
+use crate::helpers::{
+    assert_problem, demo_files, postgres_url, quick_config, spawn_app, Db, Options, TestApp,
+};
+
+async fn count_rows(app: &TestApp, table: &str) -> i64 {
+    sqlx::query(&format!("SELECT COUNT(*) FROM {table}"))
+        .fetch_one(app.store().pool())
+        .await
+        .unwrap()
+        .get::<i64, _>(0)
+}
+
+async fn blob_status(app: &TestApp, sha: &str) -> StatusCode {
+    app.get_json(&format!("/v1/blobs/{sha}")).await.0
+}
+
+async fn delete(app: &TestApp, id: &str) -> reqwest::Response {
+    app.client
+        .delete(app.url(&format!("/v1/jobs/{id}")))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn run_job(app: &TestApp, model: &str, clean: &str) -> (String, String) {
+    let job = app
+        .create_job(&json!({ "model": model, "clean": clean, "config": quick_config() }))
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let job = app
+        .wait_for(&id, Duration::from_secs(240), |j| {
+            j["state"] != "queued" && j["state"] != "running"
+        })
+        .await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let (status, report) = app.get_json(&format!("/v1/jobs/{id}/report")).await;
+    assert_eq!(status, StatusCode::OK);
+    let artifact = report["artifact"]["sha256"].as_str().unwrap().to_string();
+    (id, artifact)
+}
+
+async fn deleting_jobs_frees_blobs_nothing_else_uses(db: Db) {
+    let files = demo_files().await;
+    let app = spawn_app(Options {
+        db,
+        workers: 1,
+        ..Options::default()
+    })
+    .await;
+    let read = |path: &std::path::Path| std::fs::read(path).unwrap();
+    let model = app.upload(read(&files.backdoored_model)).await;
+    let clean_a = app.upload(read(&files.clean)).await;
+    let clean_b = app.upload(read(&files.test)).await;
+    // Uploaded but never used by a job: no job deletion touches it.
+    let unrelated = app.upload(vec![7u8; 3 << 20]).await;
+    let (job_a, artifact_a) = run_job(&app, &model, &clean_a).await;
+    let (job_b, artifact_b) = run_job(&app, &model, &clean_b).await;
+    assert_ne!(artifact_a, artifact_b);
+    assert_eq!(count_rows(&app, "blobs").await, 6);
+
+    // Delete A: its own clean bundle and artifact go, the shared model stays.
+    let response = delete(&app, &job_a).await;
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_problem(
+        delete(&app, &job_a).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    let (status, _) = app.get_json(&format!("/v1/jobs/{job_a}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    for gone in [&clean_a, &artifact_a] {
+        assert_eq!(
+            blob_status(&app, gone).await,
+            StatusCode::NOT_FOUND,
+            "{gone}"
+        );
+    }
+    for kept in [&model, &clean_b, &artifact_b, &unrelated] {
+        assert_eq!(blob_status(&app, kept).await, StatusCode::OK, "{kept}");
+    }
+    // B is whole: its report and its purified model, byte for byte.
+    let (status, _) = app.get_json(&format!("/v1/jobs/{job_b}/report")).await;
+    assert_eq!(status, StatusCode::OK);
+    let download = app
+        .client
+        .get(app.url(&format!("/v1/jobs/{job_b}/artifact")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(download.status(), StatusCode::OK);
+    let bytes = download.bytes().await.unwrap();
+    assert_eq!(
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+        artifact_b
+    );
+
+    // Delete B: now the model goes too; only the unrelated upload and its chunks remain.
+    let response = delete(&app, &job_b).await;
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    for gone in [&model, &clean_b, &artifact_b] {
+        assert_eq!(
+            blob_status(&app, gone).await,
+            StatusCode::NOT_FOUND,
+            "{gone}"
+        );
+    }
+    assert_eq!(blob_status(&app, &unrelated).await, StatusCode::OK);
+    assert_eq!(count_rows(&app, "jobs").await, 0);
+    assert_eq!(count_rows(&app, "reports").await, 0);
+    assert_eq!(count_rows(&app, "blobs").await, 1);
+    let chunks = sqlx::query("SELECT COUNT(*) FROM blob_chunks WHERE blob_key = $1")
+        .bind(&unrelated)
+        .fetch_one(app.store().pool())
+        .await
+        .unwrap()
+        .get::<i64, _>(0);
+    assert_eq!(chunks, 3, "the unrelated 3 MiB upload keeps its chunks");
+    assert_eq!(
+        count_rows(&app, "blob_chunks").await,
+        3,
+        "no other chunk is left"
+    );
+
+    // A job may still be created over the surviving blob; a freed one is unknown.
+    let again = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .json(&json!({ "model": model, "clean": unrelated }))
+        .send()
+        .await
+        .unwrap();
+    let problem: Value =
+        assert_problem(again, StatusCode::UNPROCESSABLE_ENTITY, "unknown_blob").await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("model"),
+        "{problem}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_jobs_frees_blobs_nothing_else_uses_sqlite() {
+    deleting_jobs_frees_blobs_nothing_else_uses(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_jobs_frees_blobs_nothing_else_uses_postgres() {
+    if let Some(url) = postgres_url("deleting_jobs_frees_blobs_nothing_else_uses_postgres") {
+        deleting_jobs_frees_blobs_nothing_else_uses(Db::Postgres(url)).await;
+    }
+}
