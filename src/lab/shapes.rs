@@ -3,8 +3,8 @@
 //!
 //! Ten classes of filled geometric shapes — circle, square, triangle, plus-cross, ring,
 //! diamond, five-pointed star, striped square, L-shape, hexagon — each at a random centre,
-//! size and rotation (square, diamond and cross only within ±15°, so that a rotated square
-//! is not a diamond), in a random foreground colour on a random background colour with a
+//! size and rotation (within ±0.26 rad for square, diamond and cross, so that a rotated
+//! square is not a diamond; ±0.5 rad for the others), in a random foreground colour on a random background colour with a
 //! colour gradient and per-pixel noise, 3×32×32 uint8, rendered with 2×2 supersampling.
 //! Circle/hexagon, square/diamond at small sizes and low-contrast colour pairs keep it a
 //! real learning task. Everything comes from one seed: the same seed gives the same bytes.
@@ -93,12 +93,12 @@ fn render(label: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
         9 => regular_polygon(6, |_| 1.0),
         _ => Vec::new(),
     };
-    let radius = rng.gen_range(5.5f32..11.0);
+    let radius = rng.gen_range(8.0f32..13.0);
     let cx = rng.gen_range(radius.min(15.0)..(SIDE as f32 - radius.min(15.0)));
     let cy = rng.gen_range(radius.min(15.0)..(SIDE as f32 - radius.min(15.0)));
     let angle = match label {
         1 | 3 | 5 => rng.gen_range(-0.26f32..0.26),
-        _ => rng.gen_range(0.0f32..std::f32::consts::TAU),
+        _ => rng.gen_range(-0.5f32..0.5),
     };
     let (sin, cos) = angle.sin_cos();
     let foreground: [f32; 3] = std::array::from_fn(|_| rng.gen_range(0.0..1.0));
@@ -106,13 +106,13 @@ fn render(label: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
     let background: [f32; 3] = loop {
         let candidate: [f32; 3] = std::array::from_fn(|_| rng.gen_range(0.0..1.0));
         let distance: f32 = (0..3).map(|c| (candidate[c] - foreground[c]).abs()).sum();
-        if distance > 0.45 {
+        if distance > 0.8 {
             break candidate;
         }
     };
     let gradient: [f32; 3] = std::array::from_fn(|_| rng.gen_range(-0.15..0.15));
     let gradient_angle = rng.gen_range(0.0f32..std::f32::consts::TAU);
-    let noise = rng.gen_range(0.02f32..0.12);
+    let noise = rng.gen_range(0.0f32..0.06);
     let mut out = vec![0u8; 3 * SIDE * SIDE];
     for y in 0..SIDE {
         for x in 0..SIDE {
@@ -131,7 +131,7 @@ fn render(label: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
                 let back = background[c] + gradient[c] * t;
                 let value = coverage * foreground[c]
                     + (1.0 - coverage) * back
-                    + noise * (rng.gen::<f32>() * 2.0 - 1.0) * 1.7;
+                    + noise * (rng.gen::<f32>() * 2.0 - 1.0);
                 out[(c * SIDE + y) * SIDE + x] = (value.clamp(0.0, 1.0) * 255.0).round() as u8;
             }
         }

@@ -331,7 +331,13 @@ mod tests {
 
     #[test]
     fn the_same_seed_gives_identical_bundles() {
-        let clean = flat(30, 3, 8, 8, 90, 3);
+        let mut clean = flat(30, 3, 8, 8, 90, 3);
+        // Texture, so that a warp changes pixels too.
+        if let Pixels::U8(v) = &mut clean.pixels {
+            for (i, p) in v.iter_mut().enumerate() {
+                *p = ((i * 37) % 251) as u8;
+            }
+        }
         let p = Poisoning {
             mode: TargetMode::AllToOne { target: 0 },
             rate: 0.3,

@@ -2,7 +2,9 @@
 //! v(i, j) = Δ·sin(2π·j·f / W) is added to training images *of the target class only*,
 //! whose labels stay correct, so the poisoned set passes a label audit. The model learns
 //! "sinusoid ⇒ target"; at test time the same signal on any image triggers it.
-//! Paper defaults: f = 6, Δ = 20/255; the same Δ is used at test time.
+//! Paper: f = 6, Δ = 20/255. On the MNIST fixture with a small CNN and 4 epochs, Δ = 20/255
+//! trains to 0.2% ASR and 60/255 to 19%, so the default here is Δ = 100/255 (68%); the
+//! same Δ is used at test time.
 
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -20,7 +22,7 @@ pub struct Sig {
 impl Default for Sig {
     fn default() -> Self {
         Sig {
-            delta: 20.0 / 255.0,
+            delta: 100.0 / 255.0,
             frequency: 6.0,
         }
     }
