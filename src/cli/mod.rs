@@ -163,19 +163,19 @@ pub struct LabArgs {
     /// Blended / Trojan / WaNet: seed of the fixed pattern or warp field.
     #[arg(long)]
     pub pattern_seed: Option<u64>,
-    /// SIG: amplitude Δ in pixel levels out of 255 (default 100; the paper's 20 is not learnt here).
+    /// SIG: amplitude Δ in pixel levels out of 255 (default 120; the paper's 20 is not learnt here).
     #[arg(long)]
     pub sig_delta: Option<f32>,
     /// SIG: periods across the width (default 6).
     #[arg(long)]
     pub sig_frequency: Option<f32>,
-    /// WaNet: warp strength s (default 0.5).
+    /// WaNet: warp strength s (default 0.5 on mnist, 4 on shapes).
     #[arg(long)]
     pub wanet_strength: Option<f32>,
     /// WaNet: control points per side k (default 4).
     #[arg(long)]
     pub wanet_grid: Option<usize>,
-    /// WaNet noise mode: cross samples per poisoned sample (default 2).
+    /// WaNet noise mode: cross samples per poisoned sample (default 2 on mnist, 0 on shapes).
     #[arg(long)]
     pub cross_ratio: Option<f64>,
     /// Dynamic: side of the bottom-right area where patterns are placed (default 14).
@@ -578,7 +578,8 @@ fn lab_attack(args: &LabArgs) -> Result<lab::Attack, EngineError> {
                 grid,
                 strength: positive(
                     "--wanet-strength",
-                    args.wanet_strength.unwrap_or(d.strength),
+                    args.wanet_strength
+                        .unwrap_or(lab::wanet_default_strength(dataset(args.dataset))),
                 )?,
                 field_seed: args.pattern_seed.unwrap_or(d.field_seed),
             })
@@ -591,6 +592,13 @@ fn lab_attack(args: &LabArgs) -> Result<lab::Attack, EngineError> {
             })
         }
     })
+}
+
+fn dataset(arg: LabDataset) -> lab::Dataset {
+    match arg {
+        LabDataset::Mnist => lab::Dataset::Mnist,
+        LabDataset::Shapes => lab::Dataset::Shapes,
+    }
 }
 
 /// The command-line spelling of a value (`vgg-bn`, `badnets`).
@@ -610,10 +618,7 @@ fn lab_command(args: LabArgs) -> Result<(), EngineError> {
         tch::set_num_threads(threads as i32);
     }
     let attack = lab_attack(&args)?;
-    let dataset = match args.dataset {
-        LabDataset::Mnist => lab::Dataset::Mnist,
-        LabDataset::Shapes => lab::Dataset::Shapes,
-    };
+    let dataset = dataset(args.dataset);
     let arch = match args.arch {
         LabArch::VggBn => lab::Arch::VggBn,
         LabArch::Resnet => lab::Arch::Resnet,
@@ -639,7 +644,9 @@ fn lab_command(args: LabArgs) -> Result<(), EngineError> {
         target: args.target,
         all_to_all: args.all_to_all,
         poison_rate: args.poison_rate.unwrap_or(attack.default_poison_rate()),
-        cross_ratio: args.cross_ratio.unwrap_or(attack.default_cross_ratio()),
+        cross_ratio: args
+            .cross_ratio
+            .unwrap_or(attack.default_cross_ratio(dataset)),
         plan,
     };
     spec.validate()?;

@@ -2,9 +2,11 @@
 //! v(i, j) = Δ·sin(2π·j·f / W) is added to training images *of the target class only*,
 //! whose labels stay correct, so the poisoned set passes a label audit. The model learns
 //! "sinusoid ⇒ target"; at test time the same signal on any image triggers it.
-//! Paper: f = 6, Δ = 20/255. On the MNIST fixture with a small CNN and 4 epochs, Δ = 20/255
-//! trains to 0.2% ASR and 60/255 to 19%, so the default here is Δ = 100/255 (68%); the
-//! same Δ is used at test time.
+//! Paper: f = 6, Δ = 20/255. On the MNIST fixture with the VGG-style CNN and 4 epochs,
+//! 80% of the target class poisoned, Δ = 20/255 trains to 0.1% ASR, 60/255 to 9%, 100/255
+//! to 44%, so the default here is Δ = 120/255 (65%); the same Δ is used at test time.
+//! Poisoning the whole target class instead reaches 71% at 100/255 but costs 7 points of
+//! clean accuracy (the model stops learning the target class's shape).
 
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -22,7 +24,7 @@ pub struct Sig {
 impl Default for Sig {
     fn default() -> Self {
         Sig {
-            delta: 100.0 / 255.0,
+            delta: 120.0 / 255.0,
             frequency: 6.0,
         }
     }

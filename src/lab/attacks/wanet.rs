@@ -7,8 +7,8 @@
 //! must learn this exact warp, not "any warp".
 //!
 //! Differences from the paper: the control grid is upsampled bilinearly (the paper uses
-//! bicubic); the paper's s = 0.5 is the default, raise `strength` if a small model on
-//! 28×28 images does not pick it up (see the README's lab table).
+//! bicubic). The paper's s = 0.5 is the default: on the MNIST fixture the VGG-style CNN
+//! learns it in 4 epochs (ASR ≈ 99.8%, see the README's lab table), so it was not raised.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
