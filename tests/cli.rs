@@ -207,7 +207,7 @@ fn usage_errors_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let clean = dir.path().join("clean.safetensors");
     std::fs::write(&clean, mnist(16).to_safetensors()).unwrap();
-    // --poison needs --target-label (and the reverse).
+    // --poison needs --target-label unless the bundle holds `targets` (and the reverse).
     let outcome = scan(
         dir.path(),
         &mnist_model(),

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::engine::{
     run_scan, EngineError, Monitor, Regularizer, ScanConfig, ScanInputs, ScanReport,
 };
-use crate::lab::demo;
+use crate::lab::{demo, scenario as lab};
 use progress::ProgressView;
 
 pub const EXIT_INPUT: u8 = 2;
@@ -33,6 +33,8 @@ pub enum Command {
     Scan(ScanArgs),
     /// Train a BadNets-backdoored CNN on the bundled MNIST digits, scan it, print before/after.
     Demo(DemoArgs),
+    /// Train a (backdoored) model reproducibly and write it with the defender's bundles.
+    Lab(LabArgs),
     /// Run the HTTP scanning service (SQLite in the data dir unless DATABASE_URL says otherwise).
     Serve(ServeArgs),
     /// Run one job of the service in this process (started by the service's workers).
@@ -133,9 +135,9 @@ pub struct ScanArgs {
     #[arg(long)]
     pub test: Option<PathBuf>,
     /// Triggered samples with their true labels, to measure ASR and RA.
-    #[arg(long, requires = "target_label")]
+    #[arg(long)]
     pub poison: Option<PathBuf>,
-    /// The attack's target class.
+    /// The attack's target class (not needed when the poison bundle holds `targets`).
     #[arg(long, requires = "poison")]
     pub target_label: Option<i64>,
     /// Penalty on the suspects: ar (default), l1, l2 or none.
@@ -158,6 +160,90 @@ pub struct DemoArgs {
     pub arch: DemoArch,
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct LabArgs {
+    #[arg(long, value_enum)]
+    pub dataset: LabDataset,
+    #[arg(long, value_enum)]
+    pub arch: LabArch,
+    #[arg(long, value_enum)]
+    pub attack: LabAttack,
+    /// Each class y is mapped to (y + 1) mod 10 instead of one target.
+    #[arg(long)]
+    pub all_to_all: bool,
+    /// The all-to-one target class.
+    #[arg(long, default_value_t = 0)]
+    pub target: i64,
+    /// Share of training samples poisoned (SIG: share of the target class). Default: 0.1; SIG 0.8.
+    #[arg(long)]
+    pub poison_rate: Option<f64>,
+    /// BadNets patch side / Trojan watermark side / dynamic pattern side, in pixels.
+    #[arg(long)]
+    pub trigger_size: Option<usize>,
+    /// Blended: weight of the noise pattern (default 0.2).
+    #[arg(long)]
+    pub alpha: Option<f32>,
+    /// Blended / Trojan / WaNet: seed of the fixed pattern or warp field.
+    #[arg(long)]
+    pub pattern_seed: Option<u64>,
+    /// SIG: amplitude Δ in pixel levels out of 255 (default 120; the paper's 20 is not learnt here).
+    #[arg(long)]
+    pub sig_delta: Option<f32>,
+    /// SIG: periods across the width (default 6).
+    #[arg(long)]
+    pub sig_frequency: Option<f32>,
+    /// WaNet: warp strength s (default 0.5 on mnist, 4 on shapes).
+    #[arg(long)]
+    pub wanet_strength: Option<f32>,
+    /// WaNet: control points per side k (default 4).
+    #[arg(long)]
+    pub wanet_grid: Option<usize>,
+    /// WaNet noise mode: cross samples per poisoned sample (default 2 on mnist, 0 on shapes).
+    #[arg(long)]
+    pub cross_ratio: Option<f64>,
+    /// Dynamic: side of the bottom-right area where patterns are placed (default 14).
+    #[arg(long)]
+    pub dynamic_region: Option<usize>,
+    /// Training epochs (default per dataset and architecture).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Training learning rate (default per dataset and architecture).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// libtorch CPU threads (default: libtorch's choice).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Folder for model.pt, clean/test/poison.safetensors and meta.json.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum LabDataset {
+    Mnist,
+    Shapes,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum LabArch {
+    VggBn,
+    Resnet,
+    Cnn,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq)]
+pub enum LabAttack {
+    None,
+    Badnets,
+    Blended,
+    Trojan,
+    Sig,
+    Wanet,
+    Dynamic,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -202,6 +288,7 @@ pub fn main() -> ExitCode {
         }
         Command::Scan(args) => scan(args),
         Command::Demo(args) => demo_command(args),
+        Command::Lab(args) => lab_command(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -416,6 +503,215 @@ fn demo_command(args: DemoArgs) -> Result<(), EngineError> {
     } else {
         let _ = std::fs::remove_dir_all(&dir);
     }
+    Ok(())
+}
+
+fn lab_attack(args: &LabArgs) -> Result<lab::Attack, EngineError> {
+    use crate::lab::attacks::{BadNets, Blended, Dynamic, Sig, Trojan, WaNet};
+    use LabAttack as A;
+    // Attack-specific flags given to another attack are a mistake worth naming.
+    let flags: [(&str, bool, &[LabAttack]); 9] = [
+        (
+            "--trigger-size",
+            args.trigger_size.is_some(),
+            &[A::Badnets, A::Trojan, A::Dynamic],
+        ),
+        ("--alpha", args.alpha.is_some(), &[A::Blended]),
+        (
+            "--pattern-seed",
+            args.pattern_seed.is_some(),
+            &[A::Blended, A::Trojan, A::Wanet],
+        ),
+        ("--sig-delta", args.sig_delta.is_some(), &[A::Sig]),
+        ("--sig-frequency", args.sig_frequency.is_some(), &[A::Sig]),
+        (
+            "--wanet-strength",
+            args.wanet_strength.is_some(),
+            &[A::Wanet],
+        ),
+        ("--wanet-grid", args.wanet_grid.is_some(), &[A::Wanet]),
+        ("--cross-ratio", args.cross_ratio.is_some(), &[A::Wanet]),
+        (
+            "--dynamic-region",
+            args.dynamic_region.is_some(),
+            &[A::Dynamic],
+        ),
+    ];
+    for (flag, given, applies) in flags {
+        if given && !applies.contains(&args.attack) {
+            return Err(EngineError::InvalidInput(format!(
+                "{flag} does not apply to --attack {}",
+                value_name(args.attack)
+            )));
+        }
+    }
+    let positive = |flag: &str, v: f32| {
+        if v.is_finite() && v >= 0.0 {
+            Ok(v)
+        } else {
+            Err(EngineError::InvalidInput(format!(
+                "{flag} must be a non-negative number, got {v}"
+            )))
+        }
+    };
+    let size = |default: usize| match args.trigger_size {
+        Some(0) => Err(EngineError::InvalidInput(
+            "--trigger-size must be at least 1".into(),
+        )),
+        Some(s) => Ok(s),
+        None => Ok(default),
+    };
+    Ok(match args.attack {
+        A::None => lab::Attack::None,
+        A::Badnets => lab::Attack::Badnets(BadNets {
+            patch: size(BadNets::default().patch)?,
+            ..BadNets::default()
+        }),
+        A::Blended => {
+            let d = Blended::default();
+            let alpha = positive("--alpha", args.alpha.unwrap_or(d.alpha))?;
+            if alpha > 1.0 {
+                return Err(EngineError::InvalidInput(format!(
+                    "--alpha must lie in [0, 1], got {alpha}"
+                )));
+            }
+            lab::Attack::Blended(Blended {
+                alpha,
+                pattern_seed: args.pattern_seed.unwrap_or(d.pattern_seed),
+            })
+        }
+        A::Trojan => {
+            let d = Trojan::default();
+            lab::Attack::Trojan(Trojan {
+                size: size(d.size)?,
+                pattern_seed: args.pattern_seed.unwrap_or(d.pattern_seed),
+                ..d
+            })
+        }
+        A::Sig => {
+            let d = Sig::default();
+            lab::Attack::Sig(Sig {
+                delta: args
+                    .sig_delta
+                    .map(|v| positive("--sig-delta", v).map(|v| v / 255.0))
+                    .transpose()?
+                    .unwrap_or(d.delta),
+                frequency: positive("--sig-frequency", args.sig_frequency.unwrap_or(d.frequency))?,
+            })
+        }
+        A::Wanet => {
+            let d = WaNet::default();
+            let grid = args.wanet_grid.unwrap_or(d.grid);
+            if grid < 2 {
+                return Err(EngineError::InvalidInput(
+                    "--wanet-grid must be at least 2".into(),
+                ));
+            }
+            lab::Attack::Wanet(WaNet {
+                grid,
+                strength: positive(
+                    "--wanet-strength",
+                    args.wanet_strength
+                        .unwrap_or(lab::wanet_default_strength(dataset(args.dataset))),
+                )?,
+                field_seed: args.pattern_seed.unwrap_or(d.field_seed),
+            })
+        }
+        A::Dynamic => {
+            let d = Dynamic::default();
+            lab::Attack::Dynamic(Dynamic {
+                size: size(d.size)?,
+                region: args.dynamic_region.unwrap_or(d.region),
+            })
+        }
+    })
+}
+
+fn dataset(arg: LabDataset) -> lab::Dataset {
+    match arg {
+        LabDataset::Mnist => lab::Dataset::Mnist,
+        LabDataset::Shapes => lab::Dataset::Shapes,
+    }
+}
+
+/// The command-line spelling of a value (`vgg-bn`, `badnets`).
+fn value_name(value: impl ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_string())
+}
+
+fn lab_command(args: LabArgs) -> Result<(), EngineError> {
+    if let Some(threads) = args.threads {
+        if threads == 0 {
+            return Err(EngineError::InvalidInput(
+                "--threads must be at least 1".into(),
+            ));
+        }
+        tch::set_num_threads(threads as i32);
+    }
+    let attack = lab_attack(&args)?;
+    let dataset = dataset(args.dataset);
+    let arch = match args.arch {
+        LabArch::VggBn => lab::Arch::VggBn,
+        LabArch::Resnet => lab::Arch::Resnet,
+        LabArch::Cnn => lab::Arch::Cnn,
+    };
+    let mut plan = lab::LabSpec::default_plan(dataset, arch);
+    plan.seed = args.seed;
+    if let Some(epochs) = args.epochs {
+        plan.epochs = epochs;
+    }
+    if let Some(lr) = args.lr {
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(EngineError::InvalidInput(format!(
+                "--lr must be positive, got {lr}"
+            )));
+        }
+        plan.lr = lr;
+    }
+    let spec = lab::LabSpec {
+        dataset,
+        arch,
+        attack,
+        target: args.target,
+        all_to_all: args.all_to_all,
+        poison_rate: args.poison_rate.unwrap_or(attack.default_poison_rate()),
+        cross_ratio: args
+            .cross_ratio
+            .unwrap_or(attack.default_cross_ratio(dataset)),
+        plan,
+    };
+    spec.validate()?;
+    println!(
+        "training {} on {} with attack {}{} for {} epochs (seed {})…",
+        value_name(args.arch),
+        value_name(args.dataset),
+        value_name(args.attack),
+        if spec.all_to_all { " (all-to-all)" } else { "" },
+        spec.plan.epochs,
+        spec.plan.seed
+    );
+    let mut view = ProgressView::for_stderr();
+    let mut on_progress = |p: &crate::engine::Progress| view.update(p);
+    let (meta, files) = lab::run_lab(&spec, &args.out, &mut Monitor::new(&mut on_progress, None))?;
+    view.finish();
+    println!(
+        "clean acc {}  ASR {}  RA {}  ({:.1} s training)",
+        percent(Some(meta.clean_acc)),
+        percent(meta.asr),
+        percent(meta.ra),
+        meta.train_seconds
+    );
+    println!(
+        "wrote {} (model.pt, clean/test{} .safetensors, meta.json)",
+        args.out.display(),
+        if files.poison.is_some() {
+            "/poison"
+        } else {
+            ""
+        }
+    );
     Ok(())
 }
 

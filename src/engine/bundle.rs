@@ -1,5 +1,7 @@
 //! Clean-sample bundles: `.safetensors` or `.npz` files holding `images` (N,C,H,W; uint8
-//! or float32) and `labels` (N; int64).
+//! or float32) and `labels` (N; int64). A poison bundle may also hold `targets` (N; int64),
+//! each sample's attack target, for attacks whose target depends on the sample
+//! (all-to-all); without it, one target label applies to every sample.
 //!
 //! Parsing and validation are plain Rust with no libtorch, so every way a hostile or
 //! careless upload can be wrong is caught here with a one-line message, before any
@@ -61,6 +63,16 @@ pub enum BundleError {
     ImagesNotFourDimensional(Vec<usize>),
     #[error("`labels` must be 1-D (N); got shape {0:?}")]
     LabelsNotOneDimensional(Vec<usize>),
+    #[error("`targets` must be 1-D (N); got shape {0:?}")]
+    TargetsNotOneDimensional(Vec<usize>),
+    #[error("`images` holds {images} samples but `targets` holds {targets}")]
+    TargetCountMismatch { images: usize, targets: usize },
+    #[error("`targets` contains {target} at index {index}; targets must lie in 0..{num_classes}")]
+    TargetOutOfRange {
+        target: i64,
+        index: usize,
+        num_classes: i64,
+    },
     #[error("`images` holds {images} samples but `labels` holds {labels}")]
     CountMismatch { images: usize, labels: usize },
     #[error("bundle is empty: it holds no samples")]
@@ -84,7 +96,7 @@ pub enum BundleError {
 }
 
 fn expected_dtype(tensor: &str) -> &'static str {
-    if tensor == "labels" {
+    if tensor == "labels" || tensor == "targets" {
         "int64"
     } else {
         "uint8 or float32"
@@ -136,6 +148,8 @@ pub struct Bundle {
     /// N, C, H, W.
     pub shape: [usize; 4],
     pub labels: Vec<i64>,
+    /// Each sample's attack target, when it depends on the sample (all-to-all poison sets).
+    pub targets: Option<Vec<i64>>,
 }
 
 impl Bundle {
@@ -163,7 +177,45 @@ impl Bundle {
                 num_classes,
             }),
             None => Ok(()),
+        }?;
+        let targets = self.targets.as_deref().unwrap_or(&[]);
+        match targets.iter().position(|&t| t >= num_classes) {
+            Some(index) => Err(BundleError::TargetOutOfRange {
+                target: targets[index],
+                index,
+                num_classes,
+            }),
+            None => Ok(()),
         }
+    }
+
+    /// Attaches per-sample attack targets, validated like labels.
+    pub fn with_targets(mut self, targets: RawTensor) -> Result<Self, BundleError> {
+        if targets.dtype != TensorDtype::I64 {
+            return Err(BundleError::WrongDtype {
+                tensor: "targets".into(),
+                found: targets.dtype.to_string(),
+            });
+        }
+        if targets.shape.len() != 1 {
+            return Err(BundleError::TargetsNotOneDimensional(targets.shape));
+        }
+        if targets.shape[0] != self.len() {
+            return Err(BundleError::TargetCountMismatch {
+                images: self.len(),
+                targets: targets.shape[0],
+            });
+        }
+        let values = le_i64s(&targets.data);
+        if let Some(index) = values.iter().position(|&t| t < 0) {
+            return Err(BundleError::TargetOutOfRange {
+                target: values[index],
+                index,
+                num_classes: i64::MAX,
+            });
+        }
+        self.targets = Some(values);
+        Ok(self)
     }
 
     /// Builds a bundle from in-memory parts, validating exactly as a file would be.
@@ -200,11 +252,7 @@ impl Bundle {
         if shape[1..].contains(&0) {
             return Err(BundleError::ZeroSizedImage(shape.to_vec()));
         }
-        let label_values: Vec<i64> = labels
-            .data
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().expect("chunks of 8")))
-            .collect();
+        let label_values = le_i64s(&labels.data);
         if let Some(index) = label_values.iter().position(|&l| l < 0) {
             return Err(BundleError::LabelOutOfRange {
                 label: label_values[index],
@@ -235,6 +283,7 @@ impl Bundle {
             pixels,
             shape,
             labels: label_values,
+            targets: None,
         })
     }
 
@@ -260,6 +309,10 @@ impl Bundle {
             pixels,
             shape: [indices.len(), c, h, w],
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            targets: self
+                .targets
+                .as_ref()
+                .map(|t| indices.iter().map(|&i| t[i]).collect()),
         }
     }
 
@@ -280,9 +333,27 @@ impl Bundle {
             TensorView::new(dtype, self.shape.to_vec(), &image_bytes).expect("shape matches data");
         let labels = TensorView::new(Dtype::I64, vec![self.labels.len()], &label_bytes)
             .expect("shape matches data");
-        safetensors::serialize([("images", images), ("labels", labels)], None)
-            .expect("in-memory serialisation")
+        let mut views = vec![("images", images), ("labels", labels)];
+        let target_bytes: Vec<u8> = self
+            .targets
+            .iter()
+            .flatten()
+            .flat_map(|t| t.to_le_bytes())
+            .collect();
+        if let Some(targets) = &self.targets {
+            let view = TensorView::new(Dtype::I64, vec![targets.len()], &target_bytes)
+                .expect("shape matches data");
+            views.push(("targets", view));
+        }
+        safetensors::serialize(views, None).expect("in-memory serialisation")
     }
+}
+
+fn le_i64s(bytes: &[u8]) -> Vec<i64> {
+    bytes
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().expect("chunks of 8")))
+        .collect()
 }
 
 /// Reads and validates a bundle file, telling the format from its first bytes.
@@ -294,7 +365,7 @@ pub fn load_bundle(path: &Path) -> Result<Bundle, BundleError> {
 
 /// Parses and validates bundle bytes (`.safetensors` or `.npz`).
 pub fn parse_bundle(bytes: &[u8]) -> Result<Bundle, BundleError> {
-    let (mut images, mut labels, names) =
+    let (mut images, mut labels, targets, names) =
         if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
             read_npz(bytes)?
         } else if looks_like_safetensors(bytes) {
@@ -317,10 +388,20 @@ pub fn parse_bundle(bytes: &[u8]) -> Result<Bundle, BundleError> {
         missing: "labels",
         found,
     })?;
-    Bundle::from_parts(images, labels)
+    let bundle = Bundle::from_parts(images, labels)?;
+    match targets {
+        Some(targets) => bundle.with_targets(targets),
+        None => Ok(bundle),
+    }
 }
 
-type Parsed = (Option<RawTensor>, Option<RawTensor>, Vec<String>);
+/// `images`, `labels` and `targets` when present, and every array name found.
+type Parsed = (
+    Option<RawTensor>,
+    Option<RawTensor>,
+    Option<RawTensor>,
+    Vec<String>,
+);
 
 fn looks_like_safetensors(bytes: &[u8]) -> bool {
     bytes.len() >= 9 && bytes[8] == b'{'
@@ -348,7 +429,7 @@ fn read_safetensors(bytes: &[u8]) -> Result<Parsed, BundleError> {
         };
         RawTensor::new(name, dtype, view.shape().to_vec(), view.data().to_vec()).map(Some)
     };
-    Ok((take("images")?, take("labels")?, names))
+    Ok((take("images")?, take("labels")?, take("targets")?, names))
 }
 
 /// Largest uncompressed array we accept from an `.npz`, so a zip bomb cannot exhaust memory.
@@ -379,7 +460,7 @@ fn read_npz(bytes: &[u8]) -> Result<Parsed, BundleError> {
             .map_err(|e| BundleError::Malformed(format!("npz entry `{name}`: {e}")))?;
         parse_npy(name, &data).map(Some)
     };
-    Ok((take("images")?, take("labels")?, names))
+    Ok((take("images")?, take("labels")?, take("targets")?, names))
 }
 
 #[cfg(test)]
@@ -498,6 +579,57 @@ mod tests {
             parse_bundle(&bytes[..bytes.len() - 3]),
             Err(BundleError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn targets_round_trip_through_safetensors_and_follow_selection() {
+        let bundle = Bundle::from_parts(images_u8(vec![3, 1, 2, 2]), labels(&[0, 1, 2]))
+            .unwrap()
+            .with_targets(labels(&[1, 2, 0]))
+            .unwrap();
+        let again = parse_bundle(&bundle.to_safetensors()).unwrap();
+        assert_eq!(again.targets, Some(vec![1, 2, 0]));
+        assert_eq!(again.select(&[2, 0]).targets, Some(vec![0, 1]));
+        let plain = Bundle::from_parts(images_u8(vec![1, 1, 1, 1]), labels(&[0])).unwrap();
+        assert_eq!(parse_bundle(&plain.to_safetensors()).unwrap().targets, None);
+    }
+
+    #[test]
+    fn rejects_bad_targets() {
+        let bundle = || Bundle::from_parts(images_u8(vec![2, 1, 1, 1]), labels(&[0, 1])).unwrap();
+        let err = bundle().with_targets(labels(&[1])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`images` holds 2 samples but `targets` holds 1"
+        );
+        let err = bundle().with_targets(labels(&[1, -3])).unwrap_err();
+        assert!(matches!(
+            err,
+            BundleError::TargetOutOfRange {
+                target: -3,
+                index: 1,
+                ..
+            }
+        ));
+        let float_targets =
+            RawTensor::new("targets", TensorDtype::F32, vec![2], vec![0; 8]).unwrap();
+        let err = bundle().with_targets(float_targets).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`targets` has dtype float32; expected int64"
+        );
+        let matrix = RawTensor::new("targets", TensorDtype::I64, vec![1, 2], vec![0; 16]).unwrap();
+        let err = bundle().with_targets(matrix).unwrap_err();
+        assert_eq!(err, BundleError::TargetsNotOneDimensional(vec![1, 2]));
+        let err = bundle()
+            .with_targets(labels(&[1, 10]))
+            .unwrap()
+            .check_labels_below(10)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`targets` contains 10 at index 1; targets must lie in 0..10"
+        );
     }
 
     #[test]

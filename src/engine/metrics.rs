@@ -2,7 +2,7 @@
 //! effectiveness rating (DER) as BackdoorBench defines it.
 
 use serde::{Deserialize, Serialize};
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 use super::data::SampleSet;
 use super::error::EngineError;
@@ -28,33 +28,43 @@ pub struct Metrics {
     pub ra: Option<f64>,
 }
 
-/// Triggered samples whose true label is not the target, and the target.
+/// Triggered samples whose true label is not their attack target, and those targets.
 pub struct PoisonSet {
     pub samples: SampleSet,
-    pub target: i64,
+    /// Each sample's target (all equal for an all-to-one attack).
+    pub targets: Tensor,
 }
 
 impl PoisonSet {
-    /// Keeps only the samples whose true label differs from `target`, as ASR requires.
+    /// All-to-one: every sample's target is `target`.
     pub fn new(all: SampleSet, target: i64) -> Result<Self, EngineError> {
-        let keep: Vec<i64> = Vec::<i64>::try_from(all.labels.f_to_device(tch::Device::Cpu)?)?
-            .iter()
-            .enumerate()
-            .filter(|(_, &label)| label != target)
-            .map(|(i, _)| i as i64)
+        let targets = vec![target; all.len()];
+        Self::with_targets(all, &targets)
+    }
+
+    /// Per-sample targets (an all-to-all attack). Keeps only the samples whose true label
+    /// differs from their target, as ASR requires.
+    pub fn with_targets(all: SampleSet, targets: &[i64]) -> Result<Self, EngineError> {
+        let labels = Vec::<i64>::try_from(all.labels.f_to_device(tch::Device::Cpu)?)?;
+        let keep: Vec<i64> = (0..labels.len())
+            .filter(|&i| labels[i] != targets[i])
+            .map(|i| i as i64)
             .collect();
         if keep.is_empty() {
-            return Err(EngineError::InvalidInput(format!(
-                "poison bundle: every sample's true label is the target {target}; ASR needs samples of other classes"
-            )));
+            return Err(EngineError::InvalidInput(
+                "poison bundle: every sample's true label is its attack target; ASR needs samples whose label differs".into(),
+            ));
         }
+        let kept: Vec<i64> = keep.iter().map(|&i| targets[i as usize]).collect();
+        let device = all.labels.device();
         Ok(PoisonSet {
             samples: all.select(&keep)?,
-            target,
+            targets: Tensor::from_slice(&kept).f_to_device(device)?,
         })
     }
 
-    /// (ASR, RA) of `model` on these samples.
+    /// (ASR, RA) of `model` on these samples: the share predicted as their target, and
+    /// the share still predicted as their true label.
     pub fn measure(
         &self,
         model: &mut ScanModel,
@@ -63,7 +73,7 @@ impl PoisonSet {
         let predictions = predict(model, &self.samples, batch_size)?;
         let n = self.samples.len() as f64;
         let hits = predictions
-            .f_eq(self.target)?
+            .f_eq_tensor(&self.targets)?
             .f_sum(Kind::Int64)?
             .f_int64_value(&[])? as f64;
         let recovered = predictions

@@ -96,9 +96,10 @@ pub fn run_scan(
         .as_deref()
         .map(|p| read_bundle(p, "poison"))
         .transpose()?;
-    if poison.is_some() != inputs.target_label.is_some() {
+    let poison_has_targets = poison.as_ref().is_some_and(|(b, _)| b.targets.is_some());
+    if poison.is_some() != (inputs.target_label.is_some() || poison_has_targets) {
         return Err(EngineError::InvalidInput(
-            "a poison bundle and a target label must be given together".into(),
+            "a poison bundle and a target label must be given together (unless the bundle holds per-sample `targets`)".into(),
         ));
     }
     let clean = SampleSet::from_bundle(&clean_bundle, device)?;
@@ -114,6 +115,14 @@ pub fn run_scan(
         None => None,
     };
     let poison_set = match (&poison, inputs.target_label) {
+        (Some((bundle, _)), _) if bundle.targets.is_some() => {
+            let set = SampleSet::from_bundle(bundle, device)?;
+            check_against_model(&model, "poison", bundle, &set)?;
+            Some(PoisonSet::with_targets(
+                set,
+                bundle.targets.as_deref().unwrap_or(&[]),
+            )?)
+        }
         (Some((bundle, _)), Some(target)) => {
             if !(0..num_classes).contains(&target) {
                 return Err(EngineError::InvalidInput(format!(

@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tch::Device;
 
-use super::badnets::BadNets;
+use super::attacks::{BadNets, Poisoning, TargetMode};
 use super::train::{train_model, TrainPlan};
 use crate::engine::bundle::{parse_bundle, Bundle};
 use crate::engine::progress::Monitor;
@@ -51,11 +51,16 @@ pub fn prepare(
     };
     std::fs::create_dir_all(dir).map_err(io)?;
     let mnist = mnist_fixture();
-    let attack = BadNets::default();
-    let train = attack.poison_training_set(
-        &mnist.slice(0..TRAIN_SAMPLES),
-        &mut ChaCha8Rng::seed_from_u64(seed),
-    );
+    let trigger = BadNets::default();
+    let target = 0;
+    let attack = Poisoning {
+        mode: TargetMode::AllToOne { target },
+        rate: 0.1,
+        clean_label: false,
+        cross_ratio: 0.0,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let train = attack.poison_training_set(&mnist.slice(0..TRAIN_SAMPLES), &trigger, &mut rng);
     let clean = mnist.slice(TRAIN_SAMPLES..TRAIN_SAMPLES + CLEAN_SAMPLES);
     let test = mnist.slice(TRAIN_SAMPLES + CLEAN_SAMPLES..mnist.len());
     let files = DemoFiles {
@@ -63,13 +68,15 @@ pub fn prepare(
         clean: dir.join("clean.safetensors"),
         test: dir.join("test.safetensors"),
         poison: dir.join("poison.safetensors"),
-        target: attack.target,
+        target,
     };
     std::fs::write(&files.clean, clean.to_safetensors()).map_err(io)?;
     std::fs::write(&files.test, test.to_safetensors()).map_err(io)?;
     std::fs::write(
         &files.poison,
-        attack.poisoned_test_set(&test).to_safetensors(),
+        attack
+            .poisoned_test_set(&test, &trigger, &mut rng)
+            .to_safetensors(),
     )
     .map_err(io)?;
     let arch = dir.join("architecture.pt");

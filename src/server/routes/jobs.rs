@@ -86,10 +86,12 @@ pub async fn submit_job(
     key: Option<String>,
 ) -> Result<(Job, bool), ApiError> {
     let config = parse_config(request.config.as_ref())?;
-    if request.poison.is_some() != request.target_label.is_some() {
+    // A poison bundle without `target_label` is valid when it carries per-sample
+    // `targets` (all-to-all); the job checks that once it has read the bundle.
+    if request.target_label.is_some() && request.poison.is_none() {
         return Err(ApiError::unprocessable(
             "invalid_request",
-            "`poison` and `target_label` go together: give both or neither",
+            "`target_label` needs a `poison` bundle",
         ));
     }
     let max_attempts = request

@@ -1,0 +1,220 @@
+//! `bdscan lab` end to end: the real binary trains a small backdoored model and writes the
+//! files a defender gets; `bdscan scan` accepts its all-to-all poison bundle (per-sample
+//! `targets`, no --target-label). Also the `targets` round trip through `.npz`.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use bdscan::engine::bundle::load_bundle;
+use common::*;
+
+fn bdscan(args: &[&str]) -> Output {
+    Command::new(bdscan_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn lab_all_to_all(dir: &Path) -> Output {
+    bdscan(&[
+        "lab",
+        "--dataset",
+        "mnist",
+        "--arch",
+        "cnn",
+        "--attack",
+        "badnets",
+        "--all-to-all",
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        dir.to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn lab_writes_model_bundles_and_meta_and_scan_reads_all_to_all_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let out = lab_all_to_all(&run);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for file in [
+        "model.pt",
+        "clean.safetensors",
+        "test.safetensors",
+        "poison.safetensors",
+    ] {
+        assert!(run.join(file).is_file(), "{file} missing");
+    }
+    assert!(!run.join("architecture.pt").exists());
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["dataset"], "mnist");
+    assert_eq!(meta["arch"], "cnn");
+    assert_eq!(meta["attack"]["name"], "badnets");
+    assert_eq!(meta["attack"]["parameters"]["patch"], 3);
+    assert_eq!(meta["all_to_all"], true);
+    assert!(meta["target"].is_null());
+    assert_eq!(meta["poison_rate"], 0.1);
+    assert_eq!(meta["poisoned_samples"], 800);
+    assert_eq!(meta["epochs"], 1);
+    assert_eq!(meta["seed"], 0);
+    assert_eq!(meta["bdscan_version"], env!("CARGO_PKG_VERSION"));
+    let clean_acc = meta["clean_acc"].as_f64().unwrap();
+    assert!(clean_acc > 0.8, "clean accuracy {clean_acc}");
+    assert!(meta["asr"].as_f64().is_some());
+    assert!(meta["train_seconds"].as_f64().unwrap() > 0.0);
+
+    let clean = load_bundle(&run.join("clean.safetensors")).unwrap();
+    assert_eq!(clean.len(), 400);
+    let test = load_bundle(&run.join("test.safetensors")).unwrap();
+    let poison = load_bundle(&run.join("poison.safetensors")).unwrap();
+    assert_eq!(poison.len(), test.len());
+    let targets = poison
+        .targets
+        .as_ref()
+        .expect("all-to-all poison carries targets");
+    assert!(poison
+        .labels
+        .iter()
+        .zip(targets)
+        .all(|(&l, &t)| t == (l + 1) % 10));
+
+    // The same run again gives the same bundles (TorchScript archives carry a random id,
+    // so the model is compared by its measured metrics).
+    let again = dir.path().join("again");
+    assert!(lab_all_to_all(&again).status.success());
+    for file in ["clean.safetensors", "poison.safetensors"] {
+        assert_eq!(
+            std::fs::read(run.join(file)).unwrap(),
+            std::fs::read(again.join(file)).unwrap()
+        );
+    }
+    let meta_again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(again.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta_again["clean_acc"], meta["clean_acc"]);
+    assert_eq!(meta_again["asr"], meta["asr"]);
+
+    // `bdscan scan` takes the poison bundle without --target-label and measures ASR
+    // against each sample's own target.
+    let config = dir.path().join("quick.json");
+    std::fs::write(&config, r#"{"purify_epochs": 1, "recovery_epochs": 1}"#).unwrap();
+    let p = |f: &str| run.join(f).to_str().unwrap().to_string();
+    let report = dir.path().join("report.json");
+    let out = bdscan(&[
+        "scan",
+        "--model",
+        &p("model.pt"),
+        "--clean",
+        &p("clean.safetensors"),
+        "--test",
+        &p("test.safetensors"),
+        "--poison",
+        &p("poison.safetensors"),
+        "--out",
+        dir.path().join("purified.pt").to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--threads",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(report["metrics"]["before"]["asr"], meta["asr"]);
+    assert!(report["inputs"]["target_label"].is_null());
+}
+
+#[test]
+fn lab_rejects_bad_flags_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--attack", "badnets", "--alpha", "0.3"],
+            "--alpha does not apply to --attack badnets",
+        ),
+        (&["--attack", "sig", "--all-to-all"], "SIG is clean-label"),
+        (&["--attack", "badnets", "--target", "12"], "--target 12"),
+        (
+            &["--attack", "badnets", "--poison-rate", "1.5"],
+            "--poison-rate 1.5",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec![
+            "lab",
+            "--dataset",
+            "mnist",
+            "--arch",
+            "cnn",
+            "--out",
+            out_dir,
+        ];
+        args.extend_from_slice(extra);
+        let out = bdscan(&args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with("error:") && l.contains(needle)),
+            "{needle}: {err}"
+        );
+    }
+    let out = bdscan(&[
+        "lab",
+        "--dataset",
+        "cifar",
+        "--arch",
+        "cnn",
+        "--attack",
+        "none",
+        "--out",
+        out_dir,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn poison_targets_round_trip_through_npz() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("poison.npz");
+    let images = u8_images(&[3, 1, 2, 2], 9);
+    // `labels()` builds any 1-D int64 array; its name in the file is the entry's name.
+    let (label_values, targets) = (labels(&[0, 1, 2]), labels(&[1, 2, 0]));
+    write_npz(
+        &path,
+        &[
+            ("images", &images),
+            ("labels", &label_values),
+            ("targets", &targets),
+        ],
+    );
+    let bundle = load_bundle(&path).unwrap();
+    assert_eq!(bundle.targets, Some(vec![1, 2, 0]));
+    let short = labels(&[1]);
+    write_npz(
+        &path,
+        &[
+            ("images", &images),
+            ("labels", &label_values),
+            ("targets", &short),
+        ],
+    );
+    let err = load_bundle(&path).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "`images` holds 3 samples but `targets` holds 1"
+    );
+}
