@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::engine::{
-    run_scan, EngineError, Monitor, Regularizer, ScanConfig, ScanInputs, ScanReport,
+    run_scan, EngineError, Method, Monitor, Regularizer, ScanConfig, ScanInputs, ScanReport,
 };
 use crate::lab::demo;
 use progress::ProgressView;
@@ -88,6 +88,39 @@ pub struct RunArgs {
     /// JSON file with scan settings (any subset of the report's `config`).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Defense to run (default: benign_salience); overrides the config file's `method`.
+    #[arg(long, value_enum)]
+    pub method: Option<MethodArg>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum MethodArg {
+    /// Benign salience + AR purification (ours).
+    #[value(name = "benign_salience", alias = "benign-salience")]
+    BenignSalience,
+    /// Ablation: our pipeline ranking neurons by mean clean activation.
+    Activation,
+    /// Plain fine-tuning.
+    Ft,
+    /// Fine-Pruning (Liu et al. 2018).
+    Fp,
+    /// Adversarial Neuron Pruning (Wu & Wang 2021).
+    Anp,
+    /// Channel Lipschitzness-based Pruning (Zheng et al. 2022), data-free.
+    Clp,
+}
+
+impl From<MethodArg> for Method {
+    fn from(m: MethodArg) -> Self {
+        match m {
+            MethodArg::BenignSalience => Method::BenignSalience,
+            MethodArg::Activation => Method::Activation,
+            MethodArg::Ft => Method::Ft,
+            MethodArg::Fp => Method::Fp,
+            MethodArg::Anp => Method::Anp,
+            MethodArg::Clp => Method::Clp,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -288,6 +321,9 @@ fn base_config(run: &RunArgs) -> Result<ScanConfig, EngineError> {
     };
     config.device = run.device.clone();
     config.seed = run.seed;
+    if let Some(method) = run.method {
+        config.method = method.into();
+    }
     if run.threads.is_some() {
         config.threads = run.threads;
     }
@@ -358,7 +394,11 @@ fn demo_command(args: DemoArgs) -> Result<(), EngineError> {
         &mut Monitor::new(&mut on_progress, None),
     )?;
     view.finish();
-    println!("scanning it with {} clean samples…", demo::CLEAN_SAMPLES);
+    println!(
+        "defending it with `{}` and {} clean samples…",
+        config.method.as_str(),
+        demo::CLEAN_SAMPLES
+    );
     let inputs = ScanInputs {
         model: files.backdoored_model.clone(),
         clean: files.clean.clone(),
@@ -399,6 +439,7 @@ fn percent(x: Option<f64>) -> String {
 
 fn print_summary(report: &ScanReport) {
     let (b, a) = (&report.metrics.before, &report.metrics.after);
+    println!("method {}", report.config.method.as_str());
     println!(
         "flagged {} of {} neurons ({} pruned); {} suspect weights, {} pruned",
         report.flagged_count,
