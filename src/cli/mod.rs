@@ -149,7 +149,7 @@ pub struct ScanArgs {
     /// Penalty on the suspects: ar (default), l1, l2 or none.
     #[arg(long, value_enum)]
     pub regularizer: Option<RegularizerArg>,
-    /// Purification epochs.
+    /// Purification epochs (fine-tuning epochs for `ft` and `fp`).
     #[arg(long)]
     pub epochs: Option<usize>,
     #[command(flatten)]
@@ -336,7 +336,10 @@ fn scan(args: ScanArgs) -> Result<(), EngineError> {
         config.regularizer = r.into();
     }
     if let Some(epochs) = args.epochs {
-        config.purify_epochs = epochs;
+        match config.method {
+            Method::Ft | Method::Fp => config.ft.epochs = epochs,
+            _ => config.purify_epochs = epochs,
+        }
     }
     let inputs = ScanInputs {
         model: args.model,

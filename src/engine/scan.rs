@@ -153,9 +153,9 @@ pub fn run_scan(
         .iter()
         .map(|l| model.neuron_norms(l))
         .collect::<Result<_, _>>()?;
+    let held_out_before = accuracy(&mut model, &held_out, batch)?;
     timer.lap(Phase::Evaluate);
 
-    let held_out_before = accuracy(&mut model, &held_out, batch)?;
     let context = Context {
         config,
         model_path: &inputs.model,
