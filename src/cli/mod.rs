@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::engine::{
-    run_scan, EngineError, Monitor, Regularizer, ScanConfig, ScanInputs, ScanReport,
+    run_scan, EngineError, Method, Monitor, Regularizer, ScanConfig, ScanInputs, ScanReport,
 };
 use crate::lab::{demo, scenario as lab};
 use progress::ProgressView;
@@ -115,6 +115,39 @@ pub struct RunArgs {
     /// JSON file with scan settings (any subset of the report's `config`).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Defense to run (default: benign_salience); overrides the config file's `method`.
+    #[arg(long, value_enum)]
+    pub method: Option<MethodArg>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum MethodArg {
+    /// Benign salience + AR purification (ours).
+    #[value(name = "benign_salience", alias = "benign-salience")]
+    BenignSalience,
+    /// Ablation: our pipeline ranking neurons by mean clean activation.
+    Activation,
+    /// Plain fine-tuning.
+    Ft,
+    /// Fine-Pruning (Liu et al. 2018).
+    Fp,
+    /// Adversarial Neuron Pruning (Wu & Wang 2021).
+    Anp,
+    /// Channel Lipschitzness-based Pruning (Zheng et al. 2022), data-free.
+    Clp,
+}
+
+impl From<MethodArg> for Method {
+    fn from(m: MethodArg) -> Self {
+        match m {
+            MethodArg::BenignSalience => Method::BenignSalience,
+            MethodArg::Activation => Method::Activation,
+            MethodArg::Ft => Method::Ft,
+            MethodArg::Fp => Method::Fp,
+            MethodArg::Anp => Method::Anp,
+            MethodArg::Clp => Method::Clp,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -143,7 +176,7 @@ pub struct ScanArgs {
     /// Penalty on the suspects: ar (default), l1, l2 or none.
     #[arg(long, value_enum)]
     pub regularizer: Option<RegularizerArg>,
-    /// Purification epochs.
+    /// Purification epochs (fine-tuning epochs for `ft` and `fp`).
     #[arg(long)]
     pub epochs: Option<usize>,
     #[command(flatten)]
@@ -408,6 +441,9 @@ fn base_config(run: &RunArgs) -> Result<ScanConfig, EngineError> {
     };
     config.device = run.device.clone();
     config.seed = run.seed;
+    if let Some(method) = run.method {
+        config.method = method.into();
+    }
     if run.threads.is_some() {
         config.threads = run.threads;
     }
@@ -420,7 +456,10 @@ fn scan(args: ScanArgs) -> Result<(), EngineError> {
         config.regularizer = r.into();
     }
     if let Some(epochs) = args.epochs {
-        config.purify_epochs = epochs;
+        match config.method {
+            Method::Ft | Method::Fp => config.ft.epochs = epochs,
+            _ => config.purify_epochs = epochs,
+        }
     }
     let inputs = ScanInputs {
         model: args.model,
@@ -478,7 +517,11 @@ fn demo_command(args: DemoArgs) -> Result<(), EngineError> {
         &mut Monitor::new(&mut on_progress, None),
     )?;
     view.finish();
-    println!("scanning it with {} clean samples…", demo::CLEAN_SAMPLES);
+    println!(
+        "defending it with `{}` and {} clean samples…",
+        config.method.as_str(),
+        demo::CLEAN_SAMPLES
+    );
     let inputs = ScanInputs {
         model: files.backdoored_model.clone(),
         clean: files.clean.clone(),
@@ -728,6 +771,7 @@ fn percent(x: Option<f64>) -> String {
 
 fn print_summary(report: &ScanReport) {
     let (b, a) = (&report.metrics.before, &report.metrics.after);
+    println!("method {}", report.config.method.as_str());
     println!(
         "flagged {} of {} neurons ({} pruned); {} suspect weights, {} pruned",
         report.flagged_count,

@@ -25,9 +25,130 @@ pub enum Aggregation {
     MeanAbs,
 }
 
+/// Which defense a scan runs. Every one shares loading, validation, metrics, the
+/// artifact and the report; they differ in how neurons are scored, flagged and removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Benign salience + AR purification, distillation, pruning and recovery (ours).
+    #[default]
+    BenignSalience,
+    /// Ablation: the same pipeline with neurons ranked by mean clean activation.
+    Activation,
+    /// Plain fine-tuning on the clean training split.
+    Ft,
+    /// Fine-Pruning (Liu et al., 2018): prune the last conv layer by clean activation, then fine-tune.
+    Fp,
+    /// Adversarial Neuron Pruning (Wu & Wang, 2021).
+    Anp,
+    /// Channel Lipschitzness-based Pruning (Zheng et al., 2022), data-free.
+    Clp,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::BenignSalience => "benign_salience",
+            Method::Activation => "activation",
+            Method::Ft => "ft",
+            Method::Fp => "fp",
+            Method::Anp => "anp",
+            Method::Clp => "clp",
+        }
+    }
+}
+
+/// Plain fine-tuning (`ft`, and the fine-tuning half of `fp`). Defaults follow
+/// BackdoorBench's FT/FP configs: SGD, lr 0.01, momentum 0.9, weight decay 5e-4, cosine
+/// annealing; 20 epochs over the clean training split (BackdoorBench trains 100 epochs
+/// on its 5% subset; 20 keeps the CPU time near the default method's).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FtConfig {
+    pub epochs: usize,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for FtConfig {
+    fn default() -> Self {
+        FtConfig {
+            epochs: 20,
+            lr: 0.01,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+        }
+    }
+}
+
+/// Fine-Pruning. The stopping rule is BackdoorBench's: keep pruning while the held-out
+/// accuracy stays within `acc_ratio` (relative) of the unpruned model's (`acc_ratio: 0.1`
+/// in its `config/defense/fp/config.yaml`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FpConfig {
+    pub acc_ratio: f64,
+    /// Channels added to the pruned set per step (Liu et al. prune one at a time).
+    pub channels_per_step: usize,
+}
+
+impl Default for FpConfig {
+    fn default() -> Self {
+        FpConfig {
+            acc_ratio: 0.1,
+            channels_per_step: 1,
+        }
+    }
+}
+
+/// Adversarial Neuron Pruning, defaults from Wu & Wang (2021) and their code
+/// (csdongxian/ANP_backdoor): ε 0.4, α 0.2, mask lr 0.2 with momentum 0.9, one
+/// perturbation step of size ε, 2000 iterations of batch 128, prune masks below 0.2.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnpConfig {
+    pub eps: f64,
+    /// Weight of the natural (unperturbed) loss; 1 − α weighs the perturbed one.
+    pub alpha: f64,
+    pub mask_lr: f64,
+    pub iterations: usize,
+    pub batch_size: usize,
+    pub prune_threshold: f64,
+}
+
+impl Default for AnpConfig {
+    fn default() -> Self {
+        AnpConfig {
+            eps: 0.4,
+            alpha: 0.2,
+            mask_lr: 0.2,
+            iterations: 2000,
+            batch_size: 128,
+            prune_threshold: 0.2,
+        }
+    }
+}
+
+/// Channel Lipschitzness-based Pruning: a channel is pruned when its upper bound of
+/// channel Lipschitz constant exceeds mean + u·std of its layer (u = 3, Zheng et al. 2022).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClpConfig {
+    pub u: f64,
+}
+
+impl Default for ClpConfig {
+    fn default() -> Self {
+        ClpConfig { u: 3.0 }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ScanConfig {
+    /// The defense to run (default: benign salience with AR).
+    pub method: Method,
     pub seed: u64,
     /// `cpu` or `cuda:N`.
     pub device: String,
@@ -62,11 +183,17 @@ pub struct ScanConfig {
     pub distill_temperature: f64,
     pub recovery_epochs: usize,
     pub recovery_lr: f64,
+    /// Settings of the baseline defenses, used only by their method.
+    pub ft: FtConfig,
+    pub fp: FpConfig,
+    pub anp: AnpConfig,
+    pub clp: ClpConfig,
 }
 
 impl Default for ScanConfig {
     fn default() -> Self {
         ScanConfig {
+            method: Method::BenignSalience,
             seed: 0,
             device: "cpu".into(),
             threads: None,
@@ -89,6 +216,10 @@ impl Default for ScanConfig {
             distill_temperature: 2.0,
             recovery_epochs: 10,
             recovery_lr: 0.01,
+            ft: FtConfig::default(),
+            fp: FpConfig::default(),
+            anp: AnpConfig::default(),
+            clp: ClpConfig::default(),
         }
     }
 }
@@ -145,6 +276,35 @@ impl ScanConfig {
         if !(0.0..1.0).contains(&self.momentum) {
             return bad("momentum", "must lie in [0, 1)");
         }
+        for (field, value) in [
+            ("ft.lr", self.ft.lr),
+            ("ft.weight_decay", self.ft.weight_decay),
+            ("anp.mask_lr", self.anp.mask_lr),
+            ("anp.eps", self.anp.eps),
+            ("clp.u", self.clp.u),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return bad(field, "must be a finite non-negative number");
+            }
+        }
+        if !(0.0..1.0).contains(&self.ft.momentum) {
+            return bad("ft.momentum", "must lie in [0, 1)");
+        }
+        for (field, value) in [
+            ("fp.acc_ratio", self.fp.acc_ratio),
+            ("anp.alpha", self.anp.alpha),
+            ("anp.prune_threshold", self.anp.prune_threshold),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return bad(field, "must lie in [0, 1]");
+            }
+        }
+        if self.fp.channels_per_step == 0 {
+            return bad("fp.channels_per_step", "must be at least 1");
+        }
+        if self.anp.batch_size < 2 {
+            return bad("anp.batch_size", "must be at least 2");
+        }
         if self.threads == Some(0) {
             return bad("threads", "must be at least 1");
         }
@@ -180,6 +340,14 @@ mod tests {
         assert_eq!(cfg.regularizer, Regularizer::L1);
         assert_eq!(cfg.purify_epochs, 3);
         assert_eq!(cfg.batch_size, ScanConfig::default().batch_size);
+        assert_eq!(cfg.method, Method::BenignSalience);
+        let cfg: ScanConfig =
+            serde_json::from_str(r#"{"method": "anp", "anp": {"iterations": 5}}"#).unwrap();
+        assert_eq!(cfg.method, Method::Anp);
+        assert_eq!(cfg.anp.iterations, 5);
+        assert_eq!(cfg.anp.eps, 0.4);
+        assert!(serde_json::from_str::<ScanConfig>(r#"{"anp": {"epsilon": 1}}"#).is_err());
+        assert!(serde_json::from_str::<ScanConfig>(r#"{"method": "nc"}"#).is_err());
     }
 
     #[test]

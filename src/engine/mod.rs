@@ -3,10 +3,15 @@
 //! purified model file, reporting progress and honouring cancellation through a
 //! [`Monitor`].
 
+pub mod activation;
+pub mod anp;
+pub mod archive;
 pub mod bundle;
+pub mod clp;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod fine_pruning;
 pub mod identify;
 pub mod layers;
 pub mod metrics;
@@ -19,7 +24,7 @@ pub mod salience;
 pub mod scan;
 pub mod training;
 
-pub use config::{Aggregation, Regularizer, ScanConfig};
+pub use config::{Aggregation, Method, Regularizer, ScanConfig};
 pub use error::EngineError;
 pub use progress::{Monitor, Phase, Progress};
 pub use report::ScanReport;

@@ -107,6 +107,50 @@ impl ScanModel {
         Ok(self.module.forward_ts(&[images])?)
     }
 
+    /// Calls the model's exported `activations(x) -> Dict[str, Tensor]`: per hidden layer
+    /// the mean post-nonlinearity output (N×C), keyed by the module path of the layer
+    /// whose weight produces it (a [`LayerGroup`]'s name). `needed_by` names the method
+    /// asking, for the error a model without that method gets.
+    pub fn activations(
+        &self,
+        images: &Tensor,
+        needed_by: &str,
+    ) -> Result<Vec<(String, Tensor)>, EngineError> {
+        let missing = |why: &str| {
+            EngineError::InvalidInput(format!(
+                "model: method `{needed_by}` needs the model to export \
+                 `activations(x) -> Dict[str, Tensor]` (per hidden layer, the N×C mean \
+                 activation keyed by the layer's module path, e.g. `features.0`; see \
+                 scripts/make_models.py): {why}"
+            ))
+        };
+        let out = tch::no_grad(|| {
+            self.module.method_is(
+                "activations",
+                &[tch::IValue::Tensor(images.shallow_clone())],
+            )
+        })
+        .map_err(|e| missing(first_line(&e.to_string())))?;
+        let tch::IValue::GenericDict(entries) = out else {
+            return Err(missing("it did not return a dict"));
+        };
+        let n = images.size()[0];
+        let mut layers = Vec::with_capacity(entries.len());
+        for (key, value) in entries {
+            let (tch::IValue::String(name), tch::IValue::Tensor(t)) = (key, value) else {
+                return Err(missing("its keys must be strings and its values tensors"));
+            };
+            let size = t.size();
+            if size.len() != 2 || size[0] != n {
+                return Err(missing(&format!(
+                    "entry `{name}` has shape {size:?}, expected {n}×C"
+                )));
+            }
+            layers.push((name, t));
+        }
+        Ok(layers)
+    }
+
     pub fn set_train(&mut self) -> Result<(), EngineError> {
         Ok(self.module.f_set_train()?)
     }
@@ -142,6 +186,40 @@ impl ScanModel {
 
     pub fn parameter_count(&self) -> i64 {
         self.params.iter().map(|p| p.tensor.numel() as i64).sum()
+    }
+
+    /// The BatchNorm-like affine pair (γ, β) grouped into `layer`: its members that belong
+    /// to another module than the layer's own (its own bias does not count).
+    pub fn batchnorm(&self, layer: &LayerGroup) -> Option<(usize, usize)> {
+        let module = |i: usize| {
+            let name = &self.params[i].name;
+            name.rsplit_once('.').map_or(name.as_str(), |(m, _)| m)
+        };
+        let foreign: Vec<usize> = layer
+            .members
+            .iter()
+            .copied()
+            .filter(|&m| module(m) != layer.name)
+            .collect();
+        let gamma = foreign
+            .iter()
+            .copied()
+            .find(|&m| self.params[m].name.ends_with(".weight"))?;
+        let beta = foreign
+            .iter()
+            .copied()
+            .find(|&m| module(m) == module(gamma) && self.params[m].name.ends_with(".bias"))?;
+        Some((gamma, beta))
+    }
+
+    /// The layer's own bias, if it has one.
+    pub fn own_bias(&self, layer: &LayerGroup) -> Option<usize> {
+        let bias = format!("{}.bias", layer.name);
+        layer
+            .members
+            .iter()
+            .copied()
+            .find(|&m| self.params[m].name == bias)
     }
 
     /// The L2 norm of every neuron of `layer` (its weight row plus its bias/BN entries).

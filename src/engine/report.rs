@@ -102,9 +102,12 @@ pub struct LayerReport {
     pub grouped_parameters: Vec<String>,
     pub is_classifier: bool,
     pub width: usize,
-    /// Benign salience of every neuron, in the model's units of loss.
+    /// What the scan's method ranks neurons by: benign salience (in the model's units
+    /// of loss) for `benign_salience`; mean clean activation for `activation` and `fp`;
+    /// the learned mask for `anp`; the channel Lipschitz bound for `clp`; zeros for
+    /// `ft`. The name is kept for the schema's sake; `config.method` says which.
     pub benign_salience: Vec<f64>,
-    /// Salience divided by the layer's mean (what the ranking uses).
+    /// Those scores divided by the layer's mean (what our ranking uses).
     pub normalized_salience: Vec<f64>,
     pub norm_before: Vec<f64>,
     pub norm_after: Vec<f64>,

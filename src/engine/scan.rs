@@ -1,6 +1,9 @@
-//! One scan, start to finish: validate inputs, score neurons, flag suspects, purify
-//! them with the chosen regularizer, prune what it drove to zero, recover accuracy,
-//! measure, and write the purified TorchScript archive.
+//! One scan, start to finish: validate inputs, measure, run the configured defense,
+//! measure again, and write the purified TorchScript archive and the report. Every
+//! method shares all of that; only the middle (score → flag → purify) dispatches on
+//! `config.method`. Our method — benign salience, suspects within a held-out budget, AR
+//! purification, pruning, recovery — lives here; the baselines in `fine_pruning.rs`
+//! (FT, FP), `anp.rs` and `clp.rs`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,18 +14,20 @@ use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
+use super::activation::hidden_activations;
 use super::bundle::{load_bundle, Bundle};
-use super::config::{parse_device, ScanConfig};
+use super::config::{parse_device, Method, ScanConfig};
 use super::data::{split_indices, SampleSet};
 use super::error::{bundle_error, EngineError};
-use super::identify::{identify, Budget};
+use super::identify::{identify, Budget, Selection, Suspects};
 use super::metrics::{defense_effectiveness_rating, measure, AccuracySource, PoisonSet};
 use super::model::ScanModel;
 use super::progress::{Monitor, Phase};
 use super::regularizer::{apply, tensor_scale};
 use super::report::*;
-use super::salience::benign_salience;
+use super::salience::{benign_salience, BenignSalience};
 use super::training::{accuracy, fine_tune, Distill, FineTune, Schedule};
+use super::{anp, clp, fine_pruning};
 
 /// The files of one scan.
 #[derive(Debug, Clone)]
@@ -42,7 +47,7 @@ const HELD_OUT_DROP_WARNING: f64 = 0.05;
 /// The libtorch version this binary was built against (read by build.rs).
 pub const LIBTORCH_VERSION: &str = env!("BDSCAN_LIBTORCH_VERSION");
 
-struct Timer {
+pub(super) struct Timer {
     timings: BTreeMap<String, u64>,
     started: Instant,
 }
@@ -56,7 +61,7 @@ impl Timer {
     }
 
     /// Books the time since the last lap under `phase`.
-    fn lap(&mut self, phase: Phase) {
+    pub fn lap(&mut self, phase: Phase) {
         let now = Instant::now();
         *self.timings.entry(phase.as_str().to_string()).or_default() +=
             (now - self.started).as_millis() as u64;
@@ -157,118 +162,38 @@ pub fn run_scan(
         .iter()
         .map(|l| model.neuron_norms(l))
         .collect::<Result<_, _>>()?;
+    let held_out_before = accuracy(&mut model, &held_out, batch)?;
     timer.lap(Phase::Evaluate);
 
-    let salience = benign_salience(&mut model, &train, batch, config.aggregation, monitor)?;
-    timer.lap(Phase::Salience);
-
-    let budget = Budget {
-        neuron_drop: config.neuron_drop_budget,
-        weight_drop: config.weight_drop_budget,
-        fraction_step: config.fraction_step,
-        max_fraction: config.max_fraction,
-        batch_size: batch,
-    };
-    let suspects = identify(&mut model, &salience, &held_out, &budget, monitor)?;
-    let masks = suspects.parameter_masks(&model)?;
-    timer.lap(Phase::Identify);
-
-    // Purify: fine-tune on the clean split while the regularizer pulls suspects to zero.
-    let scales: Vec<f64> = model
-        .params
-        .iter()
-        .map(|p| tensor_scale(&p.tensor))
-        .collect::<Result<_, _>>()?;
-    let suspect_norm_at_start = masked_norm(&model, &masks)?;
-    let tracer = Tracer {
+    let context = Context {
+        config,
+        model_path: &inputs.model,
+        device,
+        train: &train,
         held_out: &held_out,
-        poison: poison_set.as_ref(),
-        masks: &masks,
-        suspect_norm_at_start,
-        batch,
-    };
-    let mut trace = Vec::new();
-    // The teacher is a second, frozen load of the archive as it arrived.
-    let teacher = if config.distill_weight > 0.0 {
-        let mut teacher = ScanModel::load(&inputs.model, device, &clean.images.narrow(0, 0, 2))?;
-        teacher.set_eval()?;
-        Some(teacher)
-    } else {
-        None
-    };
-    let distill = || {
-        teacher.as_ref().map(|teacher| Distill {
-            teacher,
-            weight: config.distill_weight,
-            temperature: config.distill_temperature,
-        })
-    };
-    let purify_plan = FineTune {
-        distill: distill(),
-        epochs: config.purify_epochs,
-        batch_size: batch,
-        peak_lr: config.purify_lr,
-        schedule: Schedule::Cosine,
-        momentum: config.momentum,
-        weight_decay: config.weight_decay,
-        augment_shift: config.augment_shift,
-        phase: Phase::Purify,
-    };
-    fine_tune(
-        &mut model,
-        &train,
-        &purify_plan,
-        &mut rng,
-        monitor,
-        &mut |model, lr| {
-            for ((param, mask), &scale) in model.params.iter_mut().zip(&masks).zip(&scales) {
-                if let Some(mask) = mask {
-                    apply(
-                        config.regularizer,
-                        &mut param.tensor,
-                        mask,
-                        scale,
-                        config.reg_strength,
-                        lr,
-                    )?;
-                }
-            }
-            Ok(())
+        held_out_before,
+        tracer: Tracer {
+            held_out: &held_out,
+            poison: poison_set.as_ref(),
+            batch,
         },
-        &mut |model, epoch, loss| {
-            trace.push(tracer.record(model, "purify", epoch, loss)?);
-            Ok(())
-        },
-    )?;
-    timer.lap(Phase::Purify);
-
-    // Prune suspect entries the regularizer drove to about zero, then recover accuracy
-    // with them held at zero so the backdoor cannot grow back through them.
-    let pruned = prune_small(&mut model, &masks, &scales, config.prune_threshold)?;
-    let recover_plan = FineTune {
-        distill: distill(),
-        epochs: config.recovery_epochs,
-        batch_size: batch,
-        peak_lr: config.recovery_lr,
-        schedule: Schedule::Constant,
-        momentum: config.momentum,
-        weight_decay: 0.0,
-        augment_shift: 0,
-        phase: Phase::Recover,
     };
-    fine_tune(
-        &mut model,
-        &train,
-        &recover_plan,
-        &mut rng,
-        monitor,
-        &mut |model, _lr| hold_at_zero(model, &pruned),
-        &mut |model, epoch, loss| {
-            trace.push(tracer.record(model, "recover", epoch, loss)?);
-            Ok(())
-        },
-    )?;
-    timer.lap(Phase::Recover);
+    // Only the middle differs between defenses: score, flag, remove or purify.
+    let defended = match config.method {
+        Method::BenignSalience | Method::Activation => {
+            purify_suspects(&mut model, &context, &mut rng, monitor, &mut timer)?
+        }
+        Method::Ft => {
+            fine_pruning::fine_tuning_only(&mut model, &context, &mut rng, monitor, &mut timer)?
+        }
+        Method::Fp => {
+            fine_pruning::fine_pruning(&mut model, &context, &mut rng, monitor, &mut timer)?
+        }
+        Method::Anp => {
+            anp::adversarial_neuron_pruning(&mut model, &context, &mut rng, monitor, &mut timer)?
+        }
+        Method::Clp => clp::channel_lipschitz_pruning(&mut model, &context, monitor, &mut timer)?,
+    };
 
     let after = measure(
         &mut model,
@@ -278,14 +203,7 @@ pub fn run_scan(
         batch,
     )?;
     let der = defense_effectiveness_rating(&before, &after);
-    let layers = layer_reports(
-        &model,
-        &salience.per_neuron,
-        &norms_before,
-        &suspects.neuron_flags,
-        &masks,
-        &pruned,
-    )?;
+    let layers = layer_reports(&model, &defended, &norms_before)?;
     timer.lap(Phase::Evaluate);
 
     monitor.step(Phase::Save, 0, 1)?;
@@ -302,7 +220,6 @@ pub fn run_scan(
 
     let mut warnings = Vec::new();
     let held_out_after = accuracy(&mut model, &held_out, batch)?;
-    let held_out_before = suspects.selection.held_out_acc;
     if held_out_before - held_out_after > HELD_OUT_DROP_WARNING {
         warnings.push(format!(
             "held-out clean accuracy fell from {:.2}% to {:.2}%: the purified model may be unusable; \
@@ -311,10 +228,22 @@ pub fn run_scan(
             held_out_after * 100.0
         ));
     }
-    if suspects.selection.neuron_fraction == 0.0 && suspects.selection.weight_fraction == 0.0 {
-        warnings.push(
-            "no suspects: even the smallest candidate removal exceeded the accuracy budget".into(),
-        );
+    let nothing_flagged = layers.iter().all(|l| l.flagged.is_empty());
+    match config.method {
+        Method::BenignSalience | Method::Activation
+            if defended.selection.neuron_fraction == 0.0
+                && defended.selection.weight_fraction == 0.0 =>
+        {
+            warnings.push(
+                "no suspects: even the smallest candidate removal exceeded the accuracy budget"
+                    .into(),
+            )
+        }
+        Method::Fp | Method::Anp | Method::Clp if nothing_flagged => warnings.push(format!(
+            "method `{}` pruned no neurons",
+            config.method.as_str()
+        )),
+        _ => {}
     }
 
     let count = |f: fn(&LayerReport) -> usize| layers.iter().map(f).sum::<usize>();
@@ -348,7 +277,7 @@ pub fn run_scan(
             train: train.len(),
             held_out: held_out.len(),
         },
-        selection: suspects.selection,
+        selection: defended.selection,
         flagged_count: count(|l| l.flagged.len()),
         pruned_neuron_count: count(|l| l.pruned.len()),
         suspect_weight_count: layers.iter().map(|l| l.suspect_weights).sum(),
@@ -356,7 +285,7 @@ pub fn run_scan(
         layers,
         metrics: MetricsPair { before, after },
         der,
-        trace,
+        trace: defended.trace,
         artifact,
         warnings,
         timings_ms: timer.timings,
@@ -443,32 +372,278 @@ fn masked_norm(model: &ScanModel, masks: &[Option<Tensor>]) -> Result<f64, Engin
     })
 }
 
-/// What a per-epoch trace entry is measured on.
-struct Tracer<'a> {
-    held_out: &'a SampleSet,
-    poison: Option<&'a PoisonSet>,
-    masks: &'a [Option<Tensor>],
-    suspect_norm_at_start: f64,
+/// What every defense gets: the settings, the clean splits and where to trace to.
+pub(super) struct Context<'a> {
+    pub config: &'a ScanConfig,
+    /// The archive as it arrived (a second load is the distillation teacher, ANP's
+    /// search copy, and where CLP reads BatchNorm statistics).
+    pub model_path: &'a Path,
+    pub device: Device,
+    pub train: &'a SampleSet,
+    pub held_out: &'a SampleSet,
+    /// Held-out clean accuracy of the model as it arrived.
+    pub held_out_before: f64,
+    pub tracer: Tracer<'a>,
+}
+
+impl Context<'_> {
+    /// A fresh load of the input archive (its own parameters and buffers).
+    pub fn load_copy(&self) -> Result<ScanModel, EngineError> {
+        ScanModel::load(
+            self.model_path,
+            self.device,
+            &self.train.images.narrow(0, 0, 2),
+        )
+    }
+
+    /// A selection record for defenses that choose no fraction on a grid.
+    pub fn no_grid_selection(&self, neuron_fraction: f64) -> Selection {
+        Selection {
+            held_out_acc: self.held_out_before,
+            neuron_fraction,
+            weight_fraction: 0.0,
+            neuron_trials: Vec::new(),
+            weight_trials: Vec::new(),
+        }
+    }
+}
+
+/// What a defense did, in the report's terms.
+pub(super) struct Defended {
+    /// Per layer, per neuron, what the method ranks by (benign salience, mean activation,
+    /// ANP mask value, CLP's UCLC, …).
+    pub scores: Vec<Vec<f64>>,
+    /// Per layer, the neurons the method flagged (or pruned).
+    pub flags: Vec<Vec<bool>>,
+    pub selection: Selection,
+    /// Per parameter, 0/1 masks of the suspect entries (`None`: none).
+    pub suspect_masks: Vec<Option<Tensor>>,
+    /// Per parameter, 0/1 masks of the entries set to zero and kept there.
+    pub pruned_masks: Vec<Option<Tensor>>,
+    /// Per layer, the neurons removed; `None`: the flagged ones whose every parameter
+    /// ended at zero.
+    pub pruned_neurons: Option<Vec<Vec<usize>>>,
+    pub trace: Vec<EpochTrace>,
+}
+
+pub(super) fn no_masks(model: &ScanModel) -> Vec<Option<Tensor>> {
+    (0..model.params.len()).map(|_| None).collect()
+}
+
+/// Per parameter, the 0/1 mask of the flagged neurons' entries.
+pub(super) fn neuron_masks(
+    model: &ScanModel,
+    flags: &[Vec<bool>],
+) -> Result<Vec<Option<Tensor>>, EngineError> {
+    Suspects {
+        neuron_flags: flags.to_vec(),
+        weight_masks: (0..model.layers.len()).map(|_| None).collect(),
+        selection: Selection {
+            held_out_acc: 0.0,
+            neuron_fraction: 0.0,
+            weight_fraction: 0.0,
+            neuron_trials: Vec::new(),
+            weight_trials: Vec::new(),
+        },
+    }
+    .parameter_masks(model)
+}
+
+/// Our method and its activation ablation: score, flag within the held-out budget,
+/// purify the suspects with the regularizer (plus distillation and augmentation), prune
+/// what it drove to zero, recover.
+fn purify_suspects(
+    model: &mut ScanModel,
+    ctx: &Context,
+    rng: &mut ChaCha8Rng,
+    monitor: &mut Monitor,
+    timer: &mut Timer,
+) -> Result<Defended, EngineError> {
+    let config = ctx.config;
+    let batch = config.batch_size;
+    let salience = match config.method {
+        Method::Activation => activation_scores(model, ctx.train, batch, monitor)?,
+        _ => benign_salience(model, ctx.train, batch, config.aggregation, monitor)?,
+    };
+    timer.lap(Phase::Salience);
+
+    let budget = Budget {
+        neuron_drop: config.neuron_drop_budget,
+        weight_drop: config.weight_drop_budget,
+        fraction_step: config.fraction_step,
+        max_fraction: config.max_fraction,
+        batch_size: batch,
+    };
+    let suspects = identify(model, &salience, ctx.held_out, &budget, monitor)?;
+    let masks = suspects.parameter_masks(model)?;
+    timer.lap(Phase::Identify);
+
+    // Purify: fine-tune on the clean split while the regularizer pulls suspects to zero.
+    let scales: Vec<f64> = model
+        .params
+        .iter()
+        .map(|p| tensor_scale(&p.tensor))
+        .collect::<Result<_, _>>()?;
+    let suspect_norm_at_start = masked_norm(model, &masks)?;
+    let suspects_now = Some((masks.as_slice(), suspect_norm_at_start));
+    let mut trace = Vec::new();
+    // The teacher is a second, frozen load of the archive as it arrived.
+    let teacher = if config.distill_weight > 0.0 {
+        let mut teacher = ctx.load_copy()?;
+        teacher.set_eval()?;
+        Some(teacher)
+    } else {
+        None
+    };
+    let distill = || {
+        teacher.as_ref().map(|teacher| Distill {
+            teacher,
+            weight: config.distill_weight,
+            temperature: config.distill_temperature,
+        })
+    };
+    let purify_plan = FineTune {
+        distill: distill(),
+        epochs: config.purify_epochs,
+        batch_size: batch,
+        peak_lr: config.purify_lr,
+        schedule: Schedule::Cosine,
+        momentum: config.momentum,
+        weight_decay: config.weight_decay,
+        augment_shift: config.augment_shift,
+        phase: Phase::Purify,
+    };
+    fine_tune(
+        model,
+        ctx.train,
+        &purify_plan,
+        rng,
+        monitor,
+        &mut |model, lr| {
+            for ((param, mask), &scale) in model.params.iter_mut().zip(&masks).zip(&scales) {
+                if let Some(mask) = mask {
+                    apply(
+                        config.regularizer,
+                        &mut param.tensor,
+                        mask,
+                        scale,
+                        config.reg_strength,
+                        lr,
+                    )?;
+                }
+            }
+            Ok(())
+        },
+        &mut |model, epoch, loss| {
+            trace.push(
+                ctx.tracer
+                    .record(model, "purify", epoch, loss, suspects_now)?,
+            );
+            Ok(())
+        },
+    )?;
+    timer.lap(Phase::Purify);
+
+    // Prune suspect entries the regularizer drove to about zero, then recover accuracy
+    // with them held at zero so the backdoor cannot grow back through them.
+    let pruned = prune_small(model, &masks, &scales, config.prune_threshold)?;
+    let recover_plan = FineTune {
+        distill: distill(),
+        epochs: config.recovery_epochs,
+        batch_size: batch,
+        peak_lr: config.recovery_lr,
+        schedule: Schedule::Constant,
+        momentum: config.momentum,
+        weight_decay: 0.0,
+        augment_shift: 0,
+        phase: Phase::Recover,
+    };
+    fine_tune(
+        model,
+        ctx.train,
+        &recover_plan,
+        rng,
+        monitor,
+        &mut |model, _lr| hold_at_zero(model, &pruned),
+        &mut |model, epoch, loss| {
+            trace.push(
+                ctx.tracer
+                    .record(model, "recover", epoch, loss, suspects_now)?,
+            );
+            Ok(())
+        },
+    )?;
+    timer.lap(Phase::Recover);
+    Ok(Defended {
+        scores: salience.per_neuron,
+        flags: suspects.neuron_flags,
+        selection: suspects.selection,
+        suspect_masks: masks,
+        pruned_masks: pruned,
+        pruned_neurons: None,
+        trace,
+    })
+}
+
+/// The activation ablation's scores in the shape of benign salience. Neurons are ranked
+/// by mean clean |activation|. Activations carry nothing per weight, so every weight
+/// inherits its neuron's score and the tie rule (larger |θ| first) orders weights
+/// within a neuron: the weight budget then takes the weakest neurons' largest weights
+/// first. Layers `activations` does not report get zeros only if they are the classifier.
+fn activation_scores(
+    model: &mut ScanModel,
+    train: &SampleSet,
     batch: usize,
+    monitor: &mut Monitor,
+) -> Result<BenignSalience, EngineError> {
+    let per_neuron = hidden_activations(model, train, batch, Method::Activation.as_str(), monitor)?;
+    let device = model.params[0].tensor.device();
+    let mut per_weight = Vec::with_capacity(per_neuron.len());
+    for (layer, scores) in model.layers.iter().zip(&per_neuron) {
+        let weight = &model.params[layer.weight].tensor;
+        let mut shape = vec![layer.width as i64];
+        shape.resize(weight.dim(), 1);
+        let rows: Vec<f32> = scores.iter().map(|&s| s as f32).collect();
+        per_weight.push(
+            Tensor::from_slice(&rows)
+                .f_reshape(&shape)?
+                .f_expand(weight.size(), false)?
+                .f_contiguous()?
+                .f_to_device(device)?,
+        );
+    }
+    Ok(BenignSalience {
+        per_neuron,
+        per_weight,
+    })
+}
+
+/// What a per-epoch trace entry is measured on.
+pub(super) struct Tracer<'a> {
+    pub held_out: &'a SampleSet,
+    pub poison: Option<&'a PoisonSet>,
+    pub batch: usize,
 }
 
 impl Tracer<'_> {
-    fn record(
+    /// One trace entry; `suspects` (masks and their norm at the start) gives the
+    /// suspect-norm ratio, 0 without suspects.
+    pub fn record(
         &self,
         model: &mut ScanModel,
         phase: &str,
         epoch: usize,
         train_loss: f64,
+        suspects: Option<(&[Option<Tensor>], f64)>,
     ) -> Result<EpochTrace, EngineError> {
         let held_out_acc = accuracy(model, self.held_out, self.batch)?;
         let asr = self
             .poison
             .map(|p| p.measure(model, self.batch).map(|(asr, _)| asr))
             .transpose()?;
-        let suspect_norm_ratio = if self.suspect_norm_at_start > 0.0 {
-            masked_norm(model, self.masks)? / self.suspect_norm_at_start
-        } else {
-            0.0
+        let suspect_norm_ratio = match suspects {
+            Some((masks, at_start)) if at_start > 0.0 => masked_norm(model, masks)? / at_start,
+            _ => 0.0,
         };
         Ok(EpochTrace {
             phase: phase.into(),
@@ -509,7 +684,11 @@ fn prune_small(
     })
 }
 
-fn hold_at_zero(model: &mut ScanModel, pruned: &[Option<Tensor>]) -> Result<(), EngineError> {
+/// Sets the entries marked in `pruned` back to zero (after every optimizer step).
+pub(super) fn hold_at_zero(
+    model: &mut ScanModel,
+    pruned: &[Option<Tensor>],
+) -> Result<(), EngineError> {
     tch::no_grad(|| {
         for (param, cut) in model.params.iter_mut().zip(pruned) {
             if let Some(cut) = cut {
@@ -529,17 +708,23 @@ fn count_ones(mask: &Option<Tensor>) -> Result<i64, EngineError> {
 
 fn layer_reports(
     model: &ScanModel,
-    salience: &[Vec<f64>],
+    defended: &Defended,
     norms_before: &[Vec<f64>],
-    flags: &[Vec<bool>],
-    masks: &[Option<Tensor>],
-    pruned: &[Option<Tensor>],
 ) -> Result<Vec<LayerReport>, EngineError> {
     let mut reports = Vec::with_capacity(model.layers.len());
     for (i, layer) in model.layers.iter().enumerate() {
         let norm_after = model.neuron_norms(layer)?;
-        let mean = salience[i].iter().sum::<f64>() / layer.width.max(1) as f64;
-        let flagged: Vec<usize> = (0..layer.width).filter(|&n| flags[i][n]).collect();
+        let scores = &defended.scores[i];
+        let mean = scores.iter().sum::<f64>() / layer.width.max(1) as f64;
+        let flagged: Vec<usize> = (0..layer.width).filter(|&n| defended.flags[i][n]).collect();
+        let pruned = match &defended.pruned_neurons {
+            Some(pruned) => pruned[i].clone(),
+            None => flagged
+                .iter()
+                .copied()
+                .filter(|&n| norm_after[n] == 0.0)
+                .collect(),
+        };
         reports.push(LayerReport {
             name: layer.name.clone(),
             weight_shape: model.params[layer.weight].tensor.size(),
@@ -550,21 +735,17 @@ fn layer_reports(
                 .collect(),
             is_classifier: layer.is_classifier,
             width: layer.width,
-            benign_salience: salience[i].clone(),
-            normalized_salience: salience[i]
+            benign_salience: scores.clone(),
+            normalized_salience: scores
                 .iter()
                 .map(|s| if mean > 0.0 { s / mean } else { 0.0 })
                 .collect(),
             norm_before: norms_before[i].clone(),
-            pruned: flagged
-                .iter()
-                .copied()
-                .filter(|&n| norm_after[n] == 0.0)
-                .collect(),
+            pruned,
             norm_after,
             flagged,
-            suspect_weights: count_ones(&masks[layer.weight])?,
-            pruned_weights: count_ones(&pruned[layer.weight])?,
+            suspect_weights: count_ones(&defended.suspect_masks[layer.weight])?,
+            pruned_weights: count_ones(&defended.pruned_masks[layer.weight])?,
         });
     }
     Ok(reports)
