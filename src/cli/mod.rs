@@ -197,10 +197,13 @@ pub struct DemoArgs {
 
 #[derive(Args, Debug)]
 pub struct LabArgs {
+    /// The committed MNIST fixture, or the procedural 3×32×32 shapes dataset.
     #[arg(long, value_enum)]
     pub dataset: LabDataset,
+    /// VGG-style CNN with BatchNorm, ResNet-style with BatchNorm, or VGG-style without.
     #[arg(long, value_enum)]
     pub arch: LabArch,
+    /// The backdoor attack (`none` trains a clean model).
     #[arg(long, value_enum)]
     pub attack: LabAttack,
     /// Each class y is mapped to (y + 1) mod 10 instead of one target.
