@@ -42,6 +42,7 @@ fn main() {
         momentum: 0.9,
         weight_decay: 5e-4,
         augment_shift: 0,
+        unlearn: None,
         phase: Phase::Train,
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);

@@ -270,6 +270,8 @@ pub(super) fn adversarial_neuron_pruning(
             .collect(),
         pruned_masks,
         pruned_neurons: Some(pruned),
+
+        shortcut_search: None,
         trace: Vec::new(),
     })
 }

@@ -172,6 +172,8 @@ pub struct ScanConfig {
     pub purify_epochs: usize,
     /// Peak learning rate of the purification phase (cosine-annealed to zero).
     pub purify_lr: f64,
+    /// Epochs of linear warm-up to `purify_lr` before the cosine decay.
+    pub purify_warmup_epochs: usize,
     pub momentum: f64,
     pub weight_decay: f64,
     /// Random translation of clean images by up to this many pixels during purification.
@@ -181,6 +183,19 @@ pub struct ScanConfig {
     /// Weight of distillation from the unmodified model during purification (0 turns it off).
     pub distill_weight: f64,
     pub distill_temperature: f64,
+    /// Weight of the loss under each purification epoch's universal perturbation
+    /// (shortcut unlearning; 0 turns it off).
+    pub unlearn_weight: f64,
+    /// Radii tried for that perturbation, smallest first: per-pixel RMS as a fraction
+    /// of the pixel range.
+    pub unlearn_radii: Vec<f64>,
+    /// A class is a suspected target when a perturbation reaches it from at least this
+    /// share of clean images…
+    pub unlearn_min_success: f64,
+    /// …and by at least this margin over every other class.
+    pub unlearn_min_gap: f64,
+    /// Gradient steps of each perturbation search, each on a fresh clean batch.
+    pub unlearn_steps: usize,
     pub recovery_epochs: usize,
     pub recovery_lr: f64,
     /// Settings of the baseline defenses, used only by their method.
@@ -208,12 +223,18 @@ impl Default for ScanConfig {
             reg_strength: 10.0,
             purify_epochs: 40,
             purify_lr: 0.05,
+            purify_warmup_epochs: 3,
             momentum: 0.9,
             weight_decay: 5e-4,
             augment_shift: 2,
             prune_threshold: 0.05,
             distill_weight: 0.5,
             distill_temperature: 2.0,
+            unlearn_weight: 1.0,
+            unlearn_radii: vec![0.02, 0.03, 0.05],
+            unlearn_min_success: 0.9,
+            unlearn_min_gap: 0.3,
+            unlearn_steps: 10,
             recovery_epochs: 10,
             recovery_lr: 0.01,
             ft: FtConfig::default(),
@@ -265,6 +286,7 @@ impl ScanConfig {
             ("weight_decay", self.weight_decay),
             ("prune_threshold", self.prune_threshold),
             ("distill_weight", self.distill_weight),
+            ("unlearn_weight", self.unlearn_weight),
         ] {
             if !(value.is_finite() && value >= 0.0) {
                 return bad(field, "must be a finite non-negative number");
@@ -304,6 +326,21 @@ impl ScanConfig {
         }
         if self.anp.batch_size < 2 {
             return bad("anp.batch_size", "must be at least 2");
+        }
+        if !(0.0..=1.0).contains(&self.unlearn_min_success)
+            || !(0.0..=1.0).contains(&self.unlearn_min_gap)
+        {
+            return bad(
+                "unlearn_min_success",
+                "it and unlearn_min_gap must lie in [0, 1]",
+            );
+        }
+        if self
+            .unlearn_radii
+            .iter()
+            .any(|r| !(r.is_finite() && *r > 0.0))
+        {
+            return bad("unlearn_radii", "must be positive numbers");
         }
         if self.threads == Some(0) {
             return bad("threads", "must be at least 1");

@@ -38,6 +38,7 @@ fn plain_fine_tune(
         momentum: ft.momentum,
         weight_decay: ft.weight_decay,
         augment_shift: 0,
+        unlearn: None,
         phase: Phase::Purify,
     };
     let mut trace = Vec::new();
@@ -73,6 +74,8 @@ pub(super) fn fine_tuning_only(
         suspect_masks: no_masks(model),
         pruned_masks: no_masks(model),
         pruned_neurons: Some(model.layers.iter().map(|_| Vec::new()).collect()),
+
+        shortcut_search: None,
         trace,
     })
 }
@@ -186,6 +189,8 @@ pub(super) fn fine_pruning(
             .collect(),
         pruned_masks: pruned,
         pruned_neurons: Some(pruned_neurons),
+
+        shortcut_search: None,
         trace,
     })
 }

@@ -23,6 +23,7 @@ pub mod report;
 pub mod salience;
 pub mod scan;
 pub mod training;
+pub mod unlearn;
 
 pub use config::{Aggregation, Method, Regularizer, ScanConfig};
 pub use error::EngineError;

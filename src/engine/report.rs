@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::unlearn::TargetSearch;
+
 use super::config::ScanConfig;
 use super::identify::Selection;
 use super::metrics::Metrics;
@@ -30,6 +32,8 @@ pub struct ScanReport {
     pub metrics: MetricsPair,
     /// Defense effectiveness rating; present when a poison bundle was given.
     pub der: Option<f64>,
+    /// Shortcut unlearning's search for a trigger's target class (our method only).
+    pub shortcut_search: Option<TargetSearch>,
     /// Per-epoch measurements of the purification and recovery phases.
     pub trace: Vec<EpochTrace>,
     pub artifact: ArtifactDigest,
@@ -131,6 +135,11 @@ pub struct EpochTrace {
     pub epoch: usize,
     pub train_loss: f64,
     pub held_out_acc: f64,
+    /// Clean accuracy on the test bundle when one is given; never used to steer the scan.
+    pub test_acc: Option<f64>,
+    /// With shortcut unlearning: the share of clean images that this epoch's
+    /// perturbation (the one trained against) sent to the suspected target.
+    pub shortcut_success: Option<f64>,
     /// L2 norm of the suspect entries relative to their norm before purification.
     pub suspect_norm_ratio: f64,
     /// Measured on the poison bundle when one is given; never used to steer the scan.

@@ -27,6 +27,7 @@ use super::regularizer::{apply, tensor_scale};
 use super::report::*;
 use super::salience::{benign_salience, BenignSalience};
 use super::training::{accuracy, fine_tune, Distill, FineTune, Schedule};
+use super::unlearn::{InputSpace, TargetSearch, Unlearn, UnlearnPlan};
 use super::{anp, clp, fine_pruning};
 
 /// The files of one scan.
@@ -174,6 +175,7 @@ pub fn run_scan(
         held_out_before,
         tracer: Tracer {
             held_out: &held_out,
+            test: test_set.as_ref(),
             poison: poison_set.as_ref(),
             batch,
         },
@@ -288,6 +290,7 @@ pub fn run_scan(
         trace: defended.trace,
         artifact,
         warnings,
+        shortcut_search: defended.shortcut_search,
         timings_ms: timer.timings,
     })
 }
@@ -424,6 +427,8 @@ pub(super) struct Defended {
     /// ended at zero.
     pub pruned_neurons: Option<Vec<Vec<usize>>>,
     pub trace: Vec<EpochTrace>,
+    /// Our method: what the search for a trigger's target class found.
+    pub shortcut_search: Option<TargetSearch>,
 }
 
 pub(super) fn no_masks(model: &ScanModel) -> Vec<Option<Tensor>> {
@@ -452,6 +457,46 @@ pub(super) fn neuron_masks(
 /// Our method and its activation ablation: score, flag within the held-out budget,
 /// purify the suspects with the regularizer (plus distillation and augmentation), prune
 /// what it drove to zero, recover.
+/// Shortcut unlearning for this model: searches for a class a small universal
+/// perturbation reaches far more easily than the rest. `None` (and the search result, if
+/// one ran) when turned off, when no float encoding of the clean images reproduces the
+/// model's output (a perturbation could not be added faithfully), or when no class
+/// stands out.
+fn shortcut_unlearning(
+    model: &mut ScanModel,
+    ctx: &Context,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Option<UnlearnPlan>, Option<TargetSearch>), EngineError> {
+    let config = ctx.config;
+    if config.unlearn_weight == 0.0 || config.unlearn_steps == 0 || config.unlearn_radii.is_empty()
+    {
+        return Ok((None, None));
+    }
+    let sample = ctx
+        .train
+        .images
+        .narrow(0, 0, ctx.train.len().min(16) as i64);
+    let Some(space) = InputSpace::detect(model, &sample)? else {
+        return Ok((None, None));
+    };
+    let unlearn = Unlearn {
+        space,
+        radii_rms: config.unlearn_radii.clone(),
+        min_success: config.unlearn_min_success,
+        min_gap: config.unlearn_min_gap,
+        steps: config.unlearn_steps,
+        weight: config.unlearn_weight,
+    };
+    let search =
+        unlearn.search_target(model, ctx.train, model.num_classes, config.batch_size, rng)?;
+    let plan = search.target.map(|target| UnlearnPlan {
+        target,
+        radius: search.radius,
+        unlearn,
+    });
+    Ok((plan, Some(search)))
+}
+
 fn purify_suspects(
     model: &mut ScanModel,
     ctx: &Context,
@@ -502,18 +547,23 @@ fn purify_suspects(
             temperature: config.distill_temperature,
         })
     };
+    let (unlearn, shortcut_search) = shortcut_unlearning(model, ctx, rng)?;
+    let unlearn_recovery = unlearn.clone();
     let purify_plan = FineTune {
         distill: distill(),
         epochs: config.purify_epochs,
         batch_size: batch,
         peak_lr: config.purify_lr,
-        schedule: Schedule::Cosine,
+        schedule: Schedule::WarmupCosine {
+            warmup: config.purify_warmup_epochs * ctx.train.len().div_ceil(batch),
+        },
         momentum: config.momentum,
         weight_decay: config.weight_decay,
         augment_shift: config.augment_shift,
+        unlearn,
         phase: Phase::Purify,
     };
-    fine_tune(
+    let shortcut_success = fine_tune(
         model,
         ctx.train,
         &purify_plan,
@@ -542,6 +592,13 @@ fn purify_suspects(
             Ok(())
         },
     )?;
+    for (entry, share) in trace
+        .iter_mut()
+        .filter(|t| t.phase == "purify")
+        .zip(shortcut_success)
+    {
+        entry.shortcut_success = share;
+    }
     timer.lap(Phase::Purify);
 
     // Prune suspect entries the regularizer drove to about zero, then recover accuracy
@@ -556,6 +613,8 @@ fn purify_suspects(
         momentum: config.momentum,
         weight_decay: 0.0,
         augment_shift: 0,
+        // Keep unlearning the shortcut while accuracy recovers, or it can creep back.
+        unlearn: unlearn_recovery,
         phase: Phase::Recover,
     };
     fine_tune(
@@ -582,6 +641,7 @@ fn purify_suspects(
         pruned_masks: pruned,
         pruned_neurons: None,
         trace,
+        shortcut_search,
     })
 }
 
@@ -621,6 +681,8 @@ fn activation_scores(
 /// What a per-epoch trace entry is measured on.
 pub(super) struct Tracer<'a> {
     pub held_out: &'a SampleSet,
+    /// The clean test bundle, when given: measured only, for the per-epoch plot.
+    pub test: Option<&'a SampleSet>,
     pub poison: Option<&'a PoisonSet>,
     pub batch: usize,
 }
@@ -637,6 +699,10 @@ impl Tracer<'_> {
         suspects: Option<(&[Option<Tensor>], f64)>,
     ) -> Result<EpochTrace, EngineError> {
         let held_out_acc = accuracy(model, self.held_out, self.batch)?;
+        let test_acc = self
+            .test
+            .map(|t| accuracy(model, t, self.batch))
+            .transpose()?;
         let asr = self
             .poison
             .map(|p| p.measure(model, self.batch).map(|(asr, _)| asr))
@@ -650,6 +716,8 @@ impl Tracer<'_> {
             epoch,
             train_loss,
             held_out_acc,
+            test_acc,
+            shortcut_success: None,
             suspect_norm_ratio,
             asr,
         })

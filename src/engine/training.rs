@@ -11,6 +11,7 @@ use super::data::{epoch_batches, random_shift, SampleSet};
 use super::error::EngineError;
 use super::model::ScanModel;
 use super::progress::{Monitor, Phase};
+use super::unlearn::UnlearnPlan;
 
 pub struct Sgd {
     momentum: f64,
@@ -55,6 +56,12 @@ pub enum Schedule {
     Constant,
     /// Half-cosine from the peak rate down to zero over the whole run.
     Cosine,
+    /// Linear ramp to the peak over the first `warmup` steps, then the half-cosine over
+    /// the rest: the first steps at a high rate on a few hundred images are where a
+    /// fine-tune loses most clean accuracy.
+    WarmupCosine {
+        warmup: usize,
+    },
 }
 
 pub fn learning_rate(schedule: Schedule, peak: f64, step: usize, total: usize) -> f64 {
@@ -63,6 +70,15 @@ pub fn learning_rate(schedule: Schedule, peak: f64, step: usize, total: usize) -
         Schedule::Cosine => {
             peak * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / total.max(1) as f64).cos())
         }
+        Schedule::WarmupCosine { warmup } if step < warmup => {
+            peak * (step + 1) as f64 / warmup as f64
+        }
+        Schedule::WarmupCosine { warmup } => learning_rate(
+            Schedule::Cosine,
+            peak,
+            step - warmup,
+            total.saturating_sub(warmup),
+        ),
     }
 }
 
@@ -86,12 +102,15 @@ pub struct FineTune<'a> {
     pub momentum: f64,
     pub weight_decay: f64,
     pub augment_shift: usize,
+    /// Train against each epoch's universal perturbation as well (purification only).
+    pub unlearn: Option<UnlearnPlan>,
     pub phase: Phase,
 }
 
 /// Trains `model` on `data` with cross-entropy. After every optimizer step `after_step`
 /// runs with the step's learning rate (for the regularizer or pruning masks); after every
-/// epoch `after_epoch` gets the epoch number and mean training loss.
+/// epoch `after_epoch` gets the epoch number and mean training loss. Returns, per epoch,
+/// how often the shortcut perturbation reached its target (`None` without unlearning).
 pub fn fine_tune(
     model: &mut ScanModel,
     data: &SampleSet,
@@ -100,12 +119,35 @@ pub fn fine_tune(
     monitor: &mut Monitor,
     after_step: &mut dyn FnMut(&mut ScanModel, f64) -> Result<(), EngineError>,
     after_epoch: &mut dyn FnMut(&mut ScanModel, usize, f64) -> Result<(), EngineError>,
-) -> Result<(), EngineError> {
+) -> Result<Vec<Option<f64>>, EngineError> {
     let steps_per_epoch = epoch_batches(data.len(), plan.batch_size, &mut rng.clone()).len();
     let total_steps = plan.epochs * steps_per_epoch;
     let mut optimizer = Sgd::new(model.params.len(), plan.momentum, plan.weight_decay);
     let mut step = 0;
+    let mut shortcut_success = Vec::with_capacity(plan.epochs);
     for epoch in 0..plan.epochs {
+        // Shortcut unlearning: this epoch's perturbation towards the suspected target;
+        // how often it still reaches the target goes into the trace.
+        let shortcut = match &plan.unlearn {
+            Some(u) => {
+                let delta = u.unlearn.perturbation_towards(
+                    model,
+                    data,
+                    u.target,
+                    u.radius,
+                    plan.batch_size,
+                    rng,
+                )?;
+                let probe = data.images.narrow(0, 0, data.len().min(256) as i64);
+                let success = u.unlearn.success(model, &probe, &delta, u.target)?;
+                shortcut_success.push(Some(success));
+                Some(delta)
+            }
+            None => {
+                shortcut_success.push(None);
+                None
+            }
+        };
         model.set_train()?;
         let mut loss_sum = 0.0;
         let batches = epoch_batches(data.len(), plan.batch_size, rng);
@@ -120,7 +162,22 @@ pub fn fine_tune(
                 loss =
                     loss.f_add(&distillation_loss(&logits, d, &images)?.f_mul_scalar(d.weight)?)?;
             }
+            if let (Some(u), Some(delta)) = (&plan.unlearn, &shortcut) {
+                // In eval mode: perturbed batches must not leak into BatchNorm's running
+                // statistics, which clean inputs alone should set.
+                model.set_eval()?;
+                let perturbed = model.forward(&u.unlearn.space.perturb(&images, delta)?)?;
+                model.set_train()?;
+                loss = loss.f_add(
+                    &cross_entropy(&perturbed, &batch.labels)?.f_mul_scalar(u.unlearn.weight)?,
+                )?;
+            }
             loss.f_backward()?;
+            if shortcut.is_some() {
+                // Under a shortcut the loss and its gradient can be orders of magnitude
+                // above the clean ones; an unclipped step would wreck the clean task.
+                clip_gradient_norm(model, UNLEARN_MAX_GRAD_NORM)?;
+            }
             optimizer.step(model, lr)?;
             after_step(model, lr)?;
             loss_sum += loss.f_double_value(&[])?;
@@ -137,7 +194,33 @@ pub fn fine_tune(
         after_epoch(model, epoch + 1, mean_loss)?;
     }
     model.set_eval()?;
-    Ok(())
+    Ok(shortcut_success)
+}
+
+/// Largest global gradient norm of a purification step that trains against a shortcut.
+const UNLEARN_MAX_GRAD_NORM: f64 = 2.0;
+
+/// Scales all gradients down so their global L2 norm is at most `max_norm`.
+fn clip_gradient_norm(model: &mut ScanModel, max_norm: f64) -> Result<(), EngineError> {
+    tch::no_grad(|| -> Result<(), EngineError> {
+        let mut total = 0.0;
+        for p in &model.params {
+            let g = p.tensor.grad();
+            if g.defined() {
+                total += g.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
+            }
+        }
+        let norm = total.sqrt();
+        if norm > max_norm {
+            for p in &mut model.params {
+                let mut g = p.tensor.grad();
+                if g.defined() {
+                    let _ = g.f_mul_scalar_(max_norm / norm)?;
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 /// T²·KL(teacher ‖ student) at temperature T, averaged over the batch.
@@ -206,5 +289,9 @@ mod tests {
         assert!((learning_rate(Schedule::Cosine, 0.1, 50, 100) - 0.05).abs() < 1e-12);
         assert!(learning_rate(Schedule::Cosine, 0.1, 99, 100) < 1e-3);
         assert_eq!(learning_rate(Schedule::Constant, 0.1, 99, 100), 0.1);
+        let warm = Schedule::WarmupCosine { warmup: 10 };
+        assert!((learning_rate(warm, 0.1, 0, 100) - 0.01).abs() < 1e-12);
+        assert_eq!(learning_rate(warm, 0.1, 10, 100), 0.1);
+        assert!(learning_rate(warm, 0.1, 99, 100) < 1e-3);
     }
 }

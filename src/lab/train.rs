@@ -60,6 +60,7 @@ pub fn train_model(
         momentum: plan.momentum,
         weight_decay: plan.weight_decay,
         augment_shift: 0,
+        unlearn: None,
         phase: Phase::Train,
     };
     fine_tune(

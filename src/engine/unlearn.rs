@@ -1,0 +1,258 @@
+//! Shortcut unlearning during purification.
+//!
+//! On narrow networks the backdoor often rides on neurons the clean task also needs: they
+//! carry high benign salience, so no salience rule can flag them and fine-tuning on clean
+//! images never exercises the trigger pathway that would have to be unlearnt. What a
+//! backdoored model does have is a shortcut: one small, input-independent change that
+//! sends every image to the target class (one δ for all images, L2-bounded, a
+//! universal perturbation). On a backdoored model a search for it lands on the trigger's
+//! direction; on a clean model it finds only a weak,
+//! generic perturbation. So first every class gets the smallest universal perturbation
+//! that sends clean images to it; a trigger's target stands out as reachable with a far
+//! smaller change than any other class. Only then does purification train against the
+//! perturbation towards that class, re-searched every epoch while it still works. A clean
+//! model has no such class and is not put through adversarial training. Nothing here
+//! looks at poisoned data: every δ comes from the clean training split alone.
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use tch::{Kind, Tensor};
+
+use super::data::SampleSet;
+use super::error::EngineError;
+use super::model::ScanModel;
+use super::training::cross_entropy;
+
+/// How bundle pixels become the float tensor a perturbation is added to, so that the
+/// model sees the same image either way.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InputSpace {
+    /// Multiplier from stored pixels to the float the model is fed (1/255 for uint8
+    /// bundles a model reads as [0, 1]).
+    pub scale: f64,
+    /// Range the perturbed image is clamped to, in fed units.
+    pub lo: f64,
+    pub hi: f64,
+}
+
+impl InputSpace {
+    /// Finds a float encoding of `images` that the model treats exactly as it treats the
+    /// images as stored: uint8 as x/255 (the usual convention) or as x; float bundles as
+    /// they are. `None` when no encoding reproduces the model's logits.
+    pub fn detect(model: &ScanModel, images: &Tensor) -> Result<Option<Self>, EngineError> {
+        if images.kind() != Kind::Uint8 {
+            let lo = images.f_min()?.f_double_value(&[])?.min(0.0);
+            let hi = images.f_max()?.f_double_value(&[])?.max(1.0);
+            return Ok(Some(InputSpace { scale: 1.0, lo, hi }));
+        }
+        let reference = tch::no_grad(|| model.forward(images))?;
+        let tolerance = 1e-3 * (1.0 + reference.f_abs()?.f_max()?.f_double_value(&[])?);
+        for scale in [1.0 / 255.0, 1.0] {
+            let as_float = images.f_to_kind(Kind::Float)?.f_mul_scalar(scale)?;
+            let Ok(logits) = tch::no_grad(|| model.forward(&as_float)) else {
+                continue;
+            };
+            if logits.size() != reference.size() {
+                continue;
+            }
+            let gap = logits
+                .f_sub(&reference)?
+                .f_abs()?
+                .f_max()?
+                .f_double_value(&[])?;
+            if gap <= tolerance {
+                return Ok(Some(InputSpace {
+                    scale,
+                    lo: 0.0,
+                    hi: 255.0 * scale,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn to_float(&self, images: &Tensor) -> Result<Tensor, EngineError> {
+        Ok(images.f_to_kind(Kind::Float)?.f_mul_scalar(self.scale)?)
+    }
+
+    /// `images` (as stored) plus `delta` (fed units), clamped to the valid range.
+    pub fn perturb(&self, images: &Tensor, delta: &Tensor) -> Result<Tensor, EngineError> {
+        Ok(self
+            .to_float(images)?
+            .f_add(delta)?
+            .f_clamp(self.lo, self.hi)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Unlearn {
+    pub space: InputSpace,
+    /// Candidate radii of δ, as per-pixel RMS of the pixel range, smallest first.
+    pub radii_rms: Vec<f64>,
+    /// A class is a target when reached from at least this share of clean images…
+    pub min_success: f64,
+    /// …and by at least this much more than any other class.
+    pub min_gap: f64,
+    /// Gradient steps of each search, each on a fresh random batch.
+    pub steps: usize,
+    /// Weight of the cross-entropy under δ in the training loss.
+    pub weight: f64,
+}
+
+/// Unlearning as planned for one purification: the target and radius found.
+#[derive(Debug, Clone)]
+pub struct UnlearnPlan {
+    pub unlearn: Unlearn,
+    pub target: i64,
+    pub radius: f64,
+}
+
+impl Unlearn {
+    /// The L2 radius for a per-pixel RMS budget `rms` (a fraction of the pixel range),
+    /// for images of `dims` values: the budget scales with image size, not the data.
+    pub fn radius_for(space: &InputSpace, rms: f64, dims: i64) -> f64 {
+        rms * (space.hi - space.lo) * (dims as f64).sqrt()
+    }
+
+    /// Projected gradient descent on the mean cross-entropy towards `target` over one
+    /// shared δ (1×C×H×W), in eval mode so BatchNorm statistics are not touched.
+    pub fn perturbation_towards(
+        &self,
+        model: &mut ScanModel,
+        data: &SampleSet,
+        target: i64,
+        radius: f64,
+        batch_size: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Tensor, EngineError> {
+        model.set_eval()?;
+        let mut shape = data.images.size();
+        shape[0] = 1;
+        let device = data.images.device();
+        let mut delta = Tensor::f_zeros(&shape, (Kind::Float, device))?;
+        let step_size = 2.5 * radius / self.steps.max(1) as f64;
+        let n = data.len();
+        for _ in 0..self.steps {
+            let indices: Vec<i64> = (0..batch_size.min(n))
+                .map(|_| rng.gen_range(0..n) as i64)
+                .collect();
+            let batch = data.select(&indices)?;
+            let d = delta.detach().set_requires_grad(true);
+            let logits = model.forward(&self.space.perturb(&batch.images, &d)?)?;
+            let targets = batch.labels.f_full_like(target)?;
+            let loss = cross_entropy(&logits, &targets)?;
+            let grads = Tensor::f_run_backward(&[&loss], &[&d], false, false)?;
+            let grad = &grads[0];
+            let norm = grad.f_norm()?.f_double_value(&[])?;
+            if !(norm.is_finite() && norm > 0.0) {
+                break;
+            }
+            delta = tch::no_grad(|| -> Result<Tensor, EngineError> {
+                let stepped = d.detach().f_sub(&grad.f_mul_scalar(step_size / norm)?)?;
+                let length = stepped.f_norm()?.f_double_value(&[])?;
+                Ok(if length > radius {
+                    stepped.f_mul_scalar(radius / length)?
+                } else {
+                    stepped
+                })
+            })?;
+        }
+        model.zero_grad();
+        Ok(delta.detach())
+    }
+
+    /// Share of `images` that `delta` sends to `class`.
+    pub fn success(
+        &self,
+        model: &mut ScanModel,
+        images: &Tensor,
+        delta: &Tensor,
+        class: i64,
+    ) -> Result<f64, EngineError> {
+        model.set_eval()?;
+        let predictions = tch::no_grad(|| model.forward(&self.space.perturb(images, delta)?))?
+            .f_argmax(1, false)?;
+        let n = predictions.size()[0].max(1) as f64;
+        let hits = predictions
+            .f_eq(class)?
+            .f_sum(Kind::Int64)?
+            .f_int64_value(&[])?;
+        Ok(hits as f64 / n)
+    }
+
+    /// Looks for a class that a small universal perturbation reaches far more easily than
+    /// every other class: a trigger's target. Radii are tried from the smallest; at the
+    /// first radius where some class is reached from at least `min_success` of the clean
+    /// images, that class is the target if it leads the runner-up by `min_gap`. A clean
+    /// model's easiest classes are reached at about the same radius, so there is no gap.
+    pub fn search_target(
+        &self,
+        model: &mut ScanModel,
+        data: &SampleSet,
+        num_classes: i64,
+        batch_size: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<TargetSearch, EngineError> {
+        let probe = data.images.narrow(0, 0, data.len().min(256) as i64);
+        let dims = probe.size()[1..].iter().product::<i64>();
+        let mut last = TargetSearch::default();
+        for &rms in &self.radii_rms {
+            let radius = Unlearn::radius_for(&self.space, rms, dims);
+            let mut success = Vec::with_capacity(num_classes as usize);
+            for class in 0..num_classes {
+                let delta =
+                    self.perturbation_towards(model, data, class, radius, batch_size, rng)?;
+                success.push(self.success(model, &probe, &delta, class)?);
+            }
+            let mut order: Vec<usize> = (0..success.len()).collect();
+            order.sort_by(|&a, &b| success[b].total_cmp(&success[a]));
+            let (best, runner_up) = (success[order[0]], success[order[1]]);
+            last = TargetSearch {
+                radius_rms: rms,
+                radius,
+                success_per_class: success,
+                target: None,
+            };
+            if best >= self.min_success {
+                if best - runner_up >= self.min_gap {
+                    last.target = Some(order[0] as i64);
+                }
+                break;
+            }
+        }
+        Ok(last)
+    }
+}
+
+/// What the target search found, for the report.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TargetSearch {
+    /// The radius it stopped at, as per-pixel RMS of the pixel range, and in input units.
+    pub radius_rms: f64,
+    pub radius: f64,
+    /// Per class, the share of clean images the best perturbation towards it reaches.
+    pub success_per_class: Vec<f64>,
+    /// The class that stands out, if any; unlearning runs only then.
+    pub target: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn radius_scales_with_image_size_and_pixel_range() {
+        let unit = InputSpace {
+            scale: 1.0 / 255.0,
+            lo: 0.0,
+            hi: 1.0,
+        };
+        assert!((Unlearn::radius_for(&unit, 0.1, 100) - 1.0).abs() < 1e-12);
+        let raw = InputSpace {
+            scale: 1.0,
+            lo: 0.0,
+            hi: 255.0,
+        };
+        assert!((Unlearn::radius_for(&raw, 0.1, 100) - 255.0).abs() < 1e-9);
+    }
+}
