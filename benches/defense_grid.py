@@ -312,7 +312,7 @@ def epochs_to_asr(rows, below=0.05):
 def write_svg(path, rows):
     curves = {label: purify_curves(rows, label) for label in (OURS, "BS+L1", "BS+L2")}
     colours = {OURS: "#d62728", "BS+L1": "#1f77b4", "BS+L2": "#2ca02c"}
-    width, height, pad = 860, 340, 50
+    width, height, pad = 860, 370, 50
     panel_w = (width - 3 * pad) / 2
     max_epoch = max([max(c) for c in curves.values() if c] or [1])
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -320,7 +320,7 @@ def write_svg(path, rows):
              f'<rect width="{width}" height="{height}" fill="white"/>']
     for p, (title, idx) in enumerate([("ASR on poisoned test set (%)", 0), ("C-Acc on clean test set (%)", 1)]):
         x0 = pad + p * (panel_w + pad)
-        y0, y1 = 30, height - 40
+        y0, y1 = 30, height - 70
         lo = 0.0
         hi = 100.0
         if idx == 1:
@@ -336,7 +336,7 @@ def write_svg(path, rows):
             parts.append(f'<line x1="{x0}" x2="{x0 + panel_w}" y1="{sy(v)}" y2="{sy(v)}" stroke="#eee"/>')
         for e in range(0, max_epoch + 1, max(1, max_epoch // 8)):
             parts.append(f'<text x="{sx(e)}" y="{y1 + 15}" text-anchor="middle">{e}</text>')
-        parts.append(f'<text x="{x0 + panel_w / 2}" y="{height - 8}" text-anchor="middle">purification epoch</text>')
+        parts.append(f'<text x="{x0 + panel_w / 2}" y="{y1 + 32}" text-anchor="middle">purification epoch</text>')
         for label, curve in curves.items():
             pts = [(e, v[idx] * 100) for e, v in curve.items() if v[idx] is not None]
             if not pts:
@@ -345,8 +345,8 @@ def write_svg(path, rows):
             parts.append(f'<polyline fill="none" stroke="{colours[label]}" stroke-width="2" points="{path_d}"/>')
     for i, label in enumerate(curves):
         x = pad + 10 + i * 130
-        parts.append(f'<line x1="{x}" x2="{x + 20}" y1="{height - 25}" y2="{height - 25}" stroke="{colours[label]}" stroke-width="3"/>')
-        parts.append(f'<text x="{x + 25}" y="{height - 21}">{label}</text>')
+        parts.append(f'<line x1="{x}" x2="{x + 20}" y1="{height - 12}" y2="{height - 12}" stroke="{colours[label]}" stroke-width="3"/>')
+        parts.append(f'<text x="{x + 25}" y="{height - 8}">{label}</text>')
     parts.append("</svg>")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(parts) + "\n")

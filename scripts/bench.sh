@@ -12,9 +12,12 @@ OUT=${BENCH_OUT:-BENCHMARKS.md}
 # The dev profile (our crate at opt-level 1, dependencies at 2) is what the suite and
 # `make run` build; the tensor work happens in libtorch either way.
 cargo build --example finetune_bench --bin bdscan
-BIN=target/debug
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+# Run a copy, so that rebuilding while a long bench runs cannot swap the binary under it.
+mkdir -p "$tmp/bin/examples"
+cp target/debug/bdscan "$tmp/bin/" && cp target/debug/examples/finetune_bench "$tmp/bin/examples/"
+BIN=$tmp/bin
 
 model=tests/fixtures/models/mnist_cnn_bn.pt
 {

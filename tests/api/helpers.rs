@@ -378,7 +378,8 @@ fn remove_dead_runs_fixtures(root: &Path) {
 
 /// A scan config small enough for tests.
 pub fn quick_config() -> Value {
-    serde_json::json!({ "purify_epochs": 2, "recovery_epochs": 1 })
+    // No warm-up: two epochs must reach the full purification rate to do anything.
+    serde_json::json!({ "purify_epochs": 3, "purify_warmup_epochs": 0, "recovery_epochs": 1 })
 }
 
 pub fn file_part(path: &Path) -> Part {

@@ -81,9 +81,11 @@ async fn client_mistakes_get_4xx_problem_documents() {
         "invalid_config",
     )
     .await;
-    let poison_alone = post(json!({ "model": blob, "clean": blob, "poison": blob }));
+    // (A poison bundle alone is accepted: its `targets` may name each sample's target;
+    // the engine rejects it if they are missing.)
+    let target_alone = post(json!({ "model": blob, "clean": blob, "target_label": 0 }));
     assert_problem(
-        poison_alone.await.unwrap(),
+        target_alone.await.unwrap(),
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid_request",
     )
