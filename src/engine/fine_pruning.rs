@@ -9,7 +9,7 @@
 use rand_chacha::ChaCha8Rng;
 use tch::Tensor;
 
-use super::activation::hidden_activations;
+use super::activation::mean_activations;
 use super::config::Method;
 use super::error::EngineError;
 use super::identify::{zero_neurons, Selection, Trial};
@@ -80,10 +80,11 @@ pub(super) fn fine_tuning_only(
     })
 }
 
-/// The layer Fine-Pruning prunes: the last hidden layer with a convolutional (≥3-D)
-/// weight, or the last hidden layer when the model has no convolution.
-pub fn last_conv_layer(model: &ScanModel) -> Option<usize> {
-    let hidden = || (0..model.layers.len()).filter(|&i| !model.layers[i].is_classifier);
+/// The layer Fine-Pruning prunes: among hidden layers for which `reported` holds, the last
+/// with a convolutional (≥3-D) weight, or the last one when none is convolutional.
+pub fn last_conv_layer(model: &ScanModel, reported: impl Fn(usize) -> bool) -> Option<usize> {
+    let hidden =
+        || (0..model.layers.len()).filter(|&i| !model.layers[i].is_classifier && reported(i));
     hidden()
         .rfind(|&i| model.params[model.layers[i].weight].tensor.dim() >= 3)
         .or_else(|| hidden().next_back())
@@ -158,11 +159,21 @@ pub(super) fn fine_pruning(
     timer: &mut Timer,
 ) -> Result<Defended, EngineError> {
     let batch = ctx.config.batch_size;
-    let activations = hidden_activations(model, ctx.train, batch, Method::Fp.as_str(), monitor)?;
+    let means = mean_activations(model, ctx.train, batch, Method::Fp.as_str(), monitor)?;
     timer.lap(Phase::Salience);
-    let layer = last_conv_layer(model).ok_or_else(|| {
-        EngineError::InvalidInput("model: method `fp` needs a hidden layer to prune".into())
+    // The last conv layer whose output the model reports: a residual block reports its
+    // output (after the add) under its last conv, and the shortcut conv registered after
+    // that has no output of its own.
+    let layer = last_conv_layer(model, |i| means[i].is_some()).ok_or_else(|| {
+        EngineError::InvalidInput(
+            "model: method `fp` needs `activations` to report a hidden layer to prune".into(),
+        )
     })?;
+    let activations: Vec<Vec<f64>> = means
+        .into_iter()
+        .zip(&model.layers)
+        .map(|(mean, l)| mean.unwrap_or_else(|| vec![0.0; l.width]))
+        .collect();
     let (flags, trials) = fp_prune_rule(model, layer, &activations[layer], ctx, monitor)?;
     zero_neurons(model, &flags)?;
     let pruned = neuron_masks(model, &flags)?;

@@ -617,7 +617,7 @@ fn purify_suspects(
         unlearn: unlearn_recovery,
         phase: Phase::Recover,
     };
-    fine_tune(
+    let recovery_success = fine_tune(
         model,
         ctx.train,
         &recover_plan,
@@ -632,6 +632,13 @@ fn purify_suspects(
             Ok(())
         },
     )?;
+    for (entry, share) in trace
+        .iter_mut()
+        .filter(|t| t.phase == "recover")
+        .zip(recovery_success)
+    {
+        entry.shortcut_success = share;
+    }
     timer.lap(Phase::Recover);
     Ok(Defended {
         scores: salience.per_neuron,

@@ -1,18 +1,17 @@
 //! Shortcut unlearning during purification.
 //!
 //! On narrow networks the backdoor often rides on neurons the clean task also needs: they
-//! carry high benign salience, so no salience rule can flag them and fine-tuning on clean
+//! carry high benign salience, so no salience rule can flag them, and fine-tuning on clean
 //! images never exercises the trigger pathway that would have to be unlearnt. What a
-//! backdoored model does have is a shortcut: one small, input-independent change that
-//! sends every image to the target class (one δ for all images, L2-bounded, a
-//! universal perturbation). On a backdoored model a search for it lands on the trigger's
-//! direction; on a clean model it finds only a weak,
-//! generic perturbation. So first every class gets the smallest universal perturbation
-//! that sends clean images to it; a trigger's target stands out as reachable with a far
-//! smaller change than any other class. Only then does purification train against the
-//! perturbation towards that class, re-searched every epoch while it still works. A clean
-//! model has no such class and is not put through adversarial training. Nothing here
-//! looks at poisoned data: every δ comes from the clean training split alone.
+//! backdoored model does have is a shortcut: one small, input-independent change (a
+//! universal perturbation, one L2-bounded δ for all images) that sends every image to the
+//! target class. So first every class gets the universal perturbation that best sends
+//! clean images to it; a trigger's target stands out as reachable from far more images
+//! than any other class at the same small radius. Only when one does, every purification
+//! epoch re-searches the perturbation towards that class and trains the model to keep the
+//! true labels under it. A clean model has no such class and is not put through
+//! adversarial training. Nothing here looks at poisoned data: every δ comes from the clean
+//! training split alone.
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
