@@ -268,8 +268,12 @@ def write_markdown(args, rows, cells, seeds, total):
             say(f"- ≤ 1 pt on non-backdoored models: {clean_drop:.2f} — {check(clean_drop <= 1.0)}")
     # The ablations ran on a subset of the main-architecture attacks: compare every
     # variant of our method on exactly those runs.
-    same = [r for r in ok if (r["dataset"], r["arch"]) == MAIN and r["attack"] in ABLATED]
     variants = [OURS] + ABLATIONS
+    ran = {}
+    for r in ok:
+        ran.setdefault((r["dataset"], r["arch"], r["attack"], r["seed"]), set()).add(r["defense"])
+    same = [r for r in ok if (r["dataset"], r["arch"]) == MAIN and r["attack"] in ABLATED
+            and set(variants) <= ran[(r["dataset"], r["arch"], r["attack"], r["seed"])]]
     subset = {}
     for label in variants:
         rs = [r for r in same if r["defense"] == label and r["asr_before"] is not None
@@ -280,8 +284,8 @@ def write_markdown(args, rows, cells, seeds, total):
     if subset:
         top = max(v[0] for v in subset.values())
         say(f"- best average DER among our method and its ablations, on their shared runs: "
-            f"{'met' if subset.get(OURS, (0,))[0] >= top else '**not met**'} (ties count as met)")
-        say("- on the runs where the ablations also ran (MNIST VGG-BN: " + ", ".join(ABLATED) +
+            f"{'met' if subset.get(OURS, (0,))[0] >= top else '**not met**'}")
+        say("- on the runs where every ablation also ran (MNIST VGG-BN: " + ", ".join(ABLATED) +
             "; same models and seeds): " + "; ".join(
                 f"{k} DER {v[0]:.4f}, ASR {v[1]:.2%}, drop {v[2]:.2f} pts ({v[3]} runs)"
                 for k, v in subset.items()))
@@ -320,6 +324,13 @@ def purify_curves(rows, label):
 
 
 def epochs_to_asr(rows, below=0.05):
+    """Per variant, over the runs (model, seed) where AR, L1 and L2 all ran."""
+    ran = {}
+    for r in rows:
+        if "error" not in r:
+            ran.setdefault((r["dataset"], r["arch"], r["attack"], r["seed"]), set()).add(r["defense"])
+    both = {k for k, v in ran.items() if {OURS, "BS+L1", "BS+L2"} <= v}
+    rows = [r for r in rows if (r["dataset"], r["arch"], r["attack"], r["seed"]) in both]
     out = {}
     for label in (OURS, "BS+L1", "BS+L2"):
         firsts, reached, n = [], 0, 0
