@@ -6,7 +6,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use bdscan::engine::anp::AnpSearch;
 use bdscan::engine::archive::read_float_tensors;
@@ -14,33 +13,9 @@ use bdscan::engine::bundle::load_bundle;
 use bdscan::engine::data::SampleSet;
 use bdscan::engine::model::ScanModel;
 use bdscan::engine::{run_scan, Method, Monitor, ScanConfig, ScanInputs, ScanReport};
-use bdscan::lab::demo::{self, DemoFiles};
+
 use common::*;
 use tch::{Device, Tensor};
-
-struct Demo {
-    files: DemoFiles,
-    _dir: tempfile::TempDir,
-}
-
-/// One backdoored model for every test in this binary.
-fn demo_files() -> &'static DemoFiles {
-    static DEMO: OnceLock<Demo> = OnceLock::new();
-    &DEMO
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let mut on_progress = |_: &bdscan::engine::Progress| {};
-            let files = demo::prepare(
-                dir.path(),
-                demo::MNIST_CNN_BN,
-                0,
-                &mut Monitor::new(&mut on_progress, None),
-            )
-            .unwrap();
-            Demo { files, _dir: dir }
-        })
-        .files
-}
 
 fn scan(model: &Path, config: &ScanConfig, out: PathBuf) -> ScanReport {
     let files = demo_files();

@@ -5,7 +5,6 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 
 use bdscan::engine::bundle::Bundle;
 use bdscan::engine::data::SampleSet;
@@ -13,7 +12,7 @@ use bdscan::engine::metrics::PoisonSet;
 use bdscan::engine::model::ScanModel;
 use bdscan::engine::salience::benign_salience;
 use bdscan::engine::{run_scan, Aggregation, Monitor, ScanConfig, ScanInputs, ScanReport};
-use bdscan::lab::demo::{self, DemoFiles};
+use bdscan::lab::demo;
 use common::*;
 use tch::Device;
 
@@ -62,30 +61,6 @@ fn salience_is_zero_for_a_neuron_nothing_reads_and_positive_for_ones_the_output_
         let per_weight = Vec::<f32>::try_from(salience.per_weight[0].get(2)).unwrap();
         assert!(per_weight.iter().all(|&s| s == 0.0));
     }
-}
-
-struct Demo {
-    files: DemoFiles,
-    _dir: tempfile::TempDir,
-}
-
-/// One backdoored model for every test in this binary (training takes a few seconds).
-fn demo_files() -> &'static DemoFiles {
-    static DEMO: OnceLock<Demo> = OnceLock::new();
-    &DEMO
-        .get_or_init(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let mut on_progress = quiet();
-            let files = demo::prepare(
-                dir.path(),
-                demo::MNIST_CNN_BN,
-                0,
-                &mut Monitor::new(&mut on_progress, None),
-            )
-            .unwrap();
-            Demo { files, _dir: dir }
-        })
-        .files
 }
 
 fn scan_demo(config: &ScanConfig, out: PathBuf) -> ScanReport {

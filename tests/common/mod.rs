@@ -111,3 +111,28 @@ pub fn write_npz(path: &Path, tensors: &[(&str, &RawTensor)]) {
 pub fn mnist(n: usize) -> Bundle {
     bdscan::lab::demo::mnist_fixture().slice(0..n)
 }
+
+struct Demo {
+    files: bdscan::lab::demo::DemoFiles,
+    _dir: tempfile::TempDir,
+}
+
+/// The demo's backdoored MNIST model and bundles, trained once per test binary (a few
+/// seconds) and shared by its tests.
+pub fn demo_files() -> &'static bdscan::lab::demo::DemoFiles {
+    static DEMO: std::sync::OnceLock<Demo> = std::sync::OnceLock::new();
+    &DEMO
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut on_progress = |_: &bdscan::engine::Progress| {};
+            let files = bdscan::lab::demo::prepare(
+                dir.path(),
+                bdscan::lab::demo::MNIST_CNN_BN,
+                0,
+                &mut bdscan::engine::Monitor::new(&mut on_progress, None),
+            )
+            .unwrap();
+            Demo { files, _dir: dir }
+        })
+        .files
+}
