@@ -270,7 +270,6 @@ pub(super) fn adversarial_neuron_pruning(
             .collect(),
         pruned_masks,
         pruned_neurons: Some(pruned),
-
         shortcut_search: None,
         trace: Vec::new(),
     })

@@ -132,7 +132,6 @@ pub(super) fn channel_lipschitz_pruning(
             .collect(),
         pruned_masks: pruned,
         pruned_neurons: Some(pruned_neurons),
-
         shortcut_search: None,
         trace: Vec::new(),
     })

@@ -74,7 +74,6 @@ pub(super) fn fine_tuning_only(
         suspect_masks: no_masks(model),
         pruned_masks: no_masks(model),
         pruned_neurons: Some(model.layers.iter().map(|_| Vec::new()).collect()),
-
         shortcut_search: None,
         trace,
     })
@@ -200,7 +199,6 @@ pub(super) fn fine_pruning(
             .collect(),
         pruned_masks: pruned,
         pruned_neurons: Some(pruned_neurons),
-
         shortcut_search: None,
         trace,
     })

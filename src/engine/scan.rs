@@ -592,13 +592,7 @@ fn purify_suspects(
             Ok(())
         },
     )?;
-    for (entry, share) in trace
-        .iter_mut()
-        .filter(|t| t.phase == "purify")
-        .zip(shortcut_success)
-    {
-        entry.shortcut_success = share;
-    }
+    record_shortcut_success(&mut trace, "purify", shortcut_success);
     timer.lap(Phase::Purify);
 
     // Prune suspect entries the regularizer drove to about zero, then recover accuracy
@@ -632,13 +626,7 @@ fn purify_suspects(
             Ok(())
         },
     )?;
-    for (entry, share) in trace
-        .iter_mut()
-        .filter(|t| t.phase == "recover")
-        .zip(recovery_success)
-    {
-        entry.shortcut_success = share;
-    }
+    record_shortcut_success(&mut trace, "recover", recovery_success);
     timer.lap(Phase::Recover);
     Ok(Defended {
         scores: salience.per_neuron,
@@ -728,6 +716,14 @@ impl Tracer<'_> {
             suspect_norm_ratio,
             asr,
         })
+    }
+}
+
+/// Files each epoch's shortcut-unlearning success (what `fine_tune` returns) under that
+/// epoch's trace entry of `phase`.
+fn record_shortcut_success(trace: &mut [EpochTrace], phase: &str, per_epoch: Vec<Option<f64>>) {
+    for (entry, share) in trace.iter_mut().filter(|t| t.phase == phase).zip(per_epoch) {
+        entry.shortcut_success = share;
     }
 }
 
