@@ -76,16 +76,7 @@ fn activation_methods_explain_what_a_model_without_activations_must_export() {
          torch.jit.script(Plain()).save(sys.argv[1])\n",
     )
     .unwrap();
-    let output = Command::new(python())
-        .arg(&script)
-        .arg(&model)
-        .output()
-        .expect("python from .venv");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    run_python_ok(&[script.as_os_str(), model.as_os_str()]);
     let files = demo_files();
     for method in ["fp", "activation"] {
         let out = Command::new(bdscan_bin())

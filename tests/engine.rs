@@ -148,16 +148,7 @@ fn the_purified_model_loads_unchanged_in_pytorch() {
         assert tuple(y.shape) == (5, 10), y.shape\n\
         assert not m.training\n\
         print('ok', tuple(y.shape))";
-    let output = Command::new(python())
-        .args(["-c", script])
-        .arg(&out)
-        .output()
-        .expect("python from .venv");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    run_python_ok(&[std::ffi::OsStr::new("-c"), script.as_ref(), out.as_os_str()]);
 }
 
 #[test]

@@ -5,25 +5,17 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use bdscan::engine::bundle::load_bundle;
 use common::*;
-
-fn bdscan(args: &[&str]) -> Output {
-    Command::new(bdscan_bin())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn lab_all_to_all(dir: &Path) -> Output {
-    bdscan(&[
+    run_bdscan(&[
         "lab",
         "--dataset",
         "mnist",
@@ -110,7 +102,7 @@ fn lab_writes_model_bundles_and_meta_and_scan_reads_all_to_all_targets() {
     std::fs::write(&config, r#"{"purify_epochs": 1, "recovery_epochs": 1}"#).unwrap();
     let p = |f: &str| run.join(f).to_str().unwrap().to_string();
     let report = dir.path().join("report.json");
-    let out = bdscan(&[
+    let out = run_bdscan(&[
         "scan",
         "--model",
         &p("model.pt"),
@@ -163,7 +155,7 @@ fn lab_rejects_bad_flags_with_exit_2() {
             out_dir,
         ];
         args.extend_from_slice(extra);
-        let out = bdscan(&args);
+        let out = run_bdscan(&args);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(
@@ -172,7 +164,7 @@ fn lab_rejects_bad_flags_with_exit_2() {
             "{needle}: {err}"
         );
     }
-    let out = bdscan(&[
+    let out = run_bdscan(&[
         "lab",
         "--dataset",
         "cifar",

@@ -7,33 +7,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use serde_json::Value;
 
-fn lab(dir: &Path, attack: &str) {
-    let out = Command::new(bdscan_bin())
-        .args([
-            "lab",
-            "--dataset",
-            "shapes",
-            "--arch",
-            "vgg-bn",
-            "--attack",
-            attack,
-        ])
-        .args([
-            "--seed",
-            "0",
-            "--threads",
-            "1",
-            "--out",
-            dir.to_str().unwrap(),
-        ])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+fn assert_ran(out: &std::process::Output) {
     assert!(
         out.status.success(),
         "{}",
@@ -41,27 +19,45 @@ fn lab(dir: &Path, attack: &str) {
     );
 }
 
+fn lab(dir: &Path, attack: &str) {
+    assert_ran(&run_bdscan(&[
+        "lab",
+        "--dataset",
+        "shapes",
+        "--arch",
+        "vgg-bn",
+        "--attack",
+        attack,
+        "--seed",
+        "0",
+        "--threads",
+        "1",
+        "--out",
+        dir.to_str().unwrap(),
+    ]));
+}
+
 /// A scan with the shortest purification: the search runs before it, in full.
 fn scan_clean_only(dir: &Path) -> Value {
     let config = dir.join("config.json");
     std::fs::write(&config, r#"{"purify_epochs": 1, "recovery_epochs": 1}"#).unwrap();
     let report = dir.join("report.json");
-    let out = Command::new(bdscan_bin())
-        .arg("scan")
-        .args(["--model", dir.join("model.pt").to_str().unwrap()])
-        .args(["--clean", dir.join("clean.safetensors").to_str().unwrap()])
-        .args(["--config", config.to_str().unwrap()])
-        .args(["--threads", "1"])
-        .args(["--out", dir.join("purified.pt").to_str().unwrap()])
-        .args(["--report", report.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    assert_ran(&run_bdscan(&[
+        "scan".to_string(),
+        "--model".into(),
+        path("model.pt"),
+        "--clean".into(),
+        path("clean.safetensors"),
+        "--config".into(),
+        path("config.json"),
+        "--threads".into(),
+        "1".into(),
+        "--out".into(),
+        path("purified.pt"),
+        "--report".into(),
+        path("report.json"),
+    ]));
     serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap()
 }
 

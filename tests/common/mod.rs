@@ -18,6 +18,29 @@ pub fn bdscan_bin() -> &'static str {
 
 /// The Python of the project's virtualenv (torch installed), for checks that the
 /// artifacts load in PyTorch itself.
+/// Runs the real `bdscan` binary with `args` (quiet logs) and returns what it did.
+pub fn run_bdscan<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    std::process::Command::new(bdscan_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// Runs the .venv Python with `args` and asserts it succeeded (its stderr otherwise).
+pub fn run_python_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    let output = std::process::Command::new(python())
+        .args(args)
+        .output()
+        .expect("python from .venv");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
 pub fn python() -> PathBuf {
     std::env::var_os("BDSCAN_PYTHON")
         .map(PathBuf::from)
