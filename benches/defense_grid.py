@@ -143,7 +143,7 @@ def main():
     if args.from_json:
         rows = json.loads(Path(args.from_json).read_text())
         seeds = sorted({r["seed"] for r in rows})
-        write_markdown(args, rows, None, seeds, (args.wall_minutes or 0) * 60)
+        write_markdown(args, rows, seeds, (args.wall_minutes or 0) * 60)
         write_svg(args.svg, rows)
         return
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
@@ -175,7 +175,7 @@ def main():
     total = time.monotonic() - started
     if args.out_json:
         Path(args.out_json).write_text(json.dumps(rows, indent=1))
-    write_markdown(args, rows, cells, seeds, total)
+    write_markdown(args, rows, seeds, total)
     write_svg(args.svg, rows)
 
 
@@ -191,7 +191,7 @@ def mean(xs):
     return st.mean(xs) if xs else None
 
 
-def write_markdown(args, rows, cells, seeds, total):
+def write_markdown(args, rows, seeds, total):
     ok = [r for r in rows if "error" not in r]
     failed = [r for r in rows if "error" in r]
     lines = []
@@ -256,9 +256,12 @@ def write_markdown(args, rows, cells, seeds, total):
     ours = averages.get(OURS)
     if ours:
         asr, drop, der, clean_drop, _ = ours
-        # Only defenses run on the same models as ours compete here; the ablations ran
-        # on a subset and are compared on it below.
-        best = max((v[2], k) for k, v in averages.items() if v[2] is not None and v[4] == averages[OURS][4])
+        # Only defenses run on every (model, seed) ours ran on compete here; the ablations
+        # ran on a subset and are compared on it below.
+        runs_of = lambda label: {(r["dataset"], r["arch"], r["attack"], r["seed"])
+                                 for r in ok if r["defense"] == label}
+        best = max((v[2], k) for k, v in averages.items()
+                   if v[2] is not None and runs_of(OURS) <= runs_of(k))
         check = lambda cond: "met" if cond else "**not met**"
         say(f"- ASR after ≤ 3%: {asr:.2%} — {check(asr <= 0.03)}")
         say(f"- C-Acc drop ≤ 1.5 pts: {drop:.2f} — {check(drop <= 1.5)}")
