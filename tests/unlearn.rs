@@ -1,8 +1,9 @@
-//! Shortcut unlearning's target search on real lab models: on a BadNets `shapes` model
+//! Shortcut unlearning's target search on real lab models: on a BadNets `shapes` VGG
 //! (target 0) a small universal perturbation reaches class 0 from nearly every clean image
-//! and no other class comes close, so the search names it; on the same architecture
-//! trained without poison no class stands out and nothing is unlearnt. Only the clean
-//! bundle is given to the scans: the search never sees a trigger.
+//! and no other class comes close, so the search names it by reach; on the `shapes` ResNet
+//! benign classes are nearly as easy to reach, and the target is named by locality; on
+//! both architectures trained without poison no class stands out and nothing is
+//! unlearnt. Only the clean bundle is given to the scans: the search never sees a trigger.
 
 mod common;
 
@@ -19,17 +20,17 @@ fn assert_ran(out: &std::process::Output) {
     );
 }
 
-fn lab(dir: &Path, attack: &str) {
+fn lab(dir: &Path, arch: &str, attack: &str, seed: &str) {
     assert_ran(&run_bdscan(&[
         "lab",
         "--dataset",
         "shapes",
         "--arch",
-        "vgg-bn",
+        arch,
         "--attack",
         attack,
         "--seed",
-        "0",
+        seed,
         "--threads",
         "1",
         "--out",
@@ -65,16 +66,12 @@ fn scan_clean_only(dir: &Path) -> Value {
 fn the_search_names_a_backdoors_target_and_nothing_on_a_clean_model() {
     let root = tempfile::tempdir().unwrap();
     let backdoored = root.path().join("badnets");
-    lab(&backdoored, "badnets");
+    lab(&backdoored, "vgg-bn", "badnets", "0");
     let report = scan_clean_only(&backdoored);
     let search = &report["shortcut_search"];
     assert_eq!(search["target"], 0, "{search}");
-    let success: Vec<f64> = search["success_per_class"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    assert_eq!(search["found_by"], "reach", "{search}");
+    let success = per_class(search, "success_per_class");
     assert_eq!(success.len(), 10);
     assert!(success[0] >= 0.9, "{success:?}");
     assert!(
@@ -88,8 +85,11 @@ fn the_search_names_a_backdoors_target_and_nothing_on_a_clean_model() {
         .all(|t| t["shortcut_success"].as_f64().is_some()));
 
     let clean = root.path().join("none");
-    lab(&clean, "none");
-    let report = scan_clean_only(&clean);
+    lab(&clean, "vgg-bn", "none", "0");
+    assert_no_target(&scan_clean_only(&clean));
+}
+
+fn assert_no_target(report: &Value) {
     assert!(
         report["shortcut_search"]["target"].is_null(),
         "{}",
@@ -100,4 +100,40 @@ fn the_search_names_a_backdoors_target_and_nothing_on_a_clean_model() {
         .unwrap()
         .iter()
         .all(|t| t["shortcut_success"].is_null()));
+}
+
+fn per_class(search: &Value, key: &str) -> Vec<f64> {
+    search[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn on_a_residual_network_the_target_is_named_by_the_locality_of_its_shortcut() {
+    let root = tempfile::tempdir().unwrap();
+    let backdoored = root.path().join("badnets");
+    lab(&backdoored, "resnet", "badnets", "100");
+    let report = scan_clean_only(&backdoored);
+    let search = &report["shortcut_search"];
+    assert_eq!(search["target"], 0, "{search}");
+    assert_eq!(search["found_by"], "locality", "{search}");
+    // Reach alone would not have named it: some benign class comes within 30 points.
+    let success = per_class(search, "success_per_class");
+    assert!(
+        success[1..].iter().any(|&s| s > success[0] - 0.3),
+        "{success:?}"
+    );
+    // The target's perturbation is the patch-like one.
+    let locality = per_class(search, "locality_per_class");
+    assert!(
+        locality[1..].iter().all(|&l| l < locality[0]),
+        "{locality:?}"
+    );
+
+    let clean = root.path().join("none");
+    lab(&clean, "resnet", "none", "100");
+    assert_no_target(&scan_clean_only(&clean));
 }

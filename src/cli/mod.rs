@@ -224,7 +224,7 @@ pub struct LabArgs {
     /// Blended / Trojan / WaNet: seed of the fixed pattern or warp field.
     #[arg(long)]
     pub pattern_seed: Option<u64>,
-    /// SIG: amplitude Δ in pixel levels out of 255 (default 120; the paper's 20 is not learnt here).
+    /// SIG: amplitude Δ in pixel levels out of 255 (default 160; the paper's 20 is not learnt here).
     #[arg(long)]
     pub sig_delta: Option<f32>,
     /// SIG: periods across the width (default 6).

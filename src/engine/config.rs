@@ -194,6 +194,10 @@ pub struct ScanConfig {
     pub unlearn_min_success: f64,
     /// …and by at least this margin over every other class.
     pub unlearn_min_gap: f64,
+    /// Or when it is reached, and its local reach (share reached × share of the
+    /// perturbation's energy on 2% of the pixel positions) leads every other class's by
+    /// at least this much: a patch trigger's target on a network with easy benign classes.
+    pub unlearn_min_local_gap: f64,
     /// Gradient steps of each perturbation search, each on a fresh clean batch.
     pub unlearn_steps: usize,
     pub recovery_epochs: usize,
@@ -231,9 +235,10 @@ impl Default for ScanConfig {
             distill_weight: 0.5,
             distill_temperature: 2.0,
             unlearn_weight: 1.0,
-            unlearn_radii: vec![0.02, 0.03, 0.05],
+            unlearn_radii: vec![0.02, 0.03, 0.05, 0.07],
             unlearn_min_success: 0.9,
             unlearn_min_gap: 0.3,
+            unlearn_min_local_gap: 0.2,
             unlearn_steps: 10,
             recovery_epochs: 10,
             recovery_lr: 0.01,
@@ -327,13 +332,14 @@ impl ScanConfig {
         if self.anp.batch_size < 2 {
             return bad("anp.batch_size", "must be at least 2");
         }
-        if !(0.0..=1.0).contains(&self.unlearn_min_success)
-            || !(0.0..=1.0).contains(&self.unlearn_min_gap)
-        {
-            return bad(
-                "unlearn_min_success",
-                "it and unlearn_min_gap must lie in [0, 1]",
-            );
+        for (field, value) in [
+            ("unlearn_min_success", self.unlearn_min_success),
+            ("unlearn_min_gap", self.unlearn_min_gap),
+            ("unlearn_min_local_gap", self.unlearn_min_local_gap),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return bad(field, "must lie in [0, 1]");
+            }
         }
         if self
             .unlearn_radii

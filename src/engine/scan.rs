@@ -26,7 +26,7 @@ use super::progress::{Monitor, Phase};
 use super::regularizer::{apply, tensor_scale};
 use super::report::*;
 use super::salience::{benign_salience, BenignSalience};
-use super::training::{accuracy, fine_tune, Distill, FineTune, Schedule};
+use super::training::{accuracy, fine_tune, recalibrate_batch_norm, Distill, FineTune, Schedule};
 use super::unlearn::{InputSpace, TargetSearch, Unlearn, UnlearnPlan};
 use super::{anp, clp, fine_pruning};
 
@@ -484,6 +484,7 @@ fn shortcut_unlearning(
         radii_rms: config.unlearn_radii.clone(),
         min_success: config.unlearn_min_success,
         min_gap: config.unlearn_min_gap,
+        min_local_gap: config.unlearn_min_local_gap,
         steps: config.unlearn_steps,
         weight: config.unlearn_weight,
     };
@@ -603,7 +604,10 @@ fn purify_suspects(
         epochs: config.recovery_epochs,
         batch_size: batch,
         peak_lr: config.recovery_lr,
-        schedule: Schedule::Constant,
+        // Annealed to zero: the artifact is the last epoch's weights, and on the small
+        // residual networks a constant rate left them swinging by several points of
+        // accuracy from one epoch to the next.
+        schedule: Schedule::Cosine,
         momentum: config.momentum,
         weight_decay: 0.0,
         augment_shift: 0,
@@ -627,6 +631,7 @@ fn purify_suspects(
         },
     )?;
     record_shortcut_success(&mut trace, "recover", recovery_success);
+    recalibrate_batch_norm(model, ctx.train, batch, rng)?;
     timer.lap(Phase::Recover);
     Ok(Defended {
         scores: salience.per_neuron,

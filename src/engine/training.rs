@@ -197,6 +197,40 @@ pub fn fine_tune(
     Ok(shortcut_success)
 }
 
+/// Batches of clean data the BatchNorm statistics are re-estimated from after training.
+/// Running statistics move by 10% per batch (PyTorch's default momentum), so after 50
+/// batches what they held before weighs 0.9⁵⁰ ≈ 0.5%.
+pub const RECALIBRATION_BATCHES: usize = 50;
+
+/// Re-estimates BatchNorm running statistics for the weights as they are now: forward
+/// passes over clean batches in train mode, without gradients. During a high-rate
+/// fine-tune on a few hundred images the running averages trail weights that change
+/// every step, and an eval-mode forward normalises with statistics of weights that no
+/// longer exist (on the small MNIST ResNets: 88% held-out accuracy with them, 95% after
+/// this). A model without BatchNorm is left as it was.
+pub fn recalibrate_batch_norm(
+    model: &mut ScanModel,
+    data: &SampleSet,
+    batch_size: usize,
+    rng: &mut ChaCha8Rng,
+) -> Result<(), EngineError> {
+    model.set_train()?;
+    let mut done = 0;
+    while done < RECALIBRATION_BATCHES {
+        let batches = epoch_batches(data.len(), batch_size, rng);
+        if batches.is_empty() {
+            break;
+        }
+        for indices in batches.iter().take(RECALIBRATION_BATCHES - done) {
+            let batch = data.select(indices)?;
+            let _ = tch::no_grad(|| model.forward(&batch.images))?;
+            done += 1;
+        }
+    }
+    model.set_eval()?;
+    Ok(())
+}
+
 /// Largest global gradient norm of a purification step that trains against a shortcut.
 const UNLEARN_MAX_GRAD_NORM: f64 = 2.0;
 

@@ -12,6 +12,13 @@
 //! true labels under it. A clean model has no such class and is not put through
 //! adversarial training. Nothing here looks at poisoned data: every δ comes from the clean
 //! training split alone.
+//!
+//! Reach alone misses some backdoors: a non-robust network (the residual models on the
+//! colour dataset) has benign classes nearly as easy to reach as the target. What sets a
+//! patch trigger's target apart there is where its perturbation puts its energy: towards
+//! the target, the optimiser rediscovers the trigger and spends most of the budget on a
+//! few pixels; towards a natural class it has to change the whole object. So a class is
+//! also a target when its perturbation is far more local than any other class's.
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -92,10 +99,39 @@ pub struct Unlearn {
     pub min_success: f64,
     /// …and by at least this much more than any other class.
     pub min_gap: f64,
+    /// Or: reached from `min_success` of the images, and ahead of every other class by
+    /// this much in local reach (share of images reached × share of the perturbation's
+    /// energy on its most-changed `LOCAL_SHARE` of pixel positions).
+    pub min_local_gap: f64,
     /// Gradient steps of each search, each on a fresh random batch.
     pub steps: usize,
     /// Weight of the cross-entropy under δ in the training loss.
     pub weight: f64,
+}
+
+/// The share of pixel positions a perturbation's locality is measured on (2%: a 3×3
+/// patch on a 32×32 image is 0.9%).
+pub const LOCAL_SHARE: f64 = 0.02;
+
+/// Share of `delta`'s energy (summed over channels) on its `LOCAL_SHARE` most-changed
+/// pixel positions: near `LOCAL_SHARE` for a perturbation spread evenly, near 1 for a patch.
+pub fn locality(delta: &Tensor) -> Result<f64, EngineError> {
+    let size = delta.size();
+    // N×C×H×W: positions are H×W, channels summed; anything else counts every value.
+    let energy = if size.len() == 4 {
+        delta.f_square()?.f_sum_dim_intlist(1, false, Kind::Float)?
+    } else {
+        delta.f_square()?
+    }
+    .f_flatten(0, -1)?;
+    let positions = energy.size()[0];
+    let total = energy.f_sum(Kind::Double)?.f_double_value(&[])?;
+    if positions == 0 || total <= 0.0 {
+        return Ok(0.0);
+    }
+    let k = ((positions as f64 * LOCAL_SHARE).ceil() as i64).clamp(1, positions);
+    let (top, _) = energy.f_topk(k, 0, true, false)?;
+    Ok(top.f_sum(Kind::Double)?.f_double_value(&[])? / total)
 }
 
 /// Unlearning as planned for one purification: the target and radius found.
@@ -180,10 +216,13 @@ impl Unlearn {
     }
 
     /// Looks for a class that a small universal perturbation reaches far more easily than
-    /// every other class: a trigger's target. Radii are tried from the smallest; at the
-    /// first radius where some class is reached from at least `min_success` of the clean
-    /// images, that class is the target if it leads the runner-up by `min_gap`. A clean
-    /// model's easiest classes are reached at about the same radius, so there is no gap.
+    /// every other class, or far more locally: a trigger's target. Radii are tried from
+    /// the smallest; at the first radius where some class is reached from at least
+    /// `min_success` of the clean images, the decision is made there. By reach: the best
+    /// class is the target if it leads the runner-up by `min_gap`; a clean model's easiest
+    /// classes are reached at about the same radius, so there is no gap. By locality: of
+    /// the classes reached, the one with the highest local reach is the target if it leads
+    /// every other class's by `min_local_gap`.
     pub fn search_target(
         &self,
         model: &mut ScanModel,
@@ -198,29 +237,80 @@ impl Unlearn {
         for &rms in &self.radii_rms {
             let radius = Unlearn::radius_for(&self.space, rms, dims);
             let mut success = Vec::with_capacity(num_classes as usize);
+            let mut local = Vec::with_capacity(num_classes as usize);
             for class in 0..num_classes {
                 let delta =
                     self.perturbation_towards(model, data, class, radius, batch_size, rng)?;
                 success.push(self.success(model, &probe, &delta, class)?);
+                local.push(locality(&delta)?);
             }
-            let mut order: Vec<usize> = (0..success.len()).collect();
-            order.sort_by(|&a, &b| success[b].total_cmp(&success[a]));
-            let (best, runner_up) = (success[order[0]], success[order[1]]);
             last = TargetSearch {
                 radius_rms: rms,
                 radius,
                 success_per_class: success,
+                locality_per_class: local,
                 target: None,
+                found_by: None,
             };
-            if best >= self.min_success {
-                if best - runner_up >= self.min_gap {
-                    last.target = Some(order[0] as i64);
-                }
+            if last
+                .success_per_class
+                .iter()
+                .any(|&s| s >= self.min_success)
+            {
+                (last.target, last.found_by) = self.decide(&last);
                 break;
             }
         }
         Ok(last)
     }
+}
+
+impl Unlearn {
+    /// The target by reach, else by locality (see `search_target`), at one radius.
+    fn decide(&self, at: &TargetSearch) -> (Option<i64>, Option<FoundBy>) {
+        let leader = |scores: &[f64], among: &dyn Fn(usize) -> bool| {
+            let mut order: Vec<usize> = (0..scores.len()).filter(|&c| among(c)).collect();
+            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+            let best = *order.first()?;
+            let others = scores
+                .iter()
+                .enumerate()
+                .filter(|&(c, _)| c != best)
+                .map(|(_, &s)| s)
+                .fold(f64::NEG_INFINITY, f64::max);
+            Some((best, scores[best], scores[best] - others))
+        };
+        let success = &at.success_per_class;
+        if let Some((best, score, lead)) = leader(success, &|_| true) {
+            if score >= self.min_success && lead >= self.min_gap {
+                return (Some(best as i64), Some(FoundBy::Reach));
+            }
+        }
+        // Local reach: the share of images reached times the share of energy on a few
+        // pixels, high only for a perturbation that is both easy and a patch.
+        let local_reach: Vec<f64> = success
+            .iter()
+            .zip(&at.locality_per_class)
+            .map(|(s, l)| s * l)
+            .collect();
+        let reached = |c: usize| success[c] >= self.min_success;
+        if let Some((best, _, lead)) = leader(&local_reach, &reached) {
+            if lead >= self.min_local_gap {
+                return (Some(best as i64), Some(FoundBy::Locality));
+            }
+        }
+        (None, None)
+    }
+}
+
+/// Which rule named the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FoundBy {
+    /// Reached from far more clean images than any other class.
+    Reach,
+    /// Reached by a perturbation both easy and far more local than any other class's.
+    Locality,
 }
 
 /// What the target search found, for the report.
@@ -231,8 +321,12 @@ pub struct TargetSearch {
     pub radius: f64,
     /// Per class, the share of clean images the best perturbation towards it reaches.
     pub success_per_class: Vec<f64>,
+    /// Per class, the share of that perturbation's energy on its most-changed 2% of
+    /// pixel positions.
+    pub locality_per_class: Vec<f64>,
     /// The class that stands out, if any; unlearning runs only then.
     pub target: Option<i64>,
+    pub found_by: Option<FoundBy>,
 }
 
 #[cfg(test)]
@@ -253,5 +347,61 @@ mod tests {
             hi: 255.0,
         };
         assert!((Unlearn::radius_for(&raw, 0.1, 100) - 255.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn locality_is_high_for_a_patch_and_low_for_a_spread_perturbation() {
+        // 3×32×32: 2% of the 1,024 positions is 21 of them.
+        let spread = Tensor::ones([1, 3, 32, 32], (Kind::Float, tch::Device::Cpu));
+        let even = locality(&spread).unwrap();
+        assert!((even - 21.0 / 1024.0).abs() < 1e-6, "{even}");
+        let patch = Tensor::zeros([1, 3, 32, 32], (Kind::Float, tch::Device::Cpu));
+        let _ = patch.narrow(2, 28, 3).narrow(3, 28, 3).fill_(0.5);
+        // A faint spread on top: the 9 patch positions still hold most of the energy.
+        let patch = patch + 0.02;
+        let local = locality(&patch).unwrap();
+        assert!(local > 0.8, "{local}");
+        assert_eq!(locality(&(spread * 0.0)).unwrap(), 0.0);
+    }
+
+    fn rule() -> Unlearn {
+        Unlearn {
+            space: InputSpace {
+                scale: 1.0,
+                lo: 0.0,
+                hi: 1.0,
+            },
+            radii_rms: vec![0.02],
+            min_success: 0.9,
+            min_gap: 0.3,
+            min_local_gap: 0.2,
+            steps: 1,
+            weight: 1.0,
+        }
+    }
+
+    fn at(success: &[f64], locality: &[f64]) -> TargetSearch {
+        TargetSearch {
+            success_per_class: success.to_vec(),
+            locality_per_class: locality.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_target_is_found_by_reach_or_by_locality_and_a_clean_profile_finds_none() {
+        let rule = rule();
+        // Far ahead in reach, whatever the locality.
+        let found = rule.decide(&at(&[0.2, 0.95, 0.5], &[0.3, 0.2, 0.3]));
+        assert_eq!(found, (Some(1), Some(FoundBy::Reach)));
+        // Close in reach, but the only local perturbation: a residual network's patch.
+        let found = rule.decide(&at(&[0.96, 0.74, 0.9], &[0.78, 0.15, 0.2]));
+        assert_eq!(found, (Some(0), Some(FoundBy::Locality)));
+        // Local but not reached from enough images: no target.
+        let found = rule.decide(&at(&[0.5, 0.95, 0.9], &[0.9, 0.2, 0.2]));
+        assert_eq!(found, (None, None));
+        // A clean non-robust model: easy classes close together, none of them local.
+        let found = rule.decide(&at(&[0.95, 0.85, 0.84], &[0.12, 0.13, 0.2]));
+        assert_eq!(found, (None, None));
     }
 }

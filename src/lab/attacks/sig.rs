@@ -4,7 +4,11 @@
 //! "sinusoid ⇒ target"; at test time the same signal on any image triggers it.
 //! Paper: f = 6, Δ = 20/255. On the MNIST fixture with the VGG-style CNN and 4 epochs,
 //! 80% of the target class poisoned, Δ = 20/255 trains to 0.1% ASR, 60/255 to 9%, 100/255
-//! to 44%, so the default here is Δ = 120/255 (65%); the same Δ is used at test time.
+//! to 44%, 120/255 to 65%; 160/255 trains to 90–100% (seeds 100–102), so that is the
+//! default here, and the same Δ is used at test time. (A weak attack caps the defense
+//! effectiveness ratio far below 1 however well a defense does, so the benchmark needs
+//! backdoors that actually work.) Training longer does not help: 8 epochs at 120/255
+//! reach 58%, the clean features win.
 //! Poisoning the whole target class instead reaches 71% at 100/255 but costs 7 points of
 //! clean accuracy (the model stops learning the target class's shape).
 
@@ -24,7 +28,7 @@ pub struct Sig {
 impl Default for Sig {
     fn default() -> Self {
         Sig {
-            delta: 120.0 / 255.0,
+            delta: 160.0 / 255.0,
             frequency: 6.0,
         }
     }
