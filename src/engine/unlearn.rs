@@ -322,10 +322,12 @@ pub struct TargetSearch {
     /// Per class, the share of clean images the best perturbation towards it reaches.
     pub success_per_class: Vec<f64>,
     /// Per class, the share of that perturbation's energy on its most-changed 2% of
-    /// pixel positions.
+    /// pixel positions. (Absent from reports stored before it existed.)
+    #[serde(default)]
     pub locality_per_class: Vec<f64>,
     /// The class that stands out, if any; unlearning runs only then.
     pub target: Option<i64>,
+    #[serde(default)]
     pub found_by: Option<FoundBy>,
 }
 
