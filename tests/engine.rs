@@ -250,3 +250,38 @@ fn cli_scan_writes_a_complete_report() {
         layer["width"].as_u64().unwrap() as usize
     );
 }
+
+#[test]
+fn a_purification_that_collapses_restarts_from_the_arriving_weights_at_half_the_rate() {
+    // A rate no network survives: every attempt collapses (or its loss stops being a
+    // number), so all three rates are tried and the report names each.
+    let dir = tempfile::tempdir().unwrap();
+    let config = ScanConfig {
+        purify_epochs: 2,
+        recovery_epochs: 1,
+        purify_lr: 400.0,
+        ..Default::default()
+    };
+    let report = scan_demo(&config, dir.path().join("a.pt"));
+    let restarts: Vec<&String> = report
+        .warnings
+        .iter()
+        .filter(|w| w.contains("restarted from the arriving weights"))
+        .collect();
+    assert_eq!(restarts.len(), 2, "{:?}", report.warnings);
+    assert!(restarts[0].contains("peak rate 400 collapsed") && restarts[0].ends_with("at 200"));
+    assert!(restarts[1].contains("peak rate 200 collapsed") && restarts[1].ends_with("at 100"));
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("purification collapsed at every rate tried, down to 100")),
+        "{:?}",
+        report.warnings
+    );
+    // Only the last attempt's epochs are traced.
+    assert_eq!(
+        report.trace.iter().filter(|t| t.phase == "purify").count(),
+        2
+    );
+}

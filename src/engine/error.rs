@@ -10,6 +10,10 @@ pub enum EngineError {
     Cancelled,
     #[error("internal error: {0}")]
     Internal(String),
+    /// The training loss stopped being a number. Purification restarts at a lower rate;
+    /// anywhere else it is an internal failure like any other.
+    #[error("training diverged: {0}")]
+    Diverged(String),
 }
 
 impl EngineError {

@@ -186,8 +186,8 @@ pub fn fine_tune(
         }
         let mean_loss = loss_sum / batches.len().max(1) as f64;
         if !mean_loss.is_finite() {
-            return Err(EngineError::Internal(format!(
-                "training diverged in epoch {} (loss {mean_loss})",
+            return Err(EngineError::Diverged(format!(
+                "loss {mean_loss} in epoch {}",
                 epoch + 1
             )));
         }
