@@ -237,7 +237,7 @@ impl Default for ScanConfig {
             unlearn_weight: 1.0,
             unlearn_radii: vec![0.02, 0.03, 0.05, 0.07],
             unlearn_min_success: 0.9,
-            unlearn_min_gap: 0.3,
+            unlearn_min_gap: 0.25,
             unlearn_min_local_gap: 0.2,
             unlearn_steps: 10,
             recovery_epochs: 10,
