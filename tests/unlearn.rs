@@ -83,6 +83,10 @@ fn the_search_names_a_backdoors_target_and_nothing_on_a_clean_model() {
     assert!(trace
         .iter()
         .all(|t| t["shortcut_success"].as_f64().is_some()));
+    // The patch search on the perturbation's support found a patch that, on the model
+    // as it arrived, sends nearly every clean image to the target: the trigger's place.
+    let first_patch = trace[0]["patch_success"].as_f64().unwrap();
+    assert!(first_patch >= 0.9, "{}", trace[0]);
 
     let clean = root.path().join("none");
     lab(&clean, "vgg-bn", "none", "0");
@@ -99,7 +103,7 @@ fn assert_no_target(report: &Value) {
         .as_array()
         .unwrap()
         .iter()
-        .all(|t| t["shortcut_success"].is_null()));
+        .all(|t| t["shortcut_success"].is_null() && t["patch_success"].is_null()));
 }
 
 fn per_class(search: &Value, key: &str) -> Vec<f64> {

@@ -140,6 +140,11 @@ pub struct EpochTrace {
     /// With shortcut unlearning: the share of clean images that this epoch's
     /// perturbation (the one trained against) sent to the suspected target.
     pub shortcut_success: Option<f64>,
+    /// With shortcut unlearning on images: the share of clean images that this epoch's
+    /// patch (a free pattern on the positions the target search's perturbation
+    /// concentrated on) sent to the suspected target. (Absent from older reports.)
+    #[serde(default)]
+    pub patch_success: Option<f64>,
     /// L2 norm of the suspect entries relative to their norm before purification.
     pub suspect_norm_ratio: f64,
     /// Measured on the poison bundle when one is given; never used to steer the scan.

@@ -26,7 +26,9 @@ use super::progress::{Monitor, Phase};
 use super::regularizer::{apply, tensor_scale};
 use super::report::*;
 use super::salience::{benign_salience, BenignSalience};
-use super::training::{accuracy, fine_tune, recalibrate_batch_norm, Distill, FineTune, Schedule};
+use super::training::{
+    accuracy, fine_tune, recalibrate_batch_norm, Distill, FineTune, Schedule, ShortcutReach,
+};
 use super::unlearn::{InputSpace, TargetSearch, Unlearn, UnlearnPlan};
 use super::{anp, clp, fine_pruning};
 
@@ -497,12 +499,13 @@ fn shortcut_unlearning(
         steps: config.unlearn_steps,
         weight: config.unlearn_weight,
     };
-    let search =
+    let (search, support) =
         unlearn.search_target(model, ctx.train, model.num_classes, config.batch_size, rng)?;
     let plan = search.target.map(|target| UnlearnPlan {
         target,
         radius: search.radius,
         unlearn,
+        support,
     });
     Ok((plan, Some(search)))
 }
@@ -764,6 +767,7 @@ impl Tracer<'_> {
             held_out_acc,
             test_acc,
             shortcut_success: None,
+            patch_success: None,
             suspect_norm_ratio,
             asr,
         })
@@ -772,9 +776,10 @@ impl Tracer<'_> {
 
 /// Files each epoch's shortcut-unlearning success (what `fine_tune` returns) under that
 /// epoch's trace entry of `phase`.
-fn record_shortcut_success(trace: &mut [EpochTrace], phase: &str, per_epoch: Vec<Option<f64>>) {
-    for (entry, share) in trace.iter_mut().filter(|t| t.phase == phase).zip(per_epoch) {
-        entry.shortcut_success = share;
+fn record_shortcut_success(trace: &mut [EpochTrace], phase: &str, per_epoch: Vec<ShortcutReach>) {
+    for (entry, reach) in trace.iter_mut().filter(|t| t.phase == phase).zip(per_epoch) {
+        entry.shortcut_success = reach.perturbation;
+        entry.patch_success = reach.patch;
     }
 }
 

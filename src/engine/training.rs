@@ -107,10 +107,18 @@ pub struct FineTune<'a> {
     pub phase: Phase,
 }
 
+/// How often one epoch's shortcut perturbation and patch reached the suspected target
+/// (`None` for what did not run).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ShortcutReach {
+    pub perturbation: Option<f64>,
+    pub patch: Option<f64>,
+}
+
 /// Trains `model` on `data` with cross-entropy. After every optimizer step `after_step`
 /// runs with the step's learning rate (for the regularizer or pruning masks); after every
 /// epoch `after_epoch` gets the epoch number and mean training loss. Returns, per epoch,
-/// how often the shortcut perturbation reached its target (`None` without unlearning).
+/// how often the shortcut perturbation and patch reached their target.
 pub fn fine_tune(
     model: &mut ScanModel,
     data: &SampleSet,
@@ -119,7 +127,7 @@ pub fn fine_tune(
     monitor: &mut Monitor,
     after_step: &mut dyn FnMut(&mut ScanModel, f64) -> Result<(), EngineError>,
     after_epoch: &mut dyn FnMut(&mut ScanModel, usize, f64) -> Result<(), EngineError>,
-) -> Result<Vec<Option<f64>>, EngineError> {
+) -> Result<Vec<ShortcutReach>, EngineError> {
     let steps_per_epoch = epoch_batches(data.len(), plan.batch_size, &mut rng.clone()).len();
     let total_steps = plan.epochs * steps_per_epoch;
     let mut optimizer = Sgd::new(model.params.len(), plan.momentum, plan.weight_decay);
@@ -139,12 +147,33 @@ pub fn fine_tune(
                     rng,
                 )?;
                 let probe = data.images.narrow(0, 0, data.len().min(256) as i64);
-                let success = u.unlearn.success(model, &probe, &delta, u.target)?;
-                shortcut_success.push(Some(success));
-                Some(delta)
+                let mut reach = ShortcutReach {
+                    perturbation: Some(u.unlearn.success(model, &probe, &delta, u.target)?),
+                    patch: None,
+                };
+                let patch = match &u.support {
+                    Some(support) => {
+                        let pattern = u.unlearn.patch_towards(
+                            model,
+                            data,
+                            u.target,
+                            support,
+                            plan.batch_size,
+                            rng,
+                        )?;
+                        reach.patch = Some(
+                            u.unlearn
+                                .stamp_success(model, &probe, support, &pattern, u.target)?,
+                        );
+                        Some(pattern)
+                    }
+                    None => None,
+                };
+                shortcut_success.push(reach);
+                Some((delta, patch))
             }
             None => {
-                shortcut_success.push(None);
+                shortcut_success.push(ShortcutReach::default());
                 None
             }
         };
@@ -162,15 +191,21 @@ pub fn fine_tune(
                 loss =
                     loss.f_add(&distillation_loss(&logits, d, &images)?.f_mul_scalar(d.weight)?)?;
             }
-            if let (Some(u), Some(delta)) = (&plan.unlearn, &shortcut) {
+            if let (Some(u), Some((delta, patch))) = (&plan.unlearn, &shortcut) {
                 // In eval mode: perturbed batches must not leak into BatchNorm's running
                 // statistics, which clean inputs alone should set.
                 model.set_eval()?;
                 let perturbed = model.forward(&u.unlearn.space.perturb(&images, delta)?)?;
-                model.set_train()?;
                 loss = loss.f_add(
                     &cross_entropy(&perturbed, &batch.labels)?.f_mul_scalar(u.unlearn.weight)?,
                 )?;
+                if let (Some(support), Some(pattern)) = (&u.support, patch) {
+                    let stamped = model.forward(&u.unlearn.stamp(&images, support, pattern)?)?;
+                    loss = loss.f_add(
+                        &cross_entropy(&stamped, &batch.labels)?.f_mul_scalar(u.unlearn.weight)?,
+                    )?;
+                }
+                model.set_train()?;
             }
             loss.f_backward()?;
             if shortcut.is_some() {

@@ -113,6 +113,10 @@ pub struct Unlearn {
 /// patch on a 32×32 image is 0.9%).
 pub const LOCAL_SHARE: f64 = 0.02;
 
+/// Step of the patch search, as a share of the pixel range: a few steps can take a
+/// pixel from mid-grey to either end.
+const PATCH_STEP: f64 = 0.2;
+
 /// Share of `delta`'s energy (summed over channels) on its `LOCAL_SHARE` most-changed
 /// pixel positions: near `LOCAL_SHARE` for a perturbation spread evenly, near 1 for a patch.
 pub fn locality(delta: &Tensor) -> Result<f64, EngineError> {
@@ -134,12 +138,47 @@ pub fn locality(delta: &Tensor) -> Result<f64, EngineError> {
     Ok(top.f_sum(Kind::Double)?.f_double_value(&[])? / total)
 }
 
-/// Unlearning as planned for one purification: the target and radius found.
-#[derive(Debug, Clone)]
+/// The `LOCAL_SHARE` most-changed pixel positions of `delta` (N×C×H×W) as a 1×1×H×W
+/// mask of ones, where a patch trigger's target perturbation puts the patch. `None` for
+/// inputs that are not images.
+pub fn support_of(delta: &Tensor) -> Result<Option<Tensor>, EngineError> {
+    let size = delta.size();
+    if size.len() != 4 {
+        return Ok(None);
+    }
+    let energy = delta
+        .f_square()?
+        .f_sum_dim_intlist(1, false, Kind::Float)?
+        .f_sum_dim_intlist(0, false, Kind::Float)?
+        .f_flatten(0, -1)?;
+    let positions = energy.size()[0];
+    let k = ((positions as f64 * LOCAL_SHARE).ceil() as i64).clamp(1, positions);
+    let (_, top) = energy.f_topk(k, 0, true, false)?;
+    let mask = energy.f_zeros_like()?.f_index_fill(0, &top, 1.0)?;
+    Ok(Some(mask.f_view([1, 1, size[2], size[3]])?))
+}
+
+/// Unlearning as planned for one purification: the target and radius found, and where
+/// the search's perturbation towards the target concentrated.
+#[derive(Debug)]
 pub struct UnlearnPlan {
     pub unlearn: Unlearn,
     pub target: i64,
     pub radius: f64,
+    /// 1×1×H×W mask of the target perturbation's most-changed positions (images only).
+    pub support: Option<Tensor>,
+}
+
+impl Clone for UnlearnPlan {
+    fn clone(&self) -> Self {
+        UnlearnPlan {
+            unlearn: self.unlearn.clone(),
+            target: self.target,
+            radius: self.radius,
+            // The mask is never written to, so the copies may share its storage.
+            support: self.support.as_ref().map(Tensor::shallow_clone),
+        }
+    }
 }
 
 impl Unlearn {
@@ -161,23 +200,13 @@ impl Unlearn {
         rng: &mut ChaCha8Rng,
     ) -> Result<Tensor, EngineError> {
         model.set_eval()?;
-        let mut shape = data.images.size();
-        shape[0] = 1;
-        let device = data.images.device();
-        let mut delta = Tensor::f_zeros(&shape, (Kind::Float, device))?;
+        let mut delta = one_image_of(data, 0.0)?;
         let step_size = 2.5 * radius / self.steps.max(1) as f64;
-        let n = data.len();
         for _ in 0..self.steps {
-            let indices: Vec<i64> = (0..batch_size.min(n))
-                .map(|_| rng.gen_range(0..n) as i64)
-                .collect();
-            let batch = data.select(&indices)?;
             let d = delta.detach().set_requires_grad(true);
-            let logits = model.forward(&self.space.perturb(&batch.images, &d)?)?;
-            let targets = batch.labels.f_full_like(target)?;
-            let loss = cross_entropy(&logits, &targets)?;
-            let grads = Tensor::f_run_backward(&[&loss], &[&d], false, false)?;
-            let grad = &grads[0];
+            let grad = &gradient_towards(model, data, target, batch_size, rng, &d, &|images| {
+                self.space.perturb(images, &d)
+            })?;
             let norm = grad.f_norm()?.f_double_value(&[])?;
             if !(norm.is_finite() && norm > 0.0) {
                 break;
@@ -196,6 +225,55 @@ impl Unlearn {
         Ok(delta.detach())
     }
 
+    /// `images` (as stored) with the pixels under `support` replaced by `pattern`: how a
+    /// patch trigger is applied.
+    pub fn stamp(
+        &self,
+        images: &Tensor,
+        support: &Tensor,
+        pattern: &Tensor,
+    ) -> Result<Tensor, EngineError> {
+        let keep = support.f_neg()?.f_add_scalar(1.0)?;
+        Ok(self
+            .space
+            .to_float(images)?
+            .f_mul(&keep)?
+            .f_add(&pattern.f_mul(support)?)?)
+    }
+
+    /// The pattern on `support` (any value in the pixel range, no norm bound) that best
+    /// sends clean images to `target`: a patch trigger where the L2 search located one.
+    /// The L2 ball around an image never holds a full-strength patch, so once the model
+    /// resists the ball the real patch can still work; this search finds it. Signed
+    /// gradient steps from mid-grey, each on a fresh random batch, in eval mode.
+    pub fn patch_towards(
+        &self,
+        model: &mut ScanModel,
+        data: &SampleSet,
+        target: i64,
+        support: &Tensor,
+        batch_size: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Tensor, EngineError> {
+        model.set_eval()?;
+        let (lo, hi) = (self.space.lo, self.space.hi);
+        let mut pattern = one_image_of(data, (lo + hi) / 2.0)?;
+        let step_size = PATCH_STEP * (hi - lo);
+        for _ in 0..self.steps {
+            let p = pattern.detach().set_requires_grad(true);
+            let grad = gradient_towards(model, data, target, batch_size, rng, &p, &|images| {
+                self.stamp(images, support, &p)
+            })?;
+            pattern = tch::no_grad(|| -> Result<Tensor, EngineError> {
+                Ok(p.detach()
+                    .f_sub(&grad.f_sign()?.f_mul_scalar(step_size)?)?
+                    .f_clamp(lo, hi)?)
+            })?;
+        }
+        model.zero_grad();
+        Ok(pattern.detach())
+    }
+
     /// Share of `images` that `delta` sends to `class`.
     pub fn success(
         &self,
@@ -204,17 +282,69 @@ impl Unlearn {
         delta: &Tensor,
         class: i64,
     ) -> Result<f64, EngineError> {
-        model.set_eval()?;
-        let predictions = tch::no_grad(|| model.forward(&self.space.perturb(images, delta)?))?
-            .f_argmax(1, false)?;
-        let n = predictions.size()[0].max(1) as f64;
-        let hits = predictions
-            .f_eq(class)?
-            .f_sum(Kind::Int64)?
-            .f_int64_value(&[])?;
-        Ok(hits as f64 / n)
+        share_sent_to(model, &self.space.perturb(images, delta)?, class)
     }
 
+    /// Share of `images` that `pattern` stamped on `support` sends to `class`.
+    pub fn stamp_success(
+        &self,
+        model: &mut ScanModel,
+        images: &Tensor,
+        support: &Tensor,
+        pattern: &Tensor,
+        class: i64,
+    ) -> Result<f64, EngineError> {
+        share_sent_to(model, &self.stamp(images, support, pattern)?, class)
+    }
+}
+
+/// A float 1×C×H×W (one sample's shape) tensor of `value` on the data's device.
+fn one_image_of(data: &SampleSet, value: f64) -> Result<Tensor, EngineError> {
+    let mut shape = data.images.size();
+    shape[0] = 1;
+    Ok(Tensor::f_full(
+        &shape,
+        value,
+        (Kind::Float, data.images.device()),
+    )?)
+}
+
+/// Gradient, with respect to `variable`, of the mean cross-entropy towards `target` of a
+/// fresh random batch of `data` passed through `apply` (which builds the model's input
+/// from the stored images and `variable`).
+fn gradient_towards(
+    model: &mut ScanModel,
+    data: &SampleSet,
+    target: i64,
+    batch_size: usize,
+    rng: &mut ChaCha8Rng,
+    variable: &Tensor,
+    apply: &dyn Fn(&Tensor) -> Result<Tensor, EngineError>,
+) -> Result<Tensor, EngineError> {
+    let n = data.len();
+    let indices: Vec<i64> = (0..batch_size.min(n))
+        .map(|_| rng.gen_range(0..n) as i64)
+        .collect();
+    let batch = data.select(&indices)?;
+    let logits = model.forward(&apply(&batch.images)?)?;
+    let loss = cross_entropy(&logits, &batch.labels.f_full_like(target)?)?;
+    let mut grads = Tensor::f_run_backward(&[&loss], &[variable], false, false)?;
+    Ok(grads.remove(0))
+}
+
+/// Share of `inputs` (fed units) the model, in eval mode, classifies as `class`.
+fn share_sent_to(model: &mut ScanModel, inputs: &Tensor, class: i64) -> Result<f64, EngineError> {
+    model.set_eval()?;
+    let predictions = tch::no_grad(|| model.forward(inputs))?.f_argmax(1, false)?;
+    let n = predictions.size()[0].max(1) as f64;
+    let hits = predictions
+        .f_eq(class)?
+        .f_sum(Kind::Int64)?
+        .f_int64_value(&[])?;
+    Ok(hits as f64 / n)
+}
+
+impl Unlearn {
     /// Looks for a class that a small universal perturbation reaches far more easily than
     /// every other class, or far more locally: a trigger's target. Radii are tried from
     /// the smallest; at the first radius where some class is reached from at least
@@ -222,7 +352,8 @@ impl Unlearn {
     /// class is the target if it leads the runner-up by `min_gap`; a clean model's easiest
     /// classes are reached at about the same radius, so there is no gap. By locality: of
     /// the classes reached, the one with the highest local reach is the target if it leads
-    /// every other class's by `min_local_gap`.
+    /// every other class's by `min_local_gap`. With a target comes the support of its
+    /// perturbation (`support_of`).
     pub fn search_target(
         &self,
         model: &mut ScanModel,
@@ -230,7 +361,7 @@ impl Unlearn {
         num_classes: i64,
         batch_size: usize,
         rng: &mut ChaCha8Rng,
-    ) -> Result<TargetSearch, EngineError> {
+    ) -> Result<(TargetSearch, Option<Tensor>), EngineError> {
         let probe = data.images.narrow(0, 0, data.len().min(256) as i64);
         let dims = probe.size()[1..].iter().product::<i64>();
         let mut last = TargetSearch::default();
@@ -238,11 +369,13 @@ impl Unlearn {
             let radius = Unlearn::radius_for(&self.space, rms, dims);
             let mut success = Vec::with_capacity(num_classes as usize);
             let mut local = Vec::with_capacity(num_classes as usize);
+            let mut supports = Vec::with_capacity(num_classes as usize);
             for class in 0..num_classes {
                 let delta =
                     self.perturbation_towards(model, data, class, radius, batch_size, rng)?;
                 success.push(self.success(model, &probe, &delta, class)?);
                 local.push(locality(&delta)?);
+                supports.push(support_of(&delta)?);
             }
             last = TargetSearch {
                 radius_rms: rms,
@@ -258,10 +391,13 @@ impl Unlearn {
                 .any(|&s| s >= self.min_success)
             {
                 (last.target, last.found_by) = self.decide(&last);
-                break;
+                let support = last
+                    .target
+                    .and_then(|target| supports.swap_remove(target as usize));
+                return Ok((last, support));
             }
         }
-        Ok(last)
+        Ok((last, None))
     }
 }
 
@@ -364,6 +500,51 @@ mod tests {
         let local = locality(&patch).unwrap();
         assert!(local > 0.8, "{local}");
         assert_eq!(locality(&(spread * 0.0)).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn the_support_is_where_a_perturbation_concentrates_and_a_stamp_replaces_only_it() {
+        let delta = Tensor::zeros([1, 3, 32, 32], (Kind::Float, tch::Device::Cpu));
+        let _ = delta.narrow(2, 28, 3).narrow(3, 28, 3).fill_(0.5);
+        let delta = delta + 0.01;
+        let support = support_of(&delta).unwrap().unwrap();
+        assert_eq!(support.size(), [1, 1, 32, 32]);
+        // 2% of 1,024 positions is 21: the 9 patch positions and 12 others.
+        assert_eq!(support.sum(Kind::Float).double_value(&[]), 21.0);
+        assert_eq!(
+            support
+                .narrow(2, 28, 3)
+                .narrow(3, 28, 3)
+                .sum(Kind::Float)
+                .double_value(&[]),
+            9.0
+        );
+        assert!(
+            support_of(&Tensor::zeros([4, 10], (Kind::Float, tch::Device::Cpu)))
+                .unwrap()
+                .is_none()
+        );
+
+        let rule = Unlearn {
+            space: InputSpace {
+                scale: 1.0 / 255.0,
+                lo: 0.0,
+                hi: 1.0,
+            },
+            ..rule()
+        };
+        let images = Tensor::full([2, 3, 32, 32], 51, (Kind::Uint8, tch::Device::Cpu));
+        let pattern = Tensor::ones([1, 3, 32, 32], (Kind::Float, tch::Device::Cpu));
+        let stamped = rule.stamp(&images, &support, &pattern).unwrap();
+        assert_eq!(stamped.size(), [2, 3, 32, 32]);
+        let ones = stamped.eq(1.0).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(ones, 2 * 3 * 21);
+        let untouched = (stamped - 0.2)
+            .abs()
+            .lt(1e-6)
+            .sum(Kind::Int64)
+            .int64_value(&[]);
+        assert_eq!(untouched, 2 * 3 * (1024 - 21));
     }
 
     fn rule() -> Unlearn {
