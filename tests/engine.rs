@@ -11,7 +11,9 @@ use bdscan::engine::data::SampleSet;
 use bdscan::engine::metrics::PoisonSet;
 use bdscan::engine::model::ScanModel;
 use bdscan::engine::salience::benign_salience;
-use bdscan::engine::{run_scan, Aggregation, Monitor, ScanConfig, ScanInputs, ScanReport};
+use bdscan::engine::{
+    run_scan, Aggregation, EngineError, Monitor, ScanConfig, ScanInputs, ScanReport,
+};
 use bdscan::lab::demo;
 use common::*;
 use tch::Device;
@@ -284,4 +286,35 @@ fn a_purification_that_collapses_restarts_from_the_arriving_weights_at_half_the_
         report.trace.iter().filter(|t| t.phase == "purify").count(),
         2
     );
+}
+
+#[test]
+fn a_purification_whose_loss_stops_being_a_number_at_every_rate_fails_naming_them() {
+    // At this rate the weights overflow in the first steps of every attempt: there is
+    // nothing to recover or save, so the scan stops with what it tried and writes nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("never.pt");
+    let files = demo_files();
+    let inputs = ScanInputs {
+        model: files.backdoored_model.clone(),
+        clean: files.clean.clone(),
+        test: None,
+        poison: None,
+        target_label: None,
+        out: out.clone(),
+    };
+    let config = ScanConfig {
+        purify_epochs: 1,
+        recovery_epochs: 1,
+        purify_lr: 1e30,
+        ..Default::default()
+    };
+    let mut on_progress = quiet();
+    let err = run_scan(&inputs, &config, &mut Monitor::new(&mut on_progress, None)).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, EngineError::Diverged(_)), "{message}");
+    let rates = format!("rate tried ({}, down to {})", 1e30, 1e30 / 4.0);
+    assert!(message.contains(&rates), "{message}");
+    assert!(message.contains("lower purify_lr"), "{message}");
+    assert!(!out.exists());
 }

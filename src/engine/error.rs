@@ -10,7 +10,8 @@ pub enum EngineError {
     Cancelled,
     #[error("internal error: {0}")]
     Internal(String),
-    /// The training loss stopped being a number. Purification restarts at a lower rate;
+    /// The training loss stopped being a number. Purification restarts at a lower rate
+    /// and fails with this, naming the rates, only when the last rate diverges too;
     /// anywhere else it is an internal failure like any other.
     #[error("training diverged: {0}")]
     Diverged(String),

@@ -608,6 +608,7 @@ fn purify_suspects(
                 Ok(())
             },
         );
+        let mut diverged = false;
         let what_failed = match outcome {
             Ok(shortcut_success) => {
                 record_shortcut_success(&mut trace, "purify", shortcut_success);
@@ -621,10 +622,22 @@ fn purify_suspects(
                     ctx.held_out_before * 100.0
                 )
             }
-            Err(EngineError::Diverged(why)) => why,
+            Err(EngineError::Diverged(why)) => {
+                diverged = true;
+                why
+            }
             Err(other) => return Err(other),
         };
         if attempt == PURIFY_ATTEMPTS {
+            // Weights that are no longer numbers cannot be recovered or saved: stop
+            // with what was tried rather than fail later inside recovery.
+            if diverged {
+                return Err(EngineError::Diverged(format!(
+                    "purification diverged at every rate tried ({}, down to {peak_lr}): \
+                     {what_failed}; lower purify_lr or reg_strength",
+                    config.purify_lr
+                )));
+            }
             warnings.push(format!(
                 "purification collapsed at every rate tried, down to {peak_lr}: {what_failed}"
             ));
