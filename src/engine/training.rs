@@ -151,6 +151,7 @@ pub fn fine_tune(
                     perturbation: Some(u.unlearn.success(model, &probe, &delta, u.target)?),
                     patch: None,
                 };
+                // On images: the patch on the support, with its support.
                 let patch = match &u.support {
                     Some(support) => {
                         let pattern = u.unlearn.patch_towards(
@@ -165,7 +166,7 @@ pub fn fine_tune(
                             u.unlearn
                                 .stamp_success(model, &probe, support, &pattern, u.target)?,
                         );
-                        Some(pattern)
+                        Some((support, pattern))
                     }
                     None => None,
                 };
@@ -199,7 +200,7 @@ pub fn fine_tune(
                 loss = loss.f_add(
                     &cross_entropy(&perturbed, &batch.labels)?.f_mul_scalar(u.unlearn.weight)?,
                 )?;
-                if let (Some(support), Some(pattern)) = (&u.support, patch) {
+                if let Some((support, pattern)) = patch {
                     let stamped = model.forward(&u.unlearn.stamp(&images, support, pattern)?)?;
                     loss = loss.f_add(
                         &cross_entropy(&stamped, &batch.labels)?.f_mul_scalar(u.unlearn.weight)?,

@@ -117,43 +117,44 @@ pub const LOCAL_SHARE: f64 = 0.02;
 /// pixel from mid-grey to either end.
 const PATCH_STEP: f64 = 0.2;
 
-/// Share of `delta`'s energy (summed over channels) on its `LOCAL_SHARE` most-changed
-/// pixel positions: near `LOCAL_SHARE` for a perturbation spread evenly, near 1 for a patch.
-pub fn locality(delta: &Tensor) -> Result<f64, EngineError> {
-    let size = delta.size();
-    // N×C×H×W: positions are H×W, channels summed; anything else counts every value.
-    let energy = if size.len() == 4 {
-        delta.f_square()?.f_sum_dim_intlist(1, false, Kind::Float)?
+/// `delta`'s squared values summed over channels, one entry per pixel position, and how
+/// many of those entries `LOCAL_SHARE` covers. N×C×H×W: positions are H×W (per sample);
+/// anything else counts every value.
+fn position_energy(delta: &Tensor) -> Result<(Tensor, i64), EngineError> {
+    let squared = delta.f_square()?;
+    let energy = if delta.dim() == 4 {
+        squared.f_sum_dim_intlist(1, false, Kind::Float)?
     } else {
-        delta.f_square()?
+        squared
     }
     .f_flatten(0, -1)?;
     let positions = energy.size()[0];
+    let local = ((positions as f64 * LOCAL_SHARE).ceil() as i64).clamp(1, positions.max(1));
+    Ok((energy, local))
+}
+
+/// Share of `delta`'s energy (summed over channels) on its `LOCAL_SHARE` most-changed
+/// pixel positions: near `LOCAL_SHARE` for a perturbation spread evenly, near 1 for a patch.
+pub fn locality(delta: &Tensor) -> Result<f64, EngineError> {
+    let (energy, local) = position_energy(delta)?;
     let total = energy.f_sum(Kind::Double)?.f_double_value(&[])?;
-    if positions == 0 || total <= 0.0 {
+    if energy.size()[0] == 0 || total <= 0.0 {
         return Ok(0.0);
     }
-    let k = ((positions as f64 * LOCAL_SHARE).ceil() as i64).clamp(1, positions);
-    let (top, _) = energy.f_topk(k, 0, true, false)?;
+    let (top, _) = energy.f_topk(local, 0, true, false)?;
     Ok(top.f_sum(Kind::Double)?.f_double_value(&[])? / total)
 }
 
-/// The `LOCAL_SHARE` most-changed pixel positions of `delta` (N×C×H×W) as a 1×1×H×W
-/// mask of ones, where a patch trigger's target perturbation puts the patch. `None` for
-/// inputs that are not images.
+/// The `LOCAL_SHARE` most-changed pixel positions of a universal perturbation `delta`
+/// (1×C×H×W) as a 1×1×H×W mask of ones, where a patch trigger's target perturbation puts
+/// the patch. `None` for inputs that are not images.
 pub fn support_of(delta: &Tensor) -> Result<Option<Tensor>, EngineError> {
     let size = delta.size();
     if size.len() != 4 {
         return Ok(None);
     }
-    let energy = delta
-        .f_square()?
-        .f_sum_dim_intlist(1, false, Kind::Float)?
-        .f_sum_dim_intlist(0, false, Kind::Float)?
-        .f_flatten(0, -1)?;
-    let positions = energy.size()[0];
-    let k = ((positions as f64 * LOCAL_SHARE).ceil() as i64).clamp(1, positions);
-    let (_, top) = energy.f_topk(k, 0, true, false)?;
+    let (energy, local) = position_energy(delta)?;
+    let (_, top) = energy.f_topk(local, 0, true, false)?;
     let mask = energy.f_zeros_like()?.f_index_fill(0, &top, 1.0)?;
     Ok(Some(mask.f_view([1, 1, size[2], size[3]])?))
 }
@@ -296,6 +297,100 @@ impl Unlearn {
     ) -> Result<f64, EngineError> {
         share_sent_to(model, &self.stamp(images, support, pattern)?, class)
     }
+
+    /// Looks for a class that a small universal perturbation reaches far more easily than
+    /// every other class, or far more locally: a trigger's target. Radii are tried from
+    /// the smallest; at the first radius where some class is reached from at least
+    /// `min_success` of the clean images, the decision is made there. By reach: the best
+    /// class is the target if it leads the runner-up by `min_gap`; a clean model's easiest
+    /// classes are reached at about the same radius, so there is no gap. By locality: of
+    /// the classes reached, the one with the highest local reach is the target if it leads
+    /// every other class's by `min_local_gap`. With a target comes the support of its
+    /// perturbation (`support_of`).
+    pub fn search_target(
+        &self,
+        model: &mut ScanModel,
+        data: &SampleSet,
+        num_classes: i64,
+        batch_size: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(TargetSearch, Option<Tensor>), EngineError> {
+        let probe = data.images.narrow(0, 0, data.len().min(256) as i64);
+        let dims = probe.size()[1..].iter().product::<i64>();
+        let mut last = TargetSearch::default();
+        for &rms in &self.radii_rms {
+            let radius = Unlearn::radius_for(&self.space, rms, dims);
+            let mut success = Vec::with_capacity(num_classes as usize);
+            let mut local = Vec::with_capacity(num_classes as usize);
+            let mut deltas = Vec::with_capacity(num_classes as usize);
+            for class in 0..num_classes {
+                let delta =
+                    self.perturbation_towards(model, data, class, radius, batch_size, rng)?;
+                success.push(self.success(model, &probe, &delta, class)?);
+                local.push(locality(&delta)?);
+                deltas.push(delta);
+            }
+            last = TargetSearch {
+                radius_rms: rms,
+                radius,
+                success_per_class: success,
+                locality_per_class: local,
+                target: None,
+                found_by: None,
+            };
+            if last
+                .success_per_class
+                .iter()
+                .any(|&s| s >= self.min_success)
+            {
+                (last.target, last.found_by) = self.decide(&last);
+                let support = match last.target {
+                    Some(target) => support_of(&deltas[target as usize])?,
+                    None => None,
+                };
+                return Ok((last, support));
+            }
+        }
+        Ok((last, None))
+    }
+}
+
+impl Unlearn {
+    /// The target by reach, else by locality (see `search_target`), at one radius.
+    fn decide(&self, at: &TargetSearch) -> (Option<i64>, Option<FoundBy>) {
+        let leader = |scores: &[f64], among: &dyn Fn(usize) -> bool| {
+            let mut order: Vec<usize> = (0..scores.len()).filter(|&c| among(c)).collect();
+            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+            let best = *order.first()?;
+            let others = scores
+                .iter()
+                .enumerate()
+                .filter(|&(c, _)| c != best)
+                .map(|(_, &s)| s)
+                .fold(f64::NEG_INFINITY, f64::max);
+            Some((best, scores[best], scores[best] - others))
+        };
+        let success = &at.success_per_class;
+        if let Some((best, score, lead)) = leader(success, &|_| true) {
+            if score >= self.min_success && lead >= self.min_gap {
+                return (Some(best as i64), Some(FoundBy::Reach));
+            }
+        }
+        // Local reach: the share of images reached times the share of energy on a few
+        // pixels, high only for a perturbation that is both easy and a patch.
+        let local_reach: Vec<f64> = success
+            .iter()
+            .zip(&at.locality_per_class)
+            .map(|(s, l)| s * l)
+            .collect();
+        let reached = |c: usize| success[c] >= self.min_success;
+        if let Some((best, _, lead)) = leader(&local_reach, &reached) {
+            if lead >= self.min_local_gap {
+                return (Some(best as i64), Some(FoundBy::Locality));
+            }
+        }
+        (None, None)
+    }
 }
 
 /// A float 1×C×H×W (one sample's shape) tensor of `value` on the data's device.
@@ -342,101 +437,6 @@ fn share_sent_to(model: &mut ScanModel, inputs: &Tensor, class: i64) -> Result<f
         .f_sum(Kind::Int64)?
         .f_int64_value(&[])?;
     Ok(hits as f64 / n)
-}
-
-impl Unlearn {
-    /// Looks for a class that a small universal perturbation reaches far more easily than
-    /// every other class, or far more locally: a trigger's target. Radii are tried from
-    /// the smallest; at the first radius where some class is reached from at least
-    /// `min_success` of the clean images, the decision is made there. By reach: the best
-    /// class is the target if it leads the runner-up by `min_gap`; a clean model's easiest
-    /// classes are reached at about the same radius, so there is no gap. By locality: of
-    /// the classes reached, the one with the highest local reach is the target if it leads
-    /// every other class's by `min_local_gap`. With a target comes the support of its
-    /// perturbation (`support_of`).
-    pub fn search_target(
-        &self,
-        model: &mut ScanModel,
-        data: &SampleSet,
-        num_classes: i64,
-        batch_size: usize,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<(TargetSearch, Option<Tensor>), EngineError> {
-        let probe = data.images.narrow(0, 0, data.len().min(256) as i64);
-        let dims = probe.size()[1..].iter().product::<i64>();
-        let mut last = TargetSearch::default();
-        for &rms in &self.radii_rms {
-            let radius = Unlearn::radius_for(&self.space, rms, dims);
-            let mut success = Vec::with_capacity(num_classes as usize);
-            let mut local = Vec::with_capacity(num_classes as usize);
-            let mut supports = Vec::with_capacity(num_classes as usize);
-            for class in 0..num_classes {
-                let delta =
-                    self.perturbation_towards(model, data, class, radius, batch_size, rng)?;
-                success.push(self.success(model, &probe, &delta, class)?);
-                local.push(locality(&delta)?);
-                supports.push(support_of(&delta)?);
-            }
-            last = TargetSearch {
-                radius_rms: rms,
-                radius,
-                success_per_class: success,
-                locality_per_class: local,
-                target: None,
-                found_by: None,
-            };
-            if last
-                .success_per_class
-                .iter()
-                .any(|&s| s >= self.min_success)
-            {
-                (last.target, last.found_by) = self.decide(&last);
-                let support = last
-                    .target
-                    .and_then(|target| supports.swap_remove(target as usize));
-                return Ok((last, support));
-            }
-        }
-        Ok((last, None))
-    }
-}
-
-impl Unlearn {
-    /// The target by reach, else by locality (see `search_target`), at one radius.
-    fn decide(&self, at: &TargetSearch) -> (Option<i64>, Option<FoundBy>) {
-        let leader = |scores: &[f64], among: &dyn Fn(usize) -> bool| {
-            let mut order: Vec<usize> = (0..scores.len()).filter(|&c| among(c)).collect();
-            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-            let best = *order.first()?;
-            let others = scores
-                .iter()
-                .enumerate()
-                .filter(|&(c, _)| c != best)
-                .map(|(_, &s)| s)
-                .fold(f64::NEG_INFINITY, f64::max);
-            Some((best, scores[best], scores[best] - others))
-        };
-        let success = &at.success_per_class;
-        if let Some((best, score, lead)) = leader(success, &|_| true) {
-            if score >= self.min_success && lead >= self.min_gap {
-                return (Some(best as i64), Some(FoundBy::Reach));
-            }
-        }
-        // Local reach: the share of images reached times the share of energy on a few
-        // pixels, high only for a perturbation that is both easy and a patch.
-        let local_reach: Vec<f64> = success
-            .iter()
-            .zip(&at.locality_per_class)
-            .map(|(s, l)| s * l)
-            .collect();
-        let reached = |c: usize| success[c] >= self.min_success;
-        if let Some((best, _, lead)) = leader(&local_reach, &reached) {
-            if lead >= self.min_local_gap {
-                return (Some(best as i64), Some(FoundBy::Locality));
-            }
-        }
-        (None, None)
-    }
 }
 
 /// Which rule named the target.
