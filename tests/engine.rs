@@ -154,6 +154,41 @@ fn the_purified_model_loads_unchanged_in_pytorch() {
 }
 
 #[test]
+fn the_trace_measures_evenly_spaced_subsets_and_the_metrics_every_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ScanConfig {
+        purify_epochs: 1,
+        recovery_epochs: 1,
+        trace_samples: 7,
+        ..Default::default()
+    };
+    let report = scan_demo(&config, dir.path().join("a.pt"));
+    assert_eq!(report.trace.len(), 2);
+    let on_seven = |share: f64| (share * 7.0 - (share * 7.0).round()).abs() < 1e-9;
+    for entry in &report.trace {
+        assert!(on_seven(entry.test_acc.unwrap()), "{entry:?}");
+        assert!(on_seven(entry.asr.unwrap()), "{entry:?}");
+    }
+    // The demo's test bundle holds far more than 7 images; the metrics count each one.
+    let after = &report.metrics.after;
+    assert!(!on_seven(after.clean_acc) || !on_seven(after.asr.unwrap()));
+
+    let untraced = scan_demo(
+        &ScanConfig {
+            trace_samples: 0,
+            ..config
+        },
+        dir.path().join("b.pt"),
+    );
+    assert!(untraced
+        .trace
+        .iter()
+        .all(|t| t.test_acc.is_none() && t.asr.is_none()));
+    assert!(untraced.metrics.after.asr.is_some());
+    assert_eq!(untraced.metrics.after, report.metrics.after);
+}
+
+#[test]
 fn same_inputs_and_seed_give_the_same_report() {
     let dir = tempfile::tempdir().unwrap();
     let config = ScanConfig {

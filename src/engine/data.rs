@@ -43,6 +43,12 @@ impl SampleSet {
         })
     }
 
+    /// At most `n` samples spread evenly over the set (all of it when it is no larger),
+    /// so a subset of a class-sorted bundle still covers every class.
+    pub fn evenly_spaced(&self, n: usize) -> Result<SampleSet, EngineError> {
+        self.select(&evenly_spaced_indices(self.len(), n))
+    }
+
     /// Consecutive slices of at most `batch_size`, in order (for evaluation and salience).
     pub fn chunks(&self, batch_size: usize) -> impl Iterator<Item = (Tensor, Tensor)> + '_ {
         let n = self.len() as i64;
@@ -54,6 +60,12 @@ impl SampleSet {
             )
         })
     }
+}
+
+/// `min(n, len)` indices spread evenly over `0..len`, in order.
+pub fn evenly_spaced_indices(len: usize, n: usize) -> Vec<i64> {
+    let n = n.min(len);
+    (0..n).map(|i| (i * len / n) as i64).collect()
 }
 
 /// Seeded shuffle, then the last `held_out_fraction` (at least one sample, and at least
@@ -114,6 +126,18 @@ pub fn random_shift(
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn evenly_spaced_indices_cover_the_whole_range_in_order() {
+        assert_eq!(evenly_spaced_indices(10, 4), vec![0, 2, 5, 7]);
+        assert_eq!(evenly_spaced_indices(3, 8), vec![0, 1, 2]);
+        assert!(evenly_spaced_indices(5, 0).is_empty());
+        // A class-sorted set of 1,000 (100 per class) keeps every class in a subset of 50.
+        let picked = evenly_spaced_indices(1000, 50);
+        let classes: std::collections::BTreeSet<i64> = picked.iter().map(|i| i / 100).collect();
+        assert_eq!(classes.len(), 10);
+        assert!(picked.windows(2).all(|w| w[0] < w[1]));
+    }
 
     #[test]
     fn split_is_seeded_disjoint_and_complete() {

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::data::SampleSet;
+use super::data::{evenly_spaced_indices, SampleSet};
 use super::error::EngineError;
 use super::model::ScanModel;
 use super::training::{accuracy, predict};
@@ -60,6 +60,16 @@ impl PoisonSet {
         Ok(PoisonSet {
             samples: all.select(&keep)?,
             targets: Tensor::from_slice(&kept).f_to_device(device)?,
+        })
+    }
+
+    /// At most `n` of the samples, with their targets, spread evenly over the set.
+    pub fn evenly_spaced(&self, n: usize) -> Result<PoisonSet, EngineError> {
+        let indices = evenly_spaced_indices(self.samples.len(), n);
+        let index = Tensor::from_slice(&indices).f_to_device(self.targets.device())?;
+        Ok(PoisonSet {
+            samples: self.samples.select(&indices)?,
+            targets: self.targets.f_index_select(0, &index)?,
         })
     }
 

@@ -175,6 +175,15 @@ pub fn run_scan(
     let held_out_before = accuracy(&mut model, &held_out, batch)?;
     timer.lap(Phase::Evaluate);
 
+    // The per-epoch trace measures evenly spaced subsets of the measuring bundles.
+    let trace_test = match &test_set {
+        Some(t) if config.trace_samples > 0 => Some(t.evenly_spaced(config.trace_samples)?),
+        _ => None,
+    };
+    let trace_poison = match &poison_set {
+        Some(p) if config.trace_samples > 0 => Some(p.evenly_spaced(config.trace_samples)?),
+        _ => None,
+    };
     let context = Context {
         config,
         model_path: &inputs.model,
@@ -184,8 +193,8 @@ pub fn run_scan(
         held_out_before,
         tracer: Tracer {
             held_out: &held_out,
-            test: test_set.as_ref(),
-            poison: poison_set.as_ref(),
+            test: trace_test.as_ref(),
+            poison: trace_poison.as_ref(),
             batch,
         },
     };
@@ -465,9 +474,6 @@ pub(super) fn neuron_masks(
     .parameter_masks(model)
 }
 
-/// Our method and its activation ablation: score, flag within the held-out budget,
-/// purify the suspects with the regularizer (plus distillation and augmentation), prune
-/// what it drove to zero, recover.
 /// Shortcut unlearning for this model: searches for a class a small universal
 /// perturbation reaches far more easily than the rest. `None` (and the search result, if
 /// one ran) when turned off, when no float encoding of the clean images reproduces the
@@ -510,6 +516,9 @@ fn shortcut_unlearning(
     Ok((plan, Some(search)))
 }
 
+/// Our method and its activation ablation: score, flag within the held-out budget,
+/// purify the suspects with the regularizer (plus distillation and augmentation), prune
+/// what it drove to zero, recover.
 fn purify_suspects(
     model: &mut ScanModel,
     ctx: &Context,
