@@ -204,9 +204,9 @@ pub struct ScanConfig {
     pub recovery_lr: f64,
     /// Most images of the test bundle, and of the poison bundle, that each epoch's trace
     /// entry measures (spread evenly over the bundle; 0: none). They only measure, so
-    /// this trades the trace's precision against time: measuring two 1,600-image bundles
-    /// after every epoch took 40% of a default scan. The before/after metrics always use
-    /// every image.
+    /// this trades the trace's precision against time: measuring whole test and poison
+    /// bundles (1,600 and 1,443 images) after every epoch took 40% of a default scan. The
+    /// before/after metrics always use every image.
     pub trace_samples: usize,
     /// Settings of the baseline defenses, used only by their method.
     pub ft: FtConfig,

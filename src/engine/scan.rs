@@ -617,24 +617,21 @@ fn purify_suspects(
                 Ok(())
             },
         );
-        let mut diverged = false;
-        let what_failed = match outcome {
+        let (diverged, what_failed) = match outcome {
             Ok(shortcut_success) => {
                 record_shortcut_success(&mut trace, "purify", shortcut_success);
                 let held_out_now = trace.last().map_or(ctx.held_out_before, |t| t.held_out_acc);
                 if ctx.held_out_before - held_out_now <= PURIFY_COLLAPSE_DROP {
                     break;
                 }
-                format!(
+                let why = format!(
                     "held-out clean accuracy ended at {:.2}% (from {:.2}%)",
                     held_out_now * 100.0,
                     ctx.held_out_before * 100.0
-                )
+                );
+                (false, why)
             }
-            Err(EngineError::Diverged(why)) => {
-                diverged = true;
-                why
-            }
+            Err(EngineError::Diverged(why)) => (true, why),
             Err(other) => return Err(other),
         };
         if attempt == PURIFY_ATTEMPTS {

@@ -151,7 +151,8 @@ pub fn fine_tune(
                     perturbation: Some(u.unlearn.success(model, &probe, &delta, u.target)?),
                     patch: None,
                 };
-                // On images: the patch on the support, with its support.
+                // Image inputs only: this epoch's pattern, kept with the support it is
+                // stamped on.
                 let patch = match &u.support {
                     Some(support) => {
                         let pattern = u.unlearn.patch_towards(
