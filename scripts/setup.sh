@@ -11,4 +11,4 @@ if .venv/bin/python -c "import sys, torch, numpy, safetensors; sys.exit(0 if tor
 fi
 echo "setup: installing torch==$TORCH_VERSION (libtorch) into .venv — a few minutes on first run" >&2
 python3 -m venv .venv
-.venv/bin/pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" numpy safetensors
+.venv/bin/pip install --quiet --no-cache-dir --disable-pip-version-check "torch==$TORCH_VERSION" numpy safetensors
