@@ -13,6 +13,7 @@ About 30 minutes on 2 cores (12 models to train, 120 scans).
 """
 import argparse
 import json
+import os
 import statistics as st
 import subprocess
 import sys
@@ -95,8 +96,10 @@ def write_markdown(args, rows, labels, total):
     say = lines.append
     say("# Penalty strength sweep (development models)")
     say("")
-    say(f"Produced by `make bench-sweep` (benches/penalty_sweep.py) at commit {commit} on "
-        f"{time.strftime('%Y-%m-%d', time.gmtime())}; machine: {len(__import__('os').sched_getaffinity(0))} "
+    made = (f"Re-rendered from {args.from_json} (the runs' commit is in that file's history) at commit"
+            if args.from_json else "Produced by `make bench-sweep` (benches/penalty_sweep.py) at commit")
+    say(f"{made} {commit} on "
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}; machine: {len(os.sched_getaffinity(0))} "
         f"cores, {cpu}, CPU only; {len(rows)} scans on {len(MODELS)} lab models, {args.jobs} at a time "
         f"with one libtorch thread each; {total / 60:.1f} min in all (training included).")
     say("")
