@@ -373,6 +373,17 @@ def paired_gap(rows, label, resamples=10000, ours=OURS):
             sum(d > 0 for d in diffs), len(diffs))
 
 
+def first_epoch_below(trace, below=0.05):
+    """(the first purification epoch whose trace ASR is below `below`, whether it got
+    there); a run that never does counts as the schedule length + 1. None without a
+    purification trace."""
+    purify = [t for t in trace if t["phase"] == "purify" and t["asr"] is not None]
+    if not purify:
+        return None
+    hit = next((t["epoch"] for t in purify if t["asr"] < below), None)
+    return (hit, True) if hit is not None else (len(purify) + 1, False)
+
+
 def epochs_to_asr(rows, below=0.05):
     """Per variant, over the runs (model, seed) where AR, L1 and L2 all ran."""
     ran = {}
@@ -389,14 +400,12 @@ def epochs_to_asr(rows, below=0.05):
                 continue
             if r["asr_before"] is None or r["asr_before"] < 0.5:
                 continue
-            purify = [t for t in r["trace"] if t["phase"] == "purify" and t["asr"] is not None]
-            if not purify:
+            first = first_epoch_below(r["trace"], below)
+            if first is None:
                 continue
             n += 1
-            hit = next((t["epoch"] for t in purify if t["asr"] < below), None)
-            if hit is not None:
-                reached += 1
-            firsts.append(hit if hit is not None else len(purify) + 1)
+            reached += first[1]
+            firsts.append(first[0])
         if firsts:
             out[label] = (st.mean(firsts), reached, n)
     return out

@@ -43,12 +43,6 @@ def variants():
     return out
 
 
-def epochs_to(trace, below=0.05):
-    purify = [t for t in trace if t["phase"] == "purify" and t["asr"] is not None]
-    hit = next((t["epoch"] for t in purify if t["asr"] < below), None)
-    return hit if hit is not None else len(purify) + 1
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/debug/bdscan")
@@ -123,7 +117,7 @@ def write_markdown(args, rows, labels, total):
         der = st.mean(r["der"] for r in rs)
         asr = st.mean(r["asr_after"] for r in rs)
         drop = st.mean((r["acc_before"] - r["acc_after"]) * 100 for r in rs)
-        epochs = st.mean(epochs_to(r["trace"]) for r in rs)
+        epochs = st.mean(grid.first_epoch_below(r["trace"])[0] for r in rs)
         summary[label] = der
         say(f"| {label} | " + " | ".join(f"{c:.4f}" for c in cell)
             + f" | {der:.4f} | {asr:.2%} | {drop:.2f} | {epochs:.2f} |")
@@ -135,7 +129,7 @@ def write_markdown(args, rows, labels, total):
     say("### Each penalty at its best strength")
     say("")
     best = {}
-    for reg, name in PENALTY_NAME.items():
+    for name in PENALTY_NAME.values():
         candidates = [(summary[k], k) for k in summary if k.startswith(f"BS+{name} ")]
         if candidates:
             best[name] = max(candidates)[1]
