@@ -138,10 +138,15 @@ def defend(args, dataset, arch, attack, seed, label, meta):
         return {"error": (out / "scan.log").read_text()[-600:], "wall": wall}
     report = json.loads((out / "report.json").read_text())
     b, a = report["metrics"]["before"], report["metrics"]["after"]
+    removed = report.get("suspects_removed") or {}
     return {
         "acc_before": b["clean_acc"], "asr_before": b.get("asr"),
         "acc_after": a["clean_acc"], "asr_after": a.get("asr"), "ra_after": a.get("ra"),
         "der": report.get("der"), "wall": wall,
+        # Our method and the activation ablation: the arriving model with its suspects
+        # zeroed, before fine-tuning (held-out accuracy as it arrived, for the cost).
+        "held_out_before": report["selection"]["held_out_acc"],
+        "removed_held_out_acc": removed.get("held_out_acc"), "removed_asr": removed.get("asr"),
         "trace": [{k: t.get(k) for k in ("phase", "epoch", "held_out_acc", "test_acc", "asr")}
                   for t in report.get("trace", [])],
     }
@@ -322,6 +327,8 @@ def write_markdown(args, rows, seeds, total):
                 diff, lo, hi, wins, n = gap
                 say(f"  - {OURS} − {label}, paired by model and seed: DER {diff:+.4f} "
                     f"(95% bootstrap interval {lo:+.4f} to {hi:+.4f}); ours higher on {wins} of {n}")
+    for line in identification_alone(same):
+        say(line)
     epochs = epochs_to_asr(rows)
     if epochs:
         say("- epochs of purification until ASR < 5% (mean over the runs of the ablated models; "
@@ -337,6 +344,30 @@ def write_markdown(args, rows, seeds, total):
         "ablated models (" + describe_cells(ABLATED_CELLS) + ") and seeds. Per-epoch values are "
         f"measured on {TRACE_SAMPLES} evenly spaced images of each test bundle (`trace_samples`).")
     Path(args.out_md).write_text("\n".join(lines) + "\n")
+
+
+def identification_alone(same):
+    """Bullet lines: what zeroing the suspects does before any fine-tuning, benign salience
+    against activation ranking, on the backdoored runs both ran on."""
+    by_run = {}
+    for r in same:
+        if r.get("removed_asr") is not None and r["asr_before"] is not None and r["asr_before"] >= 0.5:
+            by_run.setdefault((r["dataset"], r["arch"], r["attack"], r["seed"]), {})[r["defense"]] = r
+    runs = [v for v in by_run.values() if OURS in v and "activation+AR" in v]
+    if not runs:
+        return []
+    lines = ["- identification alone (every suspect entry zeroed in the arriving model, before any "
+             f"fine-tuning; measured on the whole poison bundle, {len(runs)} shared runs): mean ASR "
+             f"{mean([v[OURS]['asr_before'] for v in runs]):.1%} as the models arrived"]
+    for label in (OURS, "activation+AR"):
+        rs = [v[label] for v in runs]
+        lines.append(f"  - {label}: ASR {mean([r['removed_asr'] for r in rs]):.1%} with its suspects "
+                     f"zeroed, held-out accuracy "
+                     f"{mean([(r['held_out_before'] - r['removed_held_out_acc']) * 100 for r in rs]):.1f} pts "
+                     f"lower; ASR after the full defense {mean([r['asr_after'] for r in rs]):.2%}")
+    lower = sum(v[OURS]["removed_asr"] < v["activation+AR"]["removed_asr"] for v in runs)
+    lines.append(f"  - benign salience's suspects took ASR lower than activation's on {lower} of {len(runs)}")
+    return lines
 
 
 def purify_curves(rows, label):

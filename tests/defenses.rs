@@ -313,6 +313,15 @@ fn every_method_runs_through_the_cli() {
         let trace = json["trace"].as_array().unwrap();
         let fine_tunes = matches!(method, "benign_salience" | "activation" | "ft" | "fp");
         assert_eq!(!trace.is_empty(), fine_tunes, "{method}: trace {trace:?}");
+        // Only the methods that flag suspects and then purify them measure the model
+        // without its suspects; the poison bundle was given, so ASR is measured too.
+        let removed = &json["suspects_removed"];
+        if matches!(method, "benign_salience" | "activation") {
+            assert!(removed["asr"].is_f64(), "{method}: {removed}");
+            assert!((0.0..=1.0).contains(&removed["held_out_acc"].as_f64().unwrap()));
+        } else {
+            assert!(removed.is_null(), "{method}: {removed}");
+        }
         let reloaded = ScanModel::load(&out, Device::Cpu, &images).unwrap();
         assert_eq!(reloaded.num_classes, 10);
         assert_eq!(

@@ -108,6 +108,23 @@ fn purifies_a_backdoored_mnist_cnn_and_keeps_its_accuracy() {
     );
     assert!(report.flagged_count > 0);
     assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    // Identification alone already takes some of the backdoor out of this model, and
+    // zeroing neuron and weight suspects together stays within their two budgets.
+    let removed = report.suspects_removed.as_ref().unwrap();
+    println!("suspects zeroed: {removed:?}");
+    assert!(
+        removed.asr.unwrap() < asr_before,
+        "ASR with the suspects zeroed {:?}",
+        removed.asr
+    );
+    let config = ScanConfig::default();
+    assert!(
+        report.selection.held_out_acc - removed.held_out_acc
+            <= config.neuron_drop_budget + config.weight_drop_budget,
+        "held-out {} -> {}",
+        report.selection.held_out_acc,
+        removed.held_out_acc
+    );
     let classifier = report.layers.iter().find(|l| l.is_classifier).unwrap();
     assert!(
         classifier.flagged.is_empty(),

@@ -75,6 +75,7 @@ pub(super) fn fine_tuning_only(
         pruned_masks: no_masks(model),
         pruned_neurons: Some(model.layers.iter().map(|_| Vec::new()).collect()),
         shortcut_search: None,
+        suspects_removed: None,
         warnings: Vec::new(),
         trace,
     })
@@ -201,6 +202,7 @@ pub(super) fn fine_pruning(
         pruned_masks: pruned,
         pruned_neurons: Some(pruned_neurons),
         shortcut_search: None,
+        suspects_removed: None,
         warnings: Vec::new(),
         trace,
     })

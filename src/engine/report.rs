@@ -34,6 +34,10 @@ pub struct ScanReport {
     pub der: Option<f64>,
     /// Shortcut unlearning's search for a trigger's target class (our method only).
     pub shortcut_search: Option<TargetSearch>,
+    /// Our method and its activation ablation: the model with every suspect entry set
+    /// to zero, before any fine-tuning. How much of the backdoor identification alone
+    /// takes out, separately from what purification then does.
+    pub suspects_removed: Option<SuspectsRemoved>,
     /// Per-epoch measurements of the purification and recovery phases.
     pub trace: Vec<EpochTrace>,
     pub artifact: ArtifactDigest,
@@ -121,6 +125,16 @@ pub struct LayerReport {
     pub pruned: Vec<usize>,
     pub suspect_weights: i64,
     pub pruned_weights: i64,
+}
+
+/// The model as it arrived with every suspect entry zeroed (measured, then undone).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SuspectsRemoved {
+    /// Clean accuracy on the held-out split.
+    pub held_out_acc: f64,
+    /// Attack success rate and robust accuracy on the whole poison bundle, when given.
+    pub asr: Option<f64>,
+    pub ra: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

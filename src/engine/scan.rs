@@ -191,6 +191,7 @@ pub fn run_scan(
         train: &train,
         held_out: &held_out,
         held_out_before,
+        poison: poison_set.as_ref(),
         tracer: Tracer {
             held_out: &held_out,
             test: trace_test.as_ref(),
@@ -309,6 +310,7 @@ pub fn run_scan(
         artifact,
         warnings,
         shortcut_search: defended.shortcut_search,
+        suspects_removed: defended.suspects_removed,
         timings_ms: timer.timings,
     })
 }
@@ -404,6 +406,8 @@ pub(super) struct Context<'a> {
     pub held_out: &'a SampleSet,
     /// Held-out clean accuracy of the model as it arrived.
     pub held_out_before: f64,
+    /// The whole poison bundle, when given: measured only, never trained on.
+    pub poison: Option<&'a PoisonSet>,
     pub tracer: Tracer<'a>,
 }
 
@@ -447,6 +451,8 @@ pub(super) struct Defended {
     pub trace: Vec<EpochTrace>,
     /// Our method: what the search for a trigger's target class found.
     pub shortcut_search: Option<TargetSearch>,
+    /// Our method and its activation ablation: the arriving model without its suspects.
+    pub suspects_removed: Option<SuspectsRemoved>,
     /// What the defense had to work around, for the report.
     pub warnings: Vec<String>,
 }
@@ -543,6 +549,7 @@ fn purify_suspects(
     };
     let suspects = identify(model, &salience, ctx.held_out, &budget, monitor)?;
     let masks = suspects.parameter_masks(model)?;
+    let suspects_removed = without_suspects(model, &masks, ctx)?;
     timer.lap(Phase::Identify);
 
     // Purify: fine-tune on the clean split while the regularizer pulls suspects to zero.
@@ -709,7 +716,31 @@ fn purify_suspects(
         pruned_neurons: None,
         trace,
         shortcut_search,
+        suspects_removed: Some(suspects_removed),
         warnings,
+    })
+}
+
+/// Measures the arriving model with every suspect entry zeroed, then puts the weights
+/// back. Measurement only: the poison bundle decides nothing here, and BatchNorm keeps
+/// its running statistics, so what is measured is exactly the removal.
+fn without_suspects(
+    model: &mut ScanModel,
+    masks: &[Option<Tensor>],
+    ctx: &Context,
+) -> Result<SuspectsRemoved, EngineError> {
+    let saved = model.snapshot();
+    hold_at_zero(model, masks)?;
+    let held_out_acc = accuracy(model, ctx.held_out, ctx.config.batch_size)?;
+    let poisoned = ctx
+        .poison
+        .map(|p| p.measure(model, ctx.config.batch_size))
+        .transpose()?;
+    model.restore(&saved)?;
+    Ok(SuspectsRemoved {
+        held_out_acc,
+        asr: poisoned.map(|(asr, _)| asr),
+        ra: poisoned.map(|(_, ra)| ra),
     })
 }
 
