@@ -271,7 +271,9 @@ fn cli_scan_writes_a_complete_report() {
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
-        stdout.contains("before") && stdout.contains("after"),
+        stdout.contains("before")
+            && stdout.contains("after")
+            && stdout.contains("suspects zeroed, before fine-tuning: held-out acc "),
         "{stdout}"
     );
     let json: serde_json::Value =

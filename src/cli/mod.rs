@@ -796,6 +796,14 @@ fn print_summary(report: &ScanReport) {
         percent(a.asr),
         percent(a.ra)
     );
+    if let Some(removed) = &report.suspects_removed {
+        println!(
+            "suspects zeroed, before fine-tuning: held-out acc {}, ASR {}, RA {}",
+            percent(Some(removed.held_out_acc)),
+            percent(removed.asr),
+            percent(removed.ra)
+        );
+    }
     if let Some(der) = report.der {
         println!("DER {der:.4}");
     }

@@ -22,7 +22,7 @@ pub fn report_page(job_id: &str, report: &ScanReport) -> String {
          th:first-child,td:first-child{{text-align:left}}figure{{margin:1.5rem 0}}</style></head><body>\
          <h1>Backdoor scan report</h1><p>Job <code>{id}</code> · bdscan {version} · libtorch {torch}</p>\
          <table><tr><th></th><th>clean accuracy</th><th>attack success rate</th><th>robust accuracy</th></tr>\
-         <tr><td>before</td><td>{b_acc}</td><td>{b_asr}</td><td>{b_ra}</td></tr>\
+         <tr><td>before</td><td>{b_acc}</td><td>{b_asr}</td><td>{b_ra}</td></tr>{removed}\
          <tr><td>after</td><td>{a_acc}</td><td>{a_asr}</td><td>{a_ra}</td></tr></table>\
          <p>Flagged {flagged} of {neurons} neurons ({pruned} pruned); {suspect} suspect weights, {pruned_w} pruned.{der}</p>\
          <p>Purified model sha256 <code>{artifact}</code> ({bytes} bytes): <a href=\"/v1/jobs/{id}/artifact\">download</a> · \
@@ -35,6 +35,14 @@ pub fn report_page(job_id: &str, report: &ScanReport) -> String {
         b_acc = percent(Some(before.clean_acc)),
         b_asr = percent(before.asr),
         b_ra = percent(before.ra),
+        // Identification alone: what zeroing the suspects did before any fine-tuning. Its
+        // accuracy is on the held-out split, the other rows' on the test bundle if given.
+        removed = report.suspects_removed.as_ref().map_or_else(String::new, |r| format!(
+            "<tr><td>suspects zeroed, before fine-tuning (held-out accuracy)</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            percent(Some(r.held_out_acc)),
+            percent(r.asr),
+            percent(r.ra)
+        )),
         a_acc = percent(Some(after.clean_acc)),
         a_asr = percent(after.asr),
         a_ra = percent(after.ra),

@@ -164,6 +164,10 @@ async fn one_shot_audit(db: Db) {
         page.contains("<svg") && page.contains(&digest),
         "report page lacks the plot or the digest"
     );
+    assert!(
+        page.contains("suspects zeroed, before fine-tuning"),
+        "report page lacks what identification alone did"
+    );
 
     let metrics = app
         .client
