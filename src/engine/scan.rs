@@ -731,16 +731,18 @@ fn without_suspects(
 ) -> Result<SuspectsRemoved, EngineError> {
     let saved = model.snapshot();
     hold_at_zero(model, masks)?;
-    let held_out_acc = accuracy(model, ctx.held_out, ctx.config.batch_size)?;
-    let poisoned = ctx
-        .poison
-        .map(|p| p.measure(model, ctx.config.batch_size))
-        .transpose()?;
+    let measured = measure(
+        model,
+        ctx.held_out,
+        AccuracySource::HeldOut,
+        ctx.poison,
+        ctx.config.batch_size,
+    )?;
     model.restore(&saved)?;
     Ok(SuspectsRemoved {
-        held_out_acc,
-        asr: poisoned.map(|(asr, _)| asr),
-        ra: poisoned.map(|(_, ra)| ra),
+        held_out_acc: measured.clean_acc,
+        asr: measured.asr,
+        ra: measured.ra,
     })
 }
 
