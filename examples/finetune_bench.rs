@@ -43,6 +43,7 @@ fn main() {
         weight_decay: 5e-4,
         augment_shift: 0,
         unlearn: None,
+        patterns: None,
         phase: Phase::Train,
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);

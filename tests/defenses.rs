@@ -322,6 +322,15 @@ fn every_method_runs_through_the_cli() {
         } else {
             assert!(removed.is_null(), "{method}: {removed}");
         }
+        // The same two purify with the pattern probe's decision; the baselines follow
+        // their papers and have none.
+        let probe = &json["pattern_probe"];
+        if matches!(method, "benign_salience" | "activation") {
+            assert!(probe["enabled"].is_boolean(), "{method}: {probe}");
+            assert!(probe["patterned_acc"].as_f64().unwrap() <= 1.0);
+        } else {
+            assert!(probe.is_null(), "{method}: {probe}");
+        }
         let reloaded = ScanModel::load(&out, Device::Cpu, &images).unwrap();
         assert_eq!(reloaded.num_classes, 10);
         assert_eq!(

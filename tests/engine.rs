@@ -206,6 +206,53 @@ fn the_trace_measures_evenly_spaced_subsets_and_the_metrics_every_image() {
 }
 
 #[test]
+fn pattern_unlearning_runs_only_when_the_probe_passes_and_otherwise_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = ScanConfig {
+        purify_epochs: 2,
+        recovery_epochs: 1,
+        ..Default::default()
+    };
+    // The demo's digits keep their labels under faint gratings: the probe passes and the
+    // term is trained.
+    let on = scan_demo(&short, dir.path().join("on.pt"));
+    let probe = on.pattern_probe.as_ref().unwrap();
+    println!("probe {probe:?}");
+    assert!(probe.enabled, "{probe:?}");
+    assert!(probe.clean_acc - probe.patterned_acc <= short.pattern_probe_tolerance);
+    assert_eq!(probe.amplitude, short.pattern_probe_amplitude);
+    // Gratings of the whole range wreck any model's accuracy: at zero tolerance the
+    // probe fails, and the scan is the one without the term, weight for weight.
+    let failing = ScanConfig {
+        pattern_probe_amplitude: 1.0,
+        pattern_probe_tolerance: 0.0,
+        ..short.clone()
+    };
+    let off_by_probe = scan_demo(&failing, dir.path().join("probe-off.pt"));
+    let probe = off_by_probe.pattern_probe.as_ref().unwrap();
+    assert!(
+        !probe.enabled && probe.patterned_acc < probe.clean_acc,
+        "{probe:?}"
+    );
+    let switched_off = scan_demo(
+        &ScanConfig {
+            pattern_weight: 0.0,
+            ..short.clone()
+        },
+        dir.path().join("off.pt"),
+    );
+    assert!(switched_off.pattern_probe.is_none());
+    assert_eq!(
+        off_by_probe.artifact.parameters_sha256,
+        switched_off.artifact.parameters_sha256
+    );
+    assert_ne!(
+        on.artifact.parameters_sha256, switched_off.artifact.parameters_sha256,
+        "the term must change the purified weights"
+    );
+}
+
+#[test]
 fn same_inputs_and_seed_give_the_same_report() {
     let dir = tempfile::tempdir().unwrap();
     let config = ScanConfig {
@@ -273,7 +320,8 @@ fn cli_scan_writes_a_complete_report() {
     assert!(
         stdout.contains("before")
             && stdout.contains("after")
-            && stdout.contains("suspects zeroed, before fine-tuning: held-out acc "),
+            && stdout.contains("suspects zeroed, before fine-tuning: held-out acc ")
+            && stdout.contains("pattern unlearning "),
         "{stdout}"
     );
     let json: serde_json::Value =

@@ -804,6 +804,15 @@ fn print_summary(report: &ScanReport) {
             percent(removed.ra)
         );
     }
+    if let Some(probe) = &report.pattern_probe {
+        println!(
+            "pattern unlearning {}: train-split acc {} clean, {} under gratings of {:.0}% of the range",
+            if probe.enabled { "on" } else { "off" },
+            percent(Some(probe.clean_acc)),
+            percent(Some(probe.patterned_acc)),
+            probe.amplitude * 100.0
+        );
+    }
     if let Some(der) = report.der {
         println!("DER {der:.4}");
     }

@@ -200,6 +200,16 @@ pub struct ScanConfig {
     pub unlearn_min_local_gap: f64,
     /// Gradient steps of each perturbation search, each on a fresh clean batch.
     pub unlearn_steps: usize,
+    /// Weight of the loss under a random image-wide grating in every purification and
+    /// recovery step (pattern unlearning; 0 turns it off).
+    pub pattern_weight: f64,
+    /// Largest grating amplitude drawn, as a fraction of the pixel range.
+    pub pattern_max_amplitude: f64,
+    /// Amplitude of the gratings the arriving model is probed with…
+    pub pattern_probe_amplitude: f64,
+    /// …and the accuracy it may lose under them for the patterns to be used: more, and
+    /// the clean task depends on what a grating changes.
+    pub pattern_probe_tolerance: f64,
     pub recovery_epochs: usize,
     pub recovery_lr: f64,
     /// Most images of the test bundle, and of the poison bundle, that each epoch's trace
@@ -246,6 +256,10 @@ impl Default for ScanConfig {
             unlearn_min_gap: 0.25,
             unlearn_min_local_gap: 0.2,
             unlearn_steps: 10,
+            pattern_weight: 1.0,
+            pattern_max_amplitude: 1.0,
+            pattern_probe_amplitude: 0.1,
+            pattern_probe_tolerance: 0.02,
             recovery_epochs: 10,
             recovery_lr: 0.01,
             trace_samples: 500,
@@ -299,6 +313,7 @@ impl ScanConfig {
             ("prune_threshold", self.prune_threshold),
             ("distill_weight", self.distill_weight),
             ("unlearn_weight", self.unlearn_weight),
+            ("pattern_weight", self.pattern_weight),
         ] {
             if !(value.is_finite() && value >= 0.0) {
                 return bad(field, "must be a finite non-negative number");
@@ -343,6 +358,9 @@ impl ScanConfig {
             ("unlearn_min_success", self.unlearn_min_success),
             ("unlearn_min_gap", self.unlearn_min_gap),
             ("unlearn_min_local_gap", self.unlearn_min_local_gap),
+            ("pattern_max_amplitude", self.pattern_max_amplitude),
+            ("pattern_probe_amplitude", self.pattern_probe_amplitude),
+            ("pattern_probe_tolerance", self.pattern_probe_tolerance),
         ] {
             if !(0.0..=1.0).contains(&value) {
                 return bad(field, "must lie in [0, 1]");

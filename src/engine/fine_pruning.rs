@@ -39,6 +39,7 @@ fn plain_fine_tune(
         weight_decay: ft.weight_decay,
         augment_shift: 0,
         unlearn: None,
+        patterns: None,
         phase: Phase::Purify,
     };
     let mut trace = Vec::new();
@@ -75,6 +76,7 @@ pub(super) fn fine_tuning_only(
         pruned_masks: no_masks(model),
         pruned_neurons: Some(model.layers.iter().map(|_| Vec::new()).collect()),
         shortcut_search: None,
+        pattern_probe: None,
         suspects_removed: None,
         warnings: Vec::new(),
         trace,
@@ -202,6 +204,7 @@ pub(super) fn fine_pruning(
         pruned_masks: pruned,
         pruned_neurons: Some(pruned_neurons),
         shortcut_search: None,
+        pattern_probe: None,
         suspects_removed: None,
         warnings: Vec::new(),
         trace,

@@ -17,6 +17,7 @@ pub mod layers;
 pub mod metrics;
 pub mod model;
 mod npy;
+pub mod patterns;
 pub mod progress;
 pub mod regularizer;
 pub mod report;

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::patterns::PatternProbe;
 pub use super::unlearn::TargetSearch;
 
 use super::config::ScanConfig;
@@ -34,6 +35,9 @@ pub struct ScanReport {
     pub der: Option<f64>,
     /// Shortcut unlearning's search for a trigger's target class (our method only).
     pub shortcut_search: Option<TargetSearch>,
+    /// Our method and its activation ablation: the probe that decided whether
+    /// purification trained against random image-wide patterns.
+    pub pattern_probe: Option<PatternProbe>,
     /// Our method and its activation ablation: the model with every suspect entry set
     /// to zero, before any fine-tuning. How much of the backdoor identification alone
     /// takes out, separately from what purification then does.

@@ -22,6 +22,7 @@ use super::error::{bundle_error, EngineError};
 use super::identify::{identify, Budget, Selection, Suspects};
 use super::metrics::{defense_effectiveness_rating, measure, AccuracySource, PoisonSet};
 use super::model::ScanModel;
+use super::patterns::{self, PatternUnlearn};
 use super::progress::{Monitor, Phase};
 use super::regularizer::{apply, tensor_scale};
 use super::report::*;
@@ -53,6 +54,9 @@ const PURIFY_COLLAPSE_DROP: f64 = 0.25;
 /// Purification runs at the configured peak rate, then at most twice more at half the
 /// previous one.
 const PURIFY_ATTEMPTS: usize = 3;
+
+/// Mixed into the scan's seed for the pattern probe's own random stream.
+const PATTERN_PROBE_STREAM: u64 = 0x7061_7474_6572_6e73;
 
 /// The libtorch version this binary was built against (read by build.rs).
 pub const LIBTORCH_VERSION: &str = env!("BDSCAN_LIBTORCH_VERSION");
@@ -310,6 +314,7 @@ pub fn run_scan(
         artifact,
         warnings,
         shortcut_search: defended.shortcut_search,
+        pattern_probe: defended.pattern_probe,
         suspects_removed: defended.suspects_removed,
         timings_ms: timer.timings,
     })
@@ -451,6 +456,9 @@ pub(super) struct Defended {
     pub trace: Vec<EpochTrace>,
     /// Our method: what the search for a trigger's target class found.
     pub shortcut_search: Option<TargetSearch>,
+    /// Our method and its activation ablation: whether purification trained against
+    /// random patterns, and the measurements that decided it.
+    pub pattern_probe: Option<PatternProbe>,
     /// Our method and its activation ablation: the arriving model without its suspects.
     pub suspects_removed: Option<SuspectsRemoved>,
     /// What the defense had to work around, for the report.
@@ -495,11 +503,7 @@ fn shortcut_unlearning(
     {
         return Ok((None, None));
     }
-    let sample = ctx
-        .train
-        .images
-        .narrow(0, 0, ctx.train.len().min(16) as i64);
-    let Some(space) = InputSpace::detect(model, &sample)? else {
+    let Some(space) = input_space(model, ctx)? else {
         return Ok((None, None));
     };
     let unlearn = Unlearn {
@@ -520,6 +524,47 @@ fn shortcut_unlearning(
         support,
     });
     Ok((plan, Some(search)))
+}
+
+/// How the training split's stored pixels become what the model is fed, from its first
+/// images (`None` when no encoding reproduces the model's logits).
+fn input_space(model: &mut ScanModel, ctx: &Context) -> Result<Option<InputSpace>, EngineError> {
+    let sample = ctx
+        .train
+        .images
+        .narrow(0, 0, ctx.train.len().min(16) as i64);
+    InputSpace::detect(model, &sample)
+}
+
+/// The probe that decides whether purification trains against random patterns, and the
+/// plan when it does (`patterns.rs`).
+fn pattern_unlearning(
+    model: &mut ScanModel,
+    ctx: &Context,
+) -> Result<(Option<PatternUnlearn>, Option<PatternProbe>), EngineError> {
+    let config = ctx.config;
+    if config.pattern_weight == 0.0 {
+        return Ok((None, None));
+    }
+    let Some(space) = input_space(model, ctx)? else {
+        return Ok((None, None));
+    };
+    // Its own stream, so that the probe leaves the scan's random draws untouched.
+    let probe = patterns::probe(
+        model,
+        ctx.train,
+        &space,
+        config.pattern_probe_amplitude,
+        config.pattern_probe_tolerance,
+        config.batch_size,
+        config.seed ^ PATTERN_PROBE_STREAM,
+    )?;
+    let plan = probe.enabled.then_some(PatternUnlearn {
+        space,
+        weight: config.pattern_weight,
+        max_amplitude: config.pattern_max_amplitude,
+    });
+    Ok((plan, Some(probe)))
 }
 
 /// Our method and its activation ablation: score, flag within the held-out budget,
@@ -577,6 +622,7 @@ fn purify_suspects(
         })
     };
     let (unlearn, shortcut_search) = shortcut_unlearning(model, ctx, rng)?;
+    let (patterns, pattern_probe) = pattern_unlearning(model, ctx)?;
     let mut warnings = Vec::new();
     let mut peak_lr = config.purify_lr;
     for attempt in 1..=PURIFY_ATTEMPTS {
@@ -592,6 +638,7 @@ fn purify_suspects(
             weight_decay: config.weight_decay,
             augment_shift: config.augment_shift,
             unlearn: unlearn.clone(),
+            patterns: patterns.clone(),
             phase: Phase::Purify,
         };
         trace.clear();
@@ -685,8 +732,10 @@ fn purify_suspects(
         momentum: config.momentum,
         weight_decay: 0.0,
         augment_shift: 0,
-        // Keep unlearning the shortcut while accuracy recovers, or it can creep back.
+        // Keep unlearning the shortcut and the patterns while accuracy recovers, or the
+        // backdoor can creep back.
         unlearn,
+        patterns,
         phase: Phase::Recover,
     };
     let recovery_success = fine_tune(
@@ -716,6 +765,7 @@ fn purify_suspects(
         pruned_neurons: None,
         trace,
         shortcut_search,
+        pattern_probe,
         suspects_removed: Some(suspects_removed),
         warnings,
     })

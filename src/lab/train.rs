@@ -61,6 +61,7 @@ pub fn train_model(
         weight_decay: plan.weight_decay,
         augment_shift: 0,
         unlearn: None,
+        patterns: None,
         phase: Phase::Train,
     };
     fine_tune(

@@ -76,7 +76,7 @@ async fn one_shot_audit(db: Db) {
     let id = job["id"].as_str().unwrap().to_string();
     assert_eq!(location, format!("/v1/jobs/{id}"));
     assert_eq!(job["inputs"]["target_label"], files.target);
-    assert_eq!(job["config"]["purify_epochs"], 3);
+    assert_eq!(job["config"]["purify_epochs"], 5);
 
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["attempts"], 1);
@@ -94,7 +94,7 @@ async fn one_shot_audit(db: Db) {
         after < before - 0.2,
         "purification lowers ASR: {before} -> {after}"
     );
-    assert_eq!(report["config"]["purify_epochs"], 3);
+    assert_eq!(report["config"]["purify_epochs"], 5);
 
     // The purified model: whole, then a range.
     let artifact_path = job["links"]["artifact"].as_str().unwrap();
