@@ -47,9 +47,9 @@ ABLATIONS = ["activation+AR", "BS+L1", "BS+L2"]
 MAIN = ("mnist", "vgg-bn")
 MAIN_ATTACKS = ["none", "badnets", "blended", "trojan", "sig", "wanet", "dynamic", "badnets-a2a"]
 # Where the ablations run: every backdoor on the main architecture (on the clean-label
-# SIG and the all-to-all variant no shortcut target is found, so the suspects and their
-# penalty do the work alone), and the colour dataset's BadNets, where a found target has
-# to be unlearned from a VGG with easy benign classes.
+# SIG and the all-to-all variant no shortcut target is found, so the suspects, their
+# penalty and pattern unlearning do the work), and the colour dataset's BadNets, where a
+# found target has to be unlearned from a VGG with easy benign classes.
 ABLATED_CELLS = [(*MAIN, attack) for attack in MAIN_ATTACKS if attack != "none"] + [
     ("shapes", "vgg-bn", "badnets")]
 
