@@ -24,7 +24,7 @@ pub fn report_page(job_id: &str, report: &ScanReport) -> String {
          <table><tr><th></th><th>clean accuracy</th><th>attack success rate</th><th>robust accuracy</th></tr>\
          <tr><td>before</td><td>{b_acc}</td><td>{b_asr}</td><td>{b_ra}</td></tr>{removed}\
          <tr><td>after</td><td>{a_acc}</td><td>{a_asr}</td><td>{a_ra}</td></tr></table>\
-         <p>Flagged {flagged} of {neurons} neurons ({pruned} pruned); {suspect} suspect weights, {pruned_w} pruned.{der}</p>\
+         <p>Flagged {flagged} of {neurons} neurons ({pruned} pruned); {suspect} suspect weights, {pruned_w} pruned.{der}</p>{patterns}\
          <p>Purified model sha256 <code>{artifact}</code> ({bytes} bytes): <a href=\"/v1/jobs/{id}/artifact\">download</a> · \
          <a href=\"/v1/jobs/{id}/report\">report JSON</a></p><h2>Benign salience by layer</h2>\
          <p>Each bar is one neuron's salience relative to its layer's mean; red bars are flagged as not needed \
@@ -52,6 +52,15 @@ pub fn report_page(job_id: &str, report: &ScanReport) -> String {
         suspect = report.suspect_weight_count,
         pruned_w = report.pruned_weight_count,
         der = report.der.map_or_else(String::new, |d| format!(" Defense effectiveness rating {d:.4}.")),
+        // Whether purification also trained against random gratings, and why.
+        patterns = report.pattern_probe.as_ref().map_or_else(String::new, |p| format!(
+            "<p>Pattern unlearning {}: on the clean training split the arriving model scored {} as given and {} \
+             under gratings of {:.0}% of the pixel range.</p>",
+            if p.enabled { "on" } else { "off" },
+            percent(Some(p.clean_acc)),
+            percent(Some(p.patterned_acc)),
+            p.amplitude * 100.0
+        )),
         artifact = escape(&report.artifact.sha256),
         bytes = report.artifact.bytes,
     );

@@ -168,6 +168,10 @@ async fn one_shot_audit(db: Db) {
         page.contains("suspects zeroed, before fine-tuning"),
         "report page lacks what identification alone did"
     );
+    assert!(
+        page.contains("Pattern unlearning on: on the clean training split"),
+        "report page lacks the pattern probe's decision"
+    );
 
     let metrics = app
         .client
