@@ -35,6 +35,7 @@ use tch::{Kind, Tensor};
 use super::data::SampleSet;
 use super::error::EngineError;
 use super::model::ScanModel;
+use super::training::accuracy;
 use super::unlearn::InputSpace;
 
 /// Gratings the probe measures the arriving model under.
@@ -112,17 +113,11 @@ pub fn probe(
     seed: u64,
 ) -> Result<PatternProbe, EngineError> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let clean_acc = accuracy_under(model, data, space, None, batch_size)?;
+    let clean_acc = accuracy(model, data, batch_size)?;
     let mut accuracies = Vec::with_capacity(PROBE_DRAWS);
     for _ in 0..PROBE_DRAWS {
         let grating = random_grating(&data.images, space, amplitude, &mut rng)?;
-        accuracies.push(accuracy_under(
-            model,
-            data,
-            space,
-            Some(&grating),
-            batch_size,
-        )?);
+        accuracies.push(accuracy_under(model, data, space, &grating, batch_size)?);
     }
     accuracies.sort_by(f64::total_cmp);
     let patterned_acc = accuracies[accuracies.len() / 2];
@@ -134,20 +129,18 @@ pub fn probe(
     })
 }
 
+/// `training::accuracy` with `pattern` added to every image.
 fn accuracy_under(
     model: &mut ScanModel,
     data: &SampleSet,
     space: &InputSpace,
-    pattern: Option<&Tensor>,
+    pattern: &Tensor,
     batch_size: usize,
 ) -> Result<f64, EngineError> {
     model.set_eval()?;
     let mut correct = 0i64;
     for (images, labels) in data.chunks(batch_size) {
-        let fed = match pattern {
-            Some(p) => space.perturb(&images, p)?,
-            None => space.to_float(&images)?,
-        };
+        let fed = space.perturb(&images, pattern)?;
         let predicted = tch::no_grad(|| model.forward(&fed))?.f_argmax(1, false)?;
         correct += predicted
             .f_eq_tensor(&labels)?

@@ -496,6 +496,7 @@ pub(super) fn neuron_masks(
 fn shortcut_unlearning(
     model: &mut ScanModel,
     ctx: &Context,
+    space: Option<InputSpace>,
     rng: &mut ChaCha8Rng,
 ) -> Result<(Option<UnlearnPlan>, Option<TargetSearch>), EngineError> {
     let config = ctx.config;
@@ -503,7 +504,7 @@ fn shortcut_unlearning(
     {
         return Ok((None, None));
     }
-    let Some(space) = input_space(model, ctx)? else {
+    let Some(space) = space else {
         return Ok((None, None));
     };
     let unlearn = Unlearn {
@@ -541,12 +542,13 @@ fn input_space(model: &mut ScanModel, ctx: &Context) -> Result<Option<InputSpace
 fn pattern_unlearning(
     model: &mut ScanModel,
     ctx: &Context,
+    space: Option<InputSpace>,
 ) -> Result<(Option<PatternUnlearn>, Option<PatternProbe>), EngineError> {
     let config = ctx.config;
     if config.pattern_weight == 0.0 {
         return Ok((None, None));
     }
-    let Some(space) = input_space(model, ctx)? else {
+    let Some(space) = space else {
         return Ok((None, None));
     };
     // Its own stream, so that the probe leaves the scan's random draws untouched.
@@ -621,8 +623,10 @@ fn purify_suspects(
             temperature: config.distill_temperature,
         })
     };
-    let (unlearn, shortcut_search) = shortcut_unlearning(model, ctx, rng)?;
-    let (patterns, pattern_probe) = pattern_unlearning(model, ctx)?;
+    // Both unlearning terms perturb images in the space the model is fed: detect it once.
+    let space = input_space(model, ctx)?;
+    let (unlearn, shortcut_search) = shortcut_unlearning(model, ctx, space, rng)?;
+    let (patterns, pattern_probe) = pattern_unlearning(model, ctx, space)?;
     let mut warnings = Vec::new();
     let mut peak_lr = config.purify_lr;
     for attempt in 1..=PURIFY_ATTEMPTS {
