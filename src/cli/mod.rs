@@ -104,11 +104,12 @@ pub struct JobArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// `cpu` or `cuda:N`.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// `cpu` or `cuda:N` [default: the config file's, else cpu].
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Seed of every random choice [default: the config file's, else 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// libtorch CPU threads (default: libtorch's choice).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -442,14 +443,20 @@ fn base_config(run: &RunArgs) -> Result<ScanConfig, EngineError> {
         }
         None => ScanConfig::default(),
     };
-    config.device = run.device.clone();
-    config.seed = run.seed;
+    // Flags override the file only where given, so a file's `seed` or `device` holds.
+    if let Some(device) = &run.device {
+        config.device = device.clone();
+    }
+    if let Some(seed) = run.seed {
+        config.seed = seed;
+    }
     if let Some(method) = run.method {
         config.method = method.into();
     }
     if run.threads.is_some() {
         config.threads = run.threads;
     }
+    config.validate()?;
     Ok(config)
 }
 
@@ -818,5 +825,49 @@ fn print_summary(report: &ScanReport) {
     }
     for warning in &report.warnings {
         println!("warning: {warning}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(config: Option<PathBuf>) -> RunArgs {
+        RunArgs {
+            device: None,
+            seed: None,
+            threads: None,
+            config,
+            method: None,
+        }
+    }
+
+    #[test]
+    fn flags_override_the_config_file_only_where_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scan.json");
+        std::fs::write(&path, r#"{"seed": 5, "purify_epochs": 2}"#).unwrap();
+        let from_file = base_config(&run_args(Some(path.clone()))).unwrap();
+        assert_eq!((from_file.seed, from_file.purify_epochs), (5, 2));
+        assert_eq!(from_file.device, "cpu");
+        let overridden = base_config(&RunArgs {
+            seed: Some(7),
+            ..run_args(Some(path))
+        })
+        .unwrap();
+        assert_eq!((overridden.seed, overridden.purify_epochs), (7, 2));
+        assert_eq!(base_config(&run_args(None)).unwrap().seed, 0);
+    }
+
+    #[test]
+    fn thread_counts_libtorch_refuses_are_input_errors_not_panics() {
+        for threads in [0, usize::MAX] {
+            let error = base_config(&RunArgs {
+                threads: Some(threads),
+                ..run_args(None)
+            })
+            .unwrap_err();
+            assert!(error.is_client_error(), "{error}");
+        }
     }
 }

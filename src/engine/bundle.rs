@@ -432,8 +432,12 @@ fn read_safetensors(bytes: &[u8]) -> Result<Parsed, BundleError> {
     Ok((take("images")?, take("labels")?, take("targets")?, names))
 }
 
-/// Largest uncompressed array we accept from an `.npz`, so a zip bomb cannot exhaust memory.
-const MAX_NPZ_ENTRY_BYTES: u64 = 8 << 30;
+/// Largest uncompressed total of the arrays we read from one `.npz`, so a zip bomb (a
+/// small upload that inflates without bound) cannot exhaust memory.
+const MAX_NPZ_BYTES: u64 = 8 << 30;
+
+/// Most memory reserved up front for one entry: its declared size can lie.
+const NPZ_RESERVE_BYTES: u64 = 64 << 20;
 
 fn read_npz(bytes: &[u8]) -> Result<Parsed, BundleError> {
     let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
@@ -443,21 +447,29 @@ fn read_npz(bytes: &[u8]) -> Result<Parsed, BundleError> {
         .map(|n| n.strip_suffix(".npy").unwrap_or(n).to_string())
         .collect();
     names.sort();
+    let mut left = MAX_NPZ_BYTES;
     let mut take = |name: &str| -> Result<Option<RawTensor>, BundleError> {
         let Ok(entry) = archive.by_name(&format!("{name}.npy")) else {
             return Ok(None);
         };
+        let too_large = || {
+            BundleError::Malformed(format!(
+                "npz arrays exceed {MAX_NPZ_BYTES} bytes uncompressed (at `{name}`)"
+            ))
+        };
         let declared = entry.size();
-        if declared > MAX_NPZ_ENTRY_BYTES {
-            return Err(BundleError::Malformed(format!(
-                "array `{name}` is {declared} bytes uncompressed; limit is {MAX_NPZ_ENTRY_BYTES}"
-            )));
+        if declared > left {
+            return Err(too_large());
         }
-        let mut data = Vec::with_capacity(declared as usize);
+        let mut data = Vec::with_capacity(declared.min(NPZ_RESERVE_BYTES) as usize);
         entry
-            .take(MAX_NPZ_ENTRY_BYTES + 1)
+            .take(left + 1)
             .read_to_end(&mut data)
             .map_err(|e| BundleError::Malformed(format!("npz entry `{name}`: {e}")))?;
+        if data.len() as u64 > left {
+            return Err(too_large());
+        }
+        left -= data.len() as u64;
         parse_npy(name, &data).map(Some)
     };
     Ok((take("images")?, take("labels")?, take("targets")?, names))

@@ -373,13 +373,19 @@ impl ScanConfig {
         {
             return bad("unlearn_radii", "must be positive numbers");
         }
-        if self.threads == Some(0) {
-            return bad("threads", "must be at least 1");
+        if let Some(threads) = self.threads {
+            // libtorch takes an i32 and refuses 0; anything past this is a typo.
+            if !(1..=MAX_THREADS).contains(&threads) {
+                return bad("threads", &format!("must lie in [1, {MAX_THREADS}]"));
+            }
         }
         parse_device(&self.device)?;
         Ok(())
     }
 }
+
+/// Most libtorch threads a scan may ask for.
+pub const MAX_THREADS: usize = 1024;
 
 /// Parses `cpu` or `cuda:N` (bare `cuda` means `cuda:0`).
 pub fn parse_device(spec: &str) -> Result<tch::Device, EngineError> {
@@ -435,6 +441,16 @@ mod tests {
             ..Default::default()
         };
         assert!(cfg.validate().is_err());
+        for threads in [0, MAX_THREADS + 1, 1 << 32] {
+            let cfg = ScanConfig {
+                threads: Some(threads),
+                ..Default::default()
+            };
+            assert!(
+                cfg.validate().unwrap_err().to_string().contains("threads"),
+                "{threads}"
+            );
+        }
     }
 
     #[test]

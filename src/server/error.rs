@@ -3,7 +3,7 @@
 //! cause and shown to the client only as `internal`.
 
 use axum::extract::multipart::MultipartError;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
@@ -124,6 +124,7 @@ impl From<StoreError> for ApiError {
             StoreError::Database(sqlx::Error::PoolTimedOut) => {
                 ApiError::Unavailable("the database is busy".into())
             }
+            StoreError::Contended(why) => ApiError::Unavailable(why),
             other => ApiError::internal(other),
         }
     }
@@ -131,6 +132,10 @@ impl From<StoreError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
+        // A body over the limit is rejected as a failed read; say what it really is.
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::TooLarge(rejection.body_text());
+        }
         let code = match rejection {
             JsonRejection::MissingJsonContentType(_) => {
                 return ApiError::UnsupportedMediaType(rejection.body_text())
@@ -162,6 +167,17 @@ impl From<MultipartError> for ApiError {
 #[derive(axum::extract::FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct AppJson<T>(pub T);
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::bad_request("invalid_path", rejection.body_text())
+    }
+}
+
+/// `Path` whose rejections (bytes that are not UTF-8, say) are problem documents.
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct AppPath<T>(pub T);
 
 /// `Query` whose rejections are problem documents.
 #[derive(axum::extract::FromRequestParts)]

@@ -36,6 +36,10 @@ pub fn openapi() -> Value {
     let job_id = json!({ "$ref": "#/components/parameters/JobId" });
     let idempotency_key = json!({ "$ref": "#/components/parameters/IdempotencyKey" });
     let not_found = problem("no such job", &["not_found"]);
+    let bad_path = problem(
+        "the path is not valid UTF-8 once percent-decoded",
+        &["invalid_path"],
+    );
     let not_ready = problem(
         "the job has not succeeded (reports and artifacts exist only for succeeded jobs)",
         &["not_ready"],
@@ -85,6 +89,7 @@ pub fn openapi() -> Value {
                     "schema": { "type": "string", "pattern": "^[0-9a-fA-F]{64}$" } } ],
                 "responses": {
                     "200": json_body("the blob", "Blob"),
+                    "400": bad_path,
                     "404": problem("no such blob (never uploaded, or freed when the last job using it was deleted)", &["not_found"]) } } },
             "/v1/jobs": {
                 "post": {
@@ -98,6 +103,7 @@ pub fn openapi() -> Value {
                         "400": problem("malformed JSON, unknown or mistyped fields, or a bad Idempotency-Key",
                             &["malformed_json", "invalid_request", "invalid_idempotency_key"]),
                         "409": problem("this Idempotency-Key was used before with a different request", &["idempotency_key_reused"]),
+                        "413": problem("the body exceeds the 2 MB JSON limit", &["payload_too_large"]),
                         "415": problem("the body is not declared as JSON", &["unsupported_media_type"]),
                         "422": problem("the request cannot be run as given",
                             &["invalid_blob_id", "unknown_blob", "invalid_config", "invalid_request", "device_unavailable"]) } },
@@ -115,7 +121,7 @@ pub fn openapi() -> Value {
                 "get": {
                     "summary": "A job: state, progress, timings, error, links",
                     "parameters": [ job_id ],
-                    "responses": { "200": json_body("the job", "Job"), "404": not_found } },
+                    "responses": { "200": json_body("the job", "Job"), "400": bad_path, "404": not_found } },
                 "delete": {
                     "summary": "Cancel an active job; delete a finished one",
                     "description": "A queued job is cancelled at once (200). A running job is asked to stop and does so at its worker's next step (202; poll until `cancelled`). A finished job (succeeded, failed, cancelled) is deleted with its report, its purified model and every input blob no other job uses (204).",
@@ -124,17 +130,17 @@ pub fn openapi() -> Value {
                         "200": job("cancelled (it was queued), or it finished meanwhile"),
                         "202": job("running; it stops at its next step"),
                         "204": { "description": "deleted, with the blobs nothing else uses" },
-                        "404": not_found } } },
+                        "400": bad_path, "404": not_found } } },
             "/v1/jobs/{id}/report": { "get": {
                 "summary": "The scan report (JSON, schema_version 1)",
                 "parameters": [ job_id ],
-                "responses": { "200": json_body("the report", "Report"), "404": not_found, "409": not_ready } } },
+                "responses": { "200": json_body("the report", "Report"), "400": bad_path, "404": not_found, "409": not_ready } } },
             "/v1/jobs/{id}/report.html": { "get": {
                 "summary": "The report as a page: verdict, before/after metrics, per-layer salience plots (inline SVG), configuration, hashes",
                 "parameters": [ job_id ],
                 "responses": {
                     "200": { "description": "the page", "content": { "text/html": { "schema": { "type": "string" } } } },
-                    "404": not_found, "409": not_ready } } },
+                    "400": bad_path, "404": not_found, "409": not_ready } } },
             "/v1/jobs/{id}/artifact": { "get": {
                 "summary": "The purified TorchScript model, streamed; one byte range may be asked for",
                 "parameters": [ job_id, { "name": "Range", "in": "header", "description": "one range, `bytes=START-END`, `bytes=START-` or `bytes=-SUFFIX`; several ranges get the whole file",
@@ -144,7 +150,7 @@ pub fn openapi() -> Value {
                         "content": { "application/octet-stream": { "schema": { "type": "string", "format": "binary" } } } },
                     "206": { "description": "the requested range", "headers": artifact_headers(true),
                         "content": { "application/octet-stream": { "schema": { "type": "string", "format": "binary" } } } },
-                    "404": not_found, "409": not_ready,
+                    "400": bad_path, "404": not_found, "409": not_ready,
                     "416": { "description": "the range lies outside the file (code: range_not_satisfiable)",
                         "headers": { "Content-Range": { "description": "`bytes */SIZE`", "schema": { "type": "string" } } },
                         "content": { "application/problem+json": { "schema": { "$ref": "#/components/schemas/Problem" } } } } } } },

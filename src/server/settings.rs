@@ -16,6 +16,8 @@ pub const DEFAULT_DATA_DIR: &str = "./.data";
 pub const DEFAULT_WORKERS: usize = 1;
 pub const DEFAULT_MAX_BLOB_BYTES: u64 = 1 << 30;
 pub const DEFAULT_LEASE_SECS: u64 = 30;
+/// Longest lease a worker may be configured with (one day).
+pub const MAX_LEASE_SECS: u64 = 86_400;
 pub const DEFAULT_MAX_ATTEMPTS: i64 = 3;
 
 /// One layer of settings. The keys are the flags' names (`data_dir` or `data-dir`).
@@ -104,12 +106,19 @@ impl ServeSettings {
         // Divide the CPU between job slots so concurrent scans do not fight over cores.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let slots = config.slot_devices().len();
+        if self.job_threads == Some(0) {
+            // libtorch refuses zero threads: every job would crash instead of the server
+            // refusing to start.
+            return Err("job_threads must be at least 1".into());
+        }
         config.worker.job_threads = self
             .job_threads
             .or_else(|| (slots > 0).then(|| (cores / slots).max(1)));
         let lease_secs = self.lease_secs.unwrap_or(DEFAULT_LEASE_SECS);
-        if lease_secs == 0 {
-            return Err("lease_secs must be at least 1".into());
+        // A lease is renewed every few seconds; a day is far past any sane value, and
+        // past about 10^15 seconds the lease deadline would overflow.
+        if !(1..=MAX_LEASE_SECS).contains(&lease_secs) {
+            return Err(format!("lease_secs must lie in [1, {MAX_LEASE_SECS}]"));
         }
         config.worker.lease = Duration::from_secs(lease_secs);
         // Renew well before the lease runs out, so a few slow beats do not lose it.
@@ -216,6 +225,26 @@ mod tests {
             .into_config(exe())
             .unwrap_err()
             .contains("disagree"));
+    }
+
+    #[test]
+    fn lease_lengths_outside_a_day_are_refused() {
+        for toml in ["lease_secs = 0\n", "lease_secs = 9223372036854775807\n"] {
+            let error = ServeSettings::from_toml(toml)
+                .unwrap()
+                .into_config(exe())
+                .unwrap_err();
+            assert!(error.contains("lease_secs"), "{error}");
+        }
+    }
+
+    #[test]
+    fn zero_job_threads_is_refused_at_startup() {
+        let error = ServeSettings::from_toml("job_threads = 0\n")
+            .unwrap()
+            .into_config(exe())
+            .unwrap_err();
+        assert!(error.contains("job_threads"), "{error}");
     }
 
     #[test]

@@ -173,8 +173,24 @@ pub struct JobPage {
     pub next_cursor: Option<String>,
 }
 
+/// Inserts tried before giving up on a key whose job keeps being deleted.
+const CREATE_ATTEMPTS: usize = 3;
+
 impl Store {
     pub async fn create_job(&self, new: &NewJob) -> Result<CreateOutcome, StoreError> {
+        // The job holding a repeated key can be deleted between the insert that yields to
+        // it and the lookup; then the key is free again and the insert is retried.
+        for _ in 0..CREATE_ATTEMPTS {
+            if let Some(outcome) = self.try_create_job(new).await? {
+                return Ok(outcome);
+            }
+        }
+        Err(StoreError::Contended(
+            "the idempotency key's job kept disappearing; retry the request".into(),
+        ))
+    }
+
+    async fn try_create_job(&self, new: &NewJob) -> Result<Option<CreateOutcome>, StoreError> {
         let now = now_ms();
         let sql = format!(
             "INSERT INTO jobs (id, state, model_sha256, clean_sha256, test_sha256, poison_sha256, target_label, config, \
@@ -199,20 +215,22 @@ impl Store {
             .await?;
         if let Some(job) = inserted {
             self.announce_queued().await?;
-            return Ok(CreateOutcome::Created(job));
+            return Ok(Some(CreateOutcome::Created(job)));
         }
         // Only a repeated idempotency key makes the insert a no-op.
         let key = new.idempotency_key.as_deref().unwrap_or_default();
         let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1");
-        let earlier: Job = sqlx::query_as(&sql)
+        let earlier: Option<Job> = sqlx::query_as(&sql)
             .bind(key)
-            .fetch_one(self.pool())
+            .fetch_optional(self.pool())
             .await?;
-        if earlier.idempotency_fingerprint == new.idempotency_fingerprint {
-            Ok(CreateOutcome::Existing(earlier))
-        } else {
-            Ok(CreateOutcome::KeyReused(earlier))
-        }
+        Ok(earlier.map(|earlier| {
+            if earlier.idempotency_fingerprint == new.idempotency_fingerprint {
+                CreateOutcome::Existing(earlier)
+            } else {
+                CreateOutcome::KeyReused(earlier)
+            }
+        }))
     }
 
     pub async fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {

@@ -35,6 +35,9 @@ pub enum StoreError {
     BlobNotFound(String),
     #[error("blob {0} is damaged: {1}")]
     Corrupt(String, String),
+    /// Concurrent requests kept changing what this one depends on; retrying may succeed.
+    #[error("{0}")]
+    Contended(String),
 }
 
 impl StoreError {

@@ -23,6 +23,22 @@ async fn client_mistakes_get_4xx_problem_documents() {
         "malformed_json",
     )
     .await;
+    // Over the JSON body limit (2 MB): too large, not malformed.
+    let oversized = post(json!({ "model": "a".repeat(3 << 20), "clean": blob }));
+    assert_problem(
+        oversized.await.unwrap(),
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    )
+    .await;
+    // A job id that is not UTF-8 once decoded.
+    let bad_path = app.client.get(app.url("/v1/jobs/%FF")).send();
+    assert_problem(
+        bad_path.await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_path",
+    )
+    .await;
     let not_json = app.client.post(app.url("/v1/jobs")).body("model=x").send();
     assert_problem(
         not_json.await.unwrap(),

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -12,6 +12,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
 use crate::server::config::ServerConfig;
+use crate::server::error::AppPath;
 use crate::server::{ApiError, AppState};
 use crate::store::BlobInfo;
 
@@ -69,7 +70,7 @@ async fn upload(
 
 async fn info(
     State(state): State<AppState>,
-    Path(sha256): Path<String>,
+    AppPath(sha256): AppPath<String>,
 ) -> Result<Json<BlobInfo>, ApiError> {
     let blob = state.store.blob_info(&sha256.to_ascii_lowercase()).await?;
     blob.map(Json)

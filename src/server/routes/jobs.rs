@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -13,7 +13,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::engine::{ScanConfig, ScanReport};
-use crate::server::error::{AppJson, AppQuery};
+use crate::server::error::{AppJson, AppPath, AppQuery};
 use crate::server::view::JobView;
 use crate::server::{device_name, html, parse_device, ApiError, AppState};
 use crate::store::{CreateOutcome, Job, JobState, NewJob};
@@ -307,7 +307,7 @@ pub async fn find_job(state: &AppState, id: &str) -> Result<Job, ApiError> {
 
 async fn show(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    AppPath(id): AppPath<String>,
 ) -> Result<Json<JobView>, ApiError> {
     Ok(Json(JobView::new(&find_job(&state, &id).await?)))
 }
@@ -317,7 +317,7 @@ async fn show(
 /// deleted with its report and every blob nothing else uses (204).
 async fn delete_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    AppPath(id): AppPath<String>,
 ) -> Result<Response, ApiError> {
     let job = find_job(&state, &id).await?;
     if job.state.is_terminal() {
@@ -365,7 +365,7 @@ async fn finished_report(state: &AppState, id: &str) -> Result<(String, String),
 
 async fn report(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    AppPath(id): AppPath<String>,
 ) -> Result<Response, ApiError> {
     let (report, _) = finished_report(&state, &id).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], report).into_response())
@@ -373,7 +373,7 @@ async fn report(
 
 async fn report_page(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    AppPath(id): AppPath<String>,
 ) -> Result<Html<String>, ApiError> {
     let (report, _) = finished_report(&state, &id).await?;
     let report: ScanReport = serde_json::from_str(&report).map_err(ApiError::internal)?;
@@ -382,7 +382,7 @@ async fn report_page(
 
 async fn artifact(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    AppPath(id): AppPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (_, sha256) = finished_report(&state, &id).await?;
