@@ -357,13 +357,15 @@ fn cli_scan_writes_a_complete_report() {
 
 #[test]
 fn a_purification_that_collapses_restarts_from_the_arriving_weights_at_half_the_rate() {
-    // A rate no network survives: every attempt collapses (or its loss stops being a
-    // number), so all three rates are tried and the report names each.
+    // A rate at which every attempt kills the network but its loss stays a number
+    // (at 10, 5 and 2.5 the held-out accuracy ends at 10-15% and the largest epoch loss
+    // is in the hundreds). Far higher rates are no test of this path: at 400 the loss
+    // overflowed to NaN on one CPU and not on another, which is the divergence path.
     let dir = tempfile::tempdir().unwrap();
     let config = ScanConfig {
         purify_epochs: 2,
         recovery_epochs: 1,
-        purify_lr: 400.0,
+        purify_lr: 10.0,
         ..Default::default()
     };
     let report = scan_demo(&config, dir.path().join("a.pt"));
@@ -373,13 +375,13 @@ fn a_purification_that_collapses_restarts_from_the_arriving_weights_at_half_the_
         .filter(|w| w.contains("restarted from the arriving weights"))
         .collect();
     assert_eq!(restarts.len(), 2, "{:?}", report.warnings);
-    assert!(restarts[0].contains("peak rate 400 collapsed") && restarts[0].ends_with("at 200"));
-    assert!(restarts[1].contains("peak rate 200 collapsed") && restarts[1].ends_with("at 100"));
+    assert!(restarts[0].contains("peak rate 10 collapsed") && restarts[0].ends_with("at 5"));
+    assert!(restarts[1].contains("peak rate 5 collapsed") && restarts[1].ends_with("at 2.5"));
     assert!(
         report
             .warnings
             .iter()
-            .any(|w| w.starts_with("purification collapsed at every rate tried, down to 100")),
+            .any(|w| w.starts_with("purification collapsed at every rate tried, down to 2.5")),
         "{:?}",
         report.warnings
     );
