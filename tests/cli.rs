@@ -225,16 +225,15 @@ fn usage_errors_exit_2() {
     );
     assert_input_error(&outcome, "target label 12");
     let bad_config = dir.path().join("config.json");
-    std::fs::write(&bad_config, r#"{"purify_lr": -1}"#).unwrap();
-    assert_input_error(
-        &scan(
-            dir.path(),
-            &mnist_model(),
-            &clean,
-            &["--config", bad_config.to_str().unwrap()],
-        ),
-        "purify_lr",
-    );
+    for (config, field) in [
+        (r#"{"purify_lr": -1}"#, "purify_lr"),
+        // This one crashed the process inside libtorch (SIGSEGV) before it was bounded.
+        (r#"{"augment_shift": 9223372036854775807}"#, "augment_shift"),
+    ] {
+        std::fs::write(&bad_config, config).unwrap();
+        let args = ["--config", bad_config.to_str().unwrap()];
+        assert_input_error(&scan(dir.path(), &mnist_model(), &clean, &args), field);
+    }
     let status = Command::new(bdscan_bin())
         .arg("frobnicate")
         .output()

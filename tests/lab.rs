@@ -143,6 +143,19 @@ fn lab_rejects_bad_flags_with_exit_2() {
             &["--attack", "badnets", "--poison-rate", "1.5"],
             "--poison-rate 1.5",
         ),
+        // These three panicked or aborted the process before they were bounded.
+        (
+            &["--attack", "wanet", "--wanet-grid", "100000"],
+            "--wanet-grid 100000 is larger than the dataset's 28×28 images",
+        ),
+        (
+            &["--attack", "badnets", "--trigger-size", "29"],
+            "--trigger-size 29",
+        ),
+        (
+            &["--attack", "none", "--epochs", "18446744073709551615"],
+            "--epochs must lie in [1, 10000]",
+        ),
     ];
     for (extra, needle) in cases {
         let mut args = vec![

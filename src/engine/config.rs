@@ -285,6 +285,28 @@ impl ScanConfig {
                 "must be at least 2 (BatchNorm needs two samples)",
             );
         }
+        // Counts beyond these are typos or hostile, never settings: unchecked, the
+        // largest ones overflowed step arithmetic (a panic), and an `augment_shift` near
+        // i64::MAX crashed the process inside libtorch's padding.
+        for (field, value, max) in [
+            ("batch_size", self.batch_size, MAX_BATCH_SIZE),
+            ("purify_epochs", self.purify_epochs, MAX_EPOCHS),
+            (
+                "purify_warmup_epochs",
+                self.purify_warmup_epochs,
+                MAX_EPOCHS,
+            ),
+            ("recovery_epochs", self.recovery_epochs, MAX_EPOCHS),
+            ("ft.epochs", self.ft.epochs, MAX_EPOCHS),
+            ("unlearn_steps", self.unlearn_steps, MAX_ITERATIONS),
+            ("anp.iterations", self.anp.iterations, MAX_ITERATIONS),
+            ("anp.batch_size", self.anp.batch_size, MAX_BATCH_SIZE),
+            ("augment_shift", self.augment_shift, MAX_AUGMENT_SHIFT),
+        ] {
+            if value > max {
+                return bad(field, &format!("must be at most {max}"));
+            }
+        }
         if !(self.held_out_fraction > 0.0 && self.held_out_fraction < 1.0) {
             return bad("held_out_fraction", "must lie strictly between 0 and 1");
         }
@@ -386,6 +408,15 @@ impl ScanConfig {
 
 /// Most libtorch threads a scan may ask for.
 pub const MAX_THREADS: usize = 1024;
+/// Most epochs of any training phase (the defaults run at most 40).
+pub const MAX_EPOCHS: usize = 10_000;
+/// Most gradient steps of a search or mask optimisation (the defaults run at most 2,000).
+pub const MAX_ITERATIONS: usize = 1_000_000;
+/// Largest batch; a clean bundle that small in memory is still far larger than any GPU's.
+pub const MAX_BATCH_SIZE: usize = 65_536;
+/// Largest random translation in pixels: past it most images of the sizes bdscan is used
+/// on would be padding (the default is 2).
+pub const MAX_AUGMENT_SHIFT: usize = 64;
 
 /// Parses `cpu` or `cuda:N` (bare `cuda` means `cuda:0`).
 pub fn parse_device(spec: &str) -> Result<tch::Device, EngineError> {
@@ -450,6 +481,52 @@ mod tests {
                 cfg.validate().unwrap_err().to_string().contains("threads"),
                 "{threads}"
             );
+        }
+    }
+
+    #[test]
+    fn counts_past_their_limits_are_refused_naming_the_field() {
+        type Setter = fn(&mut ScanConfig, usize);
+        let cases: [(&str, Setter, usize); 9] = [
+            ("batch_size", |c, v| c.batch_size = v, MAX_BATCH_SIZE),
+            ("purify_epochs", |c, v| c.purify_epochs = v, MAX_EPOCHS),
+            (
+                "purify_warmup_epochs",
+                |c, v| c.purify_warmup_epochs = v,
+                MAX_EPOCHS,
+            ),
+            ("recovery_epochs", |c, v| c.recovery_epochs = v, MAX_EPOCHS),
+            ("ft.epochs", |c, v| c.ft.epochs = v, MAX_EPOCHS),
+            ("unlearn_steps", |c, v| c.unlearn_steps = v, MAX_ITERATIONS),
+            (
+                "anp.iterations",
+                |c, v| c.anp.iterations = v,
+                MAX_ITERATIONS,
+            ),
+            (
+                "anp.batch_size",
+                |c, v| c.anp.batch_size = v,
+                MAX_BATCH_SIZE,
+            ),
+            (
+                "augment_shift",
+                |c, v| c.augment_shift = v,
+                MAX_AUGMENT_SHIFT,
+            ),
+        ];
+        for (field, set, max) in cases {
+            let mut cfg = ScanConfig::default();
+            set(&mut cfg, max);
+            cfg.validate()
+                .unwrap_or_else(|e| panic!("{field} at its limit: {e}"));
+            for value in [max + 1, usize::MAX] {
+                set(&mut cfg, value);
+                let message = cfg.validate().unwrap_err().to_string();
+                assert!(
+                    message.contains(&format!("`{field}`")) && message.contains("at most"),
+                    "{field} = {value}: {message}"
+                );
+            }
         }
     }
 

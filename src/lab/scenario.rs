@@ -23,6 +23,7 @@ use super::demo::{mnist_fixture, CLEAN_SAMPLES, TRAIN_SAMPLES};
 use super::shapes;
 use super::train::{train_model, TrainPlan};
 use crate::engine::bundle::Bundle;
+use crate::engine::config::MAX_EPOCHS;
 use crate::engine::data::SampleSet;
 use crate::engine::metrics::PoisonSet;
 use crate::engine::model::ScanModel;
@@ -35,6 +36,16 @@ use crate::engine::EngineError;
 pub enum Dataset {
     Mnist,
     Shapes,
+}
+
+impl Dataset {
+    /// Height and width of its (square) images.
+    pub fn image_side(self) -> usize {
+        match self {
+            Dataset::Mnist => 28,
+            Dataset::Shapes => shapes::SIDE,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -168,8 +179,25 @@ impl LabSpec {
         if self.all_to_all && self.attack == Attack::None {
             return bad("--all-to-all needs an attack".into());
         }
-        if self.plan.epochs == 0 {
-            return bad("--epochs must be at least 1".into());
+        if !(1..=MAX_EPOCHS).contains(&self.plan.epochs) {
+            return bad(format!("--epochs must lie in [1, {MAX_EPOCHS}]"));
+        }
+        // A trigger or warp grid wider than the image is a typo; the grid's was an
+        // allocation of its square that aborted the process.
+        let side = self.dataset.image_side();
+        let extent = match &self.attack {
+            Attack::Badnets(b) => Some(("--trigger-size", b.patch)),
+            Attack::Trojan(t) => Some(("--trigger-size", t.size)),
+            Attack::Dynamic(d) => Some(("--trigger-size", d.size)),
+            Attack::Wanet(w) => Some(("--wanet-grid", w.grid)),
+            _ => None,
+        };
+        if let Some((flag, value)) = extent {
+            if value > side {
+                return bad(format!(
+                    "{flag} {value} is larger than the dataset's {side}×{side} images"
+                ));
+            }
         }
         Ok(())
     }

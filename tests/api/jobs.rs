@@ -97,6 +97,23 @@ async fn client_mistakes_get_4xx_problem_documents() {
         "invalid_config",
     )
     .await;
+    // Accepted unbounded, this one crashed the scan process inside libtorch (SIGSEGV)
+    // once a worker ran the job.
+    let crashing =
+        post(json!({ "model": blob, "clean": blob, "config": { "augment_shift": i64::MAX } }));
+    let problem = assert_problem(
+        crashing.await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_config",
+    )
+    .await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("augment_shift"),
+        "{problem}"
+    );
     // (A poison bundle alone is accepted: its `targets` may name each sample's target;
     // the engine rejects it if they are missing.)
     let target_alone = post(json!({ "model": blob, "clean": blob, "target_label": 0 }));
