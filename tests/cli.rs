@@ -6,6 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use bdscan::engine::bundle::{RawTensor, TensorDtype};
 use common::*;
 
 struct Outcome {
@@ -61,7 +62,7 @@ fn mnist_model() -> std::path::PathBuf {
     fixture("models/mnist_cnn.pt")
 }
 
-fn bundle_case(name: &str, tensors: &[(&str, &bdscan::engine::bundle::RawTensor)], needle: &str) {
+fn bundle_case(name: &str, tensors: &[(&str, &RawTensor)], needle: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(format!("{name}.safetensors"));
     write_safetensors(&path, tensors);
@@ -255,6 +256,160 @@ fn a_failed_scan_leaves_no_artifact_or_report_behind() {
     );
     let outcome = scan(dir.path(), &mnist_model(), &clean, &[]);
     assert_eq!(outcome.code, 2);
+    assert!(!dir.path().join("out.pt").exists());
+    assert!(!dir.path().join("report.json").exists());
+}
+
+/// Scripts a 4→3→2 MLP whose `forward` does `variant` (Python, run with the .venv torch).
+fn odd_model(dir: &Path, name: &str, variant: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.pt"));
+    let script = format!(
+        r#"
+import sys, torch
+from torch import nn
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(4, 3)
+        self.out = nn.Linear(3, 2)
+        self.unused = nn.Linear(4, 4)
+    def forward(self, x):
+        x = x.to(torch.float32).flatten(1)
+        {variant}
+torch.manual_seed(0)
+torch.jit.script(M()).save(sys.argv[1])
+"#
+    );
+    // From a file: TorchScript reads the class's source back.
+    let source = dir.join(format!("{name}.py"));
+    std::fs::write(&source, script).unwrap();
+    run_python_ok(&[source.to_str().unwrap(), path.to_str().unwrap()]);
+    path
+}
+
+#[test]
+fn models_that_break_differentiation_are_refused_or_scanned_but_never_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let clean = dir.path().join("clean.safetensors");
+    let pixels: Vec<u8> = (0..40 * 4).map(|i| (i * 37 % 251) as u8).collect();
+    let images = RawTensor::new("images", TensorDtype::U8, vec![40, 1, 2, 2], pixels).unwrap();
+    let label_values: Vec<i64> = (0..40).map(|i| i % 2).collect();
+    write_safetensors(
+        &clean,
+        &[("images", &images), ("labels", &labels(&label_values))],
+    );
+    let quick = dir.path().join("quick.json");
+    std::fs::write(
+        &quick,
+        r#"{"purify_epochs": 1, "recovery_epochs": 1, "unlearn_steps": 1,
+            "purify_warmup_epochs": 0, "anp": {"iterations": 2}}"#,
+    )
+    .unwrap();
+    let config = ["--config", quick.to_str().unwrap()];
+    // Detached logits: differentiating them crashed libtorch (SIGSEGV) under
+    // `--method activation`; now the model is refused when it is loaded.
+    let detached = odd_model(
+        dir.path(),
+        "detached",
+        "return self.out(torch.relu(self.hidden(x))).detach()",
+    );
+    for method in ["benign_salience", "activation"] {
+        let args = [&config[..], &["--method", method]].concat();
+        assert_input_error(
+            &scan(dir.path(), &detached, &clean, &args),
+            "logits carry no gradient",
+        );
+    }
+    // A submodule `forward` never calls has no gradient, and a model that ignores its
+    // input gives the shortcut search none: both were internal errors (exit 3); they
+    // are zeros, and the scan completes.
+    let unused = odd_model(
+        dir.path(),
+        "unused",
+        "return self.out(torch.relu(self.hidden(x)))",
+    );
+    let ignores_input = odd_model(
+        dir.path(),
+        "ignores_input",
+        "return self.out(torch.relu(self.hidden(torch.ones_like(x))))",
+    );
+    for (model, method) in [
+        (&unused, "benign_salience"),
+        (&unused, "anp"),
+        (&ignores_input, "benign_salience"),
+    ] {
+        let args = [&config[..], &["--method", method]].concat();
+        let outcome = scan(dir.path(), model, &clean, &args);
+        assert_eq!(outcome.code, 0, "{method} {model:?}: {}", outcome.stderr);
+    }
+}
+
+#[test]
+fn an_output_directory_that_does_not_exist_is_refused_before_the_scan_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let clean = dir.path().join("clean.safetensors");
+    write_safetensors(
+        &clean,
+        &[
+            ("images", &u8_images(&[8, 1, 28, 28], 0)),
+            ("labels", &labels(&[0; 8])),
+        ],
+    );
+    let missing = dir.path().join("missing");
+    for flag in ["--out", "--report"] {
+        let out = Command::new(bdscan_bin())
+            .args(["scan", "--model"])
+            .arg(mnist_model())
+            .arg("--clean")
+            .arg(&clean)
+            .arg("--out")
+            .arg(if flag == "--out" {
+                missing.join("o.pt")
+            } else {
+                dir.path().join("o.pt")
+            })
+            .arg("--report")
+            .arg(if flag == "--report" {
+                missing.join("r.json")
+            } else {
+                dir.path().join("r.json")
+            })
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let outcome = Outcome {
+            code: out.status.code().unwrap_or(-1),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        assert_input_error(&outcome, "does not exist");
+        assert!(!dir.path().join("o.pt").exists());
+    }
+}
+
+#[test]
+fn fine_tuning_that_overflows_the_weights_fails_and_writes_nothing() {
+    // At this rate the last step turns the weights to NaN after the epoch's loss was
+    // measured; the scan used to succeed and save a model of NaNs.
+    let dir = tempfile::tempdir().unwrap();
+    let clean = dir.path().join("clean.safetensors");
+    let label_values: Vec<i64> = (0..40).map(|i| i % 10).collect();
+    write_safetensors(
+        &clean,
+        &[
+            ("images", &u8_images(&[40, 1, 28, 28], 7)),
+            ("labels", &labels(&label_values)),
+        ],
+    );
+    let config = dir.path().join("ft.json");
+    std::fs::write(&config, r#"{"ft": {"lr": 1e300, "epochs": 1}}"#).unwrap();
+    let args = ["--method", "ft", "--config", config.to_str().unwrap()];
+    let outcome = scan(dir.path(), &mnist_model(), &clean, &args);
+    assert_eq!(outcome.code, 3, "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("weights stopped being finite"),
+        "{}",
+        outcome.stderr
+    );
     assert!(!dir.path().join("out.pt").exists());
     assert!(!dir.path().join("report.json").exists());
 }

@@ -479,6 +479,7 @@ fn scan(args: ScanArgs) -> Result<(), EngineError> {
         target_label: args.target_label,
         out: args.out,
     };
+    crate::engine::scan::check_writable_dir(&args.report, "report")?;
     let report = run_with_progress(&inputs, &config)?;
     let json =
         serde_json::to_string_pretty(&report).map_err(|e| EngineError::Internal(e.to_string()))?;

@@ -158,14 +158,14 @@ impl AnpSearch {
             let mut shift_noise = Vec::with_capacity(self.layers.len());
             for (j, l) in self.layers.iter().enumerate() {
                 let width = model.layers[l.layer].width as i64;
-                let grad = model.params[l.scaled].tensor.grad();
+                let grad = ScanModel::gradient_or_zeros(&model.params[l.scaled].tensor);
                 mask.push(per_neuron_sum(
                     &grad.f_mul(&self.scaled_at_start[j])?,
                     width,
                 )?);
                 shift_noise.push(match (l.shifted, &self.shifted_at_start[j]) {
                     (Some(p), Some(base)) => {
-                        let grad = model.params[p].tensor.grad();
+                        let grad = ScanModel::gradient_or_zeros(&model.params[p].tensor);
                         Some(per_neuron_sum(&grad.f_mul(base)?, width)?)
                     }
                     _ => None,

@@ -165,11 +165,47 @@ impl Reader<'_> {
     }
 }
 
+/// Most values the memo may copy in one archive. A memo reference is a copy here (the
+/// values are owned trees), so a hostile pickle that stores a list and refers to it
+/// twice, forty levels deep, grew past 3.7 GB from 5 KB; TorchScript's own pickles copy
+/// a few strings and globals per module.
+const MAX_MEMO_COPIED_VALUES: usize = 1_000_000;
+
+struct CopyBudget {
+    left: usize,
+}
+
+impl CopyBudget {
+    /// Counts `value`'s nodes against the budget, stopping as soon as it is spent.
+    fn charge(&mut self, value: &Value) -> Result<(), EngineError> {
+        let mut pending = vec![value];
+        while let Some(v) = pending.pop() {
+            self.left = self.left.checked_sub(1).ok_or_else(|| {
+                bad(format!(
+                    "data.pkl: memo references copy more than {MAX_MEMO_COPIED_VALUES} values"
+                ))
+            })?;
+            match v {
+                Value::Tuple(items) | Value::List(items) => pending.extend(items),
+                Value::Dict(pairs) | Value::Object(pairs) => {
+                    pending.extend(pairs.iter().flat_map(|(k, v)| [k, v]))
+                }
+                Value::Persistent(inner) => pending.push(inner),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Runs the pickle opcodes TorchScript's pickler writes and returns the root object.
 fn unpickle(bytes: &[u8]) -> Result<Value, EngineError> {
     let mut r = Reader { bytes, at: 0 };
     let mut stack: Vec<Value> = Vec::new();
     let mut memo: HashMap<u32, Value> = HashMap::new();
+    let mut copies = CopyBudget {
+        left: MAX_MEMO_COPIED_VALUES,
+    };
     let pop = |stack: &mut Vec<Value>| stack.pop().ok_or_else(|| bad("data.pkl: stack underflow"));
     let pop_mark = |stack: &mut Vec<Value>| -> Result<Vec<Value>, EngineError> {
         let mark = stack
@@ -247,25 +283,23 @@ fn unpickle(bytes: &[u8]) -> Result<Value, EngineError> {
                 let items = stack.split_off(stack.len() - n);
                 stack.push(Value::Tuple(items));
             }
-            b'q' => {
-                let k = r.u8()? as u32;
-                memo.insert(k, stack.last().cloned().unwrap_or(Value::None));
-            }
-            b'r' => {
-                let k = r.u32()?;
-                memo.insert(k, stack.last().cloned().unwrap_or(Value::None));
-            }
-            0x94 => {
-                let k = memo.len() as u32;
-                memo.insert(k, stack.last().cloned().unwrap_or(Value::None));
+            b'q' | b'r' | 0x94 => {
+                let k = match op {
+                    b'q' => r.u8()? as u32,
+                    b'r' => r.u32()?,
+                    _ => memo.len() as u32,
+                };
+                let top = stack.last().unwrap_or(&Value::None);
+                copies.charge(top)?;
+                memo.insert(k, top.clone());
             }
             b'h' | b'j' => {
                 let k = if op == b'h' { r.u8()? as u32 } else { r.u32()? };
                 let v = memo
                     .get(&k)
-                    .cloned()
                     .ok_or_else(|| bad("data.pkl: unknown memo key"))?;
-                stack.push(v);
+                copies.charge(v)?;
+                stack.push(v.clone());
             }
             b'a' => {
                 let item = pop(&mut stack)?;
@@ -384,6 +418,34 @@ fn reduce(func: &Value, args: Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A list stored in the memo, then `levels` levels of lists each holding the level
+    /// below twice, by memo reference: 2^levels values once copied.
+    fn doubling_pickle(levels: u32) -> Vec<u8> {
+        let mut pickle = vec![0x80, 2, b']', b'r', 0, 0, 0, 0];
+        for level in 1..=levels {
+            pickle.extend_from_slice(b"](");
+            for _ in 0..2 {
+                pickle.push(b'j');
+                pickle.extend_from_slice(&(level - 1).to_le_bytes());
+            }
+            pickle.push(b'e');
+            pickle.push(b'r');
+            pickle.extend_from_slice(&level.to_le_bytes());
+        }
+        pickle.push(b'.');
+        pickle
+    }
+
+    #[test]
+    fn a_pickle_whose_memo_references_double_each_level_is_refused() {
+        // Under 500 bytes, 2^40 values.
+        let err = unpickle(&doubling_pickle(40)).unwrap_err().to_string();
+        assert!(err.contains("memo references copy more than"), "{err}");
+        // Twelve levels (8,191 values) are an ordinary pickle's business.
+        let small = unpickle(&doubling_pickle(12)).unwrap();
+        assert!(matches!(small, Value::List(items) if items.len() == 2));
+    }
 
     #[test]
     fn reads_parameters_and_batchnorm_buffers_of_the_fixture() {

@@ -318,13 +318,15 @@ impl ScanConfig {
                 return bad(field, "must lie in [0, 1]");
             }
         }
-        if !(self.fraction_step > 0.0
+        // The step bounds the candidate grid (each candidate is a held-out evaluation);
+        // at 1e-12 its allocation alone aborted the process.
+        if !(self.fraction_step >= MIN_FRACTION_STEP
             && self.fraction_step <= self.max_fraction
             && self.max_fraction < 1.0)
         {
             return bad(
                 "fraction_step",
-                "need 0 < fraction_step <= max_fraction < 1",
+                &format!("need {MIN_FRACTION_STEP} <= fraction_step <= max_fraction < 1"),
             );
         }
         for (field, value) in [
@@ -351,7 +353,6 @@ impl ScanConfig {
             ("ft.lr", self.ft.lr),
             ("ft.weight_decay", self.ft.weight_decay),
             ("anp.mask_lr", self.anp.mask_lr),
-            ("anp.eps", self.anp.eps),
             ("clp.u", self.clp.u),
         ] {
             if !(value.is_finite() && value >= 0.0) {
@@ -363,6 +364,9 @@ impl ScanConfig {
         }
         for (field, value) in [
             ("fp.acc_ratio", self.fp.acc_ratio),
+            // A mask perturbation past ±1 flips neurons' signs; far past it, libtorch's
+            // clamp bounds overflowed f32 (a panic).
+            ("anp.eps", self.anp.eps),
             ("anp.alpha", self.anp.alpha),
             ("anp.prune_threshold", self.anp.prune_threshold),
         ] {
@@ -388,12 +392,17 @@ impl ScanConfig {
                 return bad(field, "must lie in [0, 1]");
             }
         }
-        if self
-            .unlearn_radii
-            .iter()
-            .any(|r| !(r.is_finite() && *r > 0.0))
+        // Each radius is a full perturbation search per class.
+        if self.unlearn_radii.len() > MAX_UNLEARN_RADII
+            || self
+                .unlearn_radii
+                .iter()
+                .any(|r| !(r.is_finite() && *r > 0.0 && *r <= 1.0))
         {
-            return bad("unlearn_radii", "must be positive numbers");
+            return bad(
+                "unlearn_radii",
+                &format!("must be at most {MAX_UNLEARN_RADII} numbers in (0, 1]"),
+            );
         }
         if let Some(threads) = self.threads {
             // libtorch takes an i32 and refuses 0; anything past this is a typo.
@@ -414,6 +423,10 @@ pub const MAX_EPOCHS: usize = 10_000;
 pub const MAX_ITERATIONS: usize = 1_000_000;
 /// Largest batch; a clean bundle that small in memory is still far larger than any GPU's.
 pub const MAX_BATCH_SIZE: usize = 65_536;
+/// Finest step of the suspect-fraction grid (at most 1,000 candidates).
+pub const MIN_FRACTION_STEP: f64 = 1e-3;
+/// Most perturbation radii a shortcut search tries.
+pub const MAX_UNLEARN_RADII: usize = 16;
 /// Largest random translation in pixels: past it most images of the sizes bdscan is used
 /// on would be padding (the default is 2).
 pub const MAX_AUGMENT_SHIFT: usize = 64;
@@ -528,6 +541,53 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn values_that_crashed_or_hung_a_scan_are_refused() {
+        let cases: [(&str, ScanConfig); 4] = [
+            (
+                "fraction_step",
+                ScanConfig {
+                    fraction_step: 1e-12,
+                    ..Default::default()
+                },
+            ),
+            (
+                "anp.eps",
+                ScanConfig {
+                    anp: AnpConfig {
+                        eps: 1e300,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            ),
+            (
+                "unlearn_radii",
+                ScanConfig {
+                    unlearn_radii: vec![0.01; MAX_UNLEARN_RADII + 1],
+                    ..Default::default()
+                },
+            ),
+            (
+                "unlearn_radii",
+                ScanConfig {
+                    unlearn_radii: vec![1e300],
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (field, cfg) in cases {
+            let message = cfg.validate().unwrap_err().to_string();
+            assert!(message.contains(&format!("`{field}`")), "{message}");
+        }
+        let finest = ScanConfig {
+            fraction_step: MIN_FRACTION_STEP,
+            unlearn_radii: vec![1.0; MAX_UNLEARN_RADII],
+            ..Default::default()
+        };
+        finest.validate().unwrap();
     }
 
     #[test]

@@ -91,7 +91,12 @@ impl ScanModel {
                 .to_string(),
             )
         };
-        let logits = tch::no_grad(|| self.module.forward_ts(&[images]))
+        // With gradients on (the probe is two images): every defense differentiates the
+        // logits, and libtorch crashed the process (SIGSEGV) differentiating a `forward`
+        // that returned detached ones.
+        let logits = self
+            .module
+            .forward_ts(&[images])
             .map_err(|e| rejected(first_line(&e.to_string()).to_string()))?;
         let size = logits.size();
         if size.len() != 2 || size[0] != n || size[1] < 2 || !logits.is_floating_point() {
@@ -100,7 +105,25 @@ impl ScanModel {
                 logits.kind()
             )));
         }
+        if !logits.requires_grad() {
+            return Err(rejected(
+                "its logits carry no gradient to its parameters (detached, or computed \
+                 outside autograd); every defense needs that gradient"
+                    .into(),
+            ));
+        }
         Ok(size[1])
+    }
+
+    /// `param`'s gradient, or zeros where the last backward pass did not reach it (a
+    /// submodule `forward` never calls): that parameter does nothing for the loss.
+    pub fn gradient_or_zeros(param: &Tensor) -> Tensor {
+        let grad = param.grad();
+        if grad.defined() {
+            grad
+        } else {
+            param.zeros_like()
+        }
     }
 
     pub fn forward(&self, images: &Tensor) -> Result<Tensor, EngineError> {

@@ -48,10 +48,16 @@ pub fn benign_salience(
         model.zero_grad();
         cross_entropy(&model.forward(&images)?, &labels)?.f_backward()?;
         for (i, layer) in layers.iter().enumerate() {
-            let per_neuron = aggregate(model.neuron_sum(layer, |p| p.grad().f_mul(p))?)?;
+            let per_neuron =
+                aggregate(model.neuron_sum(layer, |p| ScanModel::gradient_or_zeros(p).f_mul(p))?)?;
             let weight = &model.params[layer.weight].tensor;
-            let per_weight =
-                tch::no_grad(|| aggregate(weight.grad().f_mul(weight)?.f_to_kind(Kind::Float)?))?;
+            let per_weight = tch::no_grad(|| {
+                aggregate(
+                    ScanModel::gradient_or_zeros(weight)
+                        .f_mul(weight)?
+                        .f_to_kind(Kind::Float)?,
+                )
+            })?;
             neuron_acc[i] = Some(add_into(neuron_acc[i].take(), per_neuron)?);
             weight_acc[i] = Some(add_into(weight_acc[i].take(), per_weight)?);
         }

@@ -97,6 +97,7 @@ pub fn run_scan(
 
     // Load and validate everything before any long work starts.
     monitor.step(Phase::Load, 0, 1)?;
+    check_writable_dir(&inputs.out, "out")?;
     let model_digest = digest_file(&inputs.model, "model")?;
     let (clean_bundle, clean_digest) = read_bundle(&inputs.clean, "clean")?;
     if clean_bundle.len() < 4 {
@@ -324,7 +325,9 @@ fn open_device(config: &ScanConfig) -> Result<Device, EngineError> {
     let device = parse_device(&config.device)?;
     if let Device::Cuda(index) = device {
         let available = tch::Cuda::device_count();
-        if index as i64 >= available {
+        // Compared in i64 without a wrap: `cuda:18446744073709551615` was index −1 there,
+        // passed, and ran on the CPU under a CUDA name.
+        if i64::try_from(index).map_or(true, |index| index >= available) {
             return Err(EngineError::InvalidInput(format!(
                 "device cuda:{index} requested but this machine has {available} CUDA device(s)"
             )));
@@ -334,6 +337,23 @@ fn open_device(config: &ScanConfig) -> Result<Device, EngineError> {
         tch::set_num_threads(threads as i32);
     }
     Ok(device)
+}
+
+/// Refuses an output path whose directory does not exist: found only at the end, it
+/// threw away the whole scan.
+pub fn check_writable_dir(path: &Path, role: &str) -> Result<(), EngineError> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(EngineError::InvalidInput(format!(
+            "{role}: directory {} does not exist",
+            dir.display()
+        )))
+    }
 }
 
 fn digest_file(path: &Path, role: &str) -> Result<FileDigest, EngineError> {

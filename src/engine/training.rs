@@ -252,6 +252,14 @@ pub fn fine_tune(
                 epoch + 1
             )));
         }
+        // The loss is measured before each step, so the epoch's last step can overflow
+        // the weights unseen; a model of NaNs must not be saved as purified.
+        if !weights_are_finite(model)? {
+            return Err(EngineError::Diverged(format!(
+                "weights stopped being finite numbers in epoch {}",
+                epoch + 1
+            )));
+        }
         after_epoch(model, epoch + 1, mean_loss)?;
     }
     model.set_eval()?;
@@ -333,6 +341,17 @@ fn add_gradients(model: &mut ScanModel, taken: &[Option<Tensor>]) -> Result<(), 
             }
         }
         Ok(())
+    })
+}
+
+fn weights_are_finite(model: &ScanModel) -> Result<bool, EngineError> {
+    tch::no_grad(|| {
+        for p in &model.params {
+            if p.tensor.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     })
 }
 

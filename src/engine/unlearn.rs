@@ -423,8 +423,14 @@ fn gradient_towards(
     let batch = data.select(&indices)?;
     let logits = model.forward(&apply(&batch.images)?)?;
     let loss = cross_entropy(&logits, &batch.labels.f_full_like(target)?)?;
-    let mut grads = Tensor::f_run_backward(&[&loss], &[variable], false, false)?;
-    Ok(grads.remove(0))
+    let grad = Tensor::f_run_backward(&[&loss], &[variable], false, false)?.remove(0);
+    // Undefined when the model ignores its input (or casts it to integers): no
+    // perturbation moves it, which a zero gradient says to the searches.
+    Ok(if grad.defined() {
+        grad
+    } else {
+        variable.zeros_like()
+    })
 }
 
 /// Share of `inputs` (fed units) the model, in eval mode, classifies as `class`.
