@@ -421,7 +421,8 @@ pub const MAX_THREADS: usize = 1024;
 pub const MAX_EPOCHS: usize = 10_000;
 /// Most gradient steps of a search or mask optimisation (the defaults run at most 2,000).
 pub const MAX_ITERATIONS: usize = 1_000_000;
-/// Largest batch; a clean bundle that small in memory is still far larger than any GPU's.
+/// Largest batch (the default is 64); past it a batch of even small images outgrows
+/// the memory a scan can count on.
 pub const MAX_BATCH_SIZE: usize = 65_536;
 /// Finest step of the suspect-fraction grid (at most 1,000 candidates).
 pub const MIN_FRACTION_STEP: f64 = 1e-3;

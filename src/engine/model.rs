@@ -118,12 +118,7 @@ impl ScanModel {
     /// `param`'s gradient, or zeros where the last backward pass did not reach it (a
     /// submodule `forward` never calls): that parameter does nothing for the loss.
     pub fn gradient_or_zeros(param: &Tensor) -> Tensor {
-        let grad = param.grad();
-        if grad.defined() {
-            grad
-        } else {
-            param.zeros_like()
-        }
+        defined_or_zeros(param.grad(), param)
     }
 
     pub fn forward(&self, images: &Tensor) -> Result<Tensor, EngineError> {
@@ -308,5 +303,15 @@ impl ScanModel {
         self.module.save(&tmp)?;
         std::fs::rename(&tmp, path)
             .map_err(|e| EngineError::Internal(format!("writing {}: {e}", path.display())))
+    }
+}
+
+/// `grad` where autograd produced one, else zeros shaped like `like`: libtorch leaves a
+/// gradient undefined for whatever the differentiated loss did not depend on.
+pub fn defined_or_zeros(grad: Tensor, like: &Tensor) -> Tensor {
+    if grad.defined() {
+        grad
+    } else {
+        like.zeros_like()
     }
 }

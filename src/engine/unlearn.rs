@@ -26,7 +26,7 @@ use tch::{Kind, Tensor};
 
 use super::data::SampleSet;
 use super::error::EngineError;
-use super::model::ScanModel;
+use super::model::{defined_or_zeros, ScanModel};
 use super::training::cross_entropy;
 
 /// How bundle pixels become the float tensor a perturbation is added to, so that the
@@ -426,11 +426,7 @@ fn gradient_towards(
     let grad = Tensor::f_run_backward(&[&loss], &[variable], false, false)?.remove(0);
     // Undefined when the model ignores its input (or casts it to integers): no
     // perturbation moves it, which a zero gradient says to the searches.
-    Ok(if grad.defined() {
-        grad
-    } else {
-        variable.zeros_like()
-    })
+    Ok(defined_or_zeros(grad, variable))
 }
 
 /// Share of `inputs` (fed units) the model, in eval mode, classifies as `class`.

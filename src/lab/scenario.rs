@@ -416,10 +416,11 @@ mod tests {
             for arch in [Arch::VggBn, Arch::Resnet, Arch::Cnn] {
                 let path = dir.path().join("arch.pt");
                 std::fs::write(&path, architecture(dataset, arch)).unwrap();
-                let (c, side) = match dataset {
-                    Dataset::Mnist => (1, 28),
-                    Dataset::Shapes => (3, 32),
+                let c = match dataset {
+                    Dataset::Mnist => 1,
+                    Dataset::Shapes => 3,
                 };
+                let side = dataset.image_side() as i64;
                 let probe = tch::Tensor::zeros([2, c, side, side], (tch::Kind::Uint8, Device::Cpu));
                 let model = ScanModel::load(&path, Device::Cpu, &probe).unwrap();
                 assert_eq!(model.num_classes, 10);
