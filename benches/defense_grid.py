@@ -127,7 +127,7 @@ def defend(args, dataset, arch, attack, seed, label, meta):
            "--clean", str(model_dir / "clean.safetensors"),
            "--test", str(model_dir / "test.safetensors"),
            "--method", method, "--config", str(out / "config.json"),
-           "--seed", str(seed), "--threads", "1",
+           "--seed", str(seed), "--threads", "1", "--device", args.device,
            "--out", str(out / "purified.pt"), "--report", str(out / "report.json")]
     if (model_dir / "poison.safetensors").exists():
         cmd += ["--poison", str(model_dir / "poison.safetensors")]
@@ -163,6 +163,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--device", default="cpu",
+                    help="where the scans run (cpu or cuda:N); the lab always trains on the CPU")
     ap.add_argument("--reuse", action="store_true", help="reuse trained models in --work (development only)")
     ap.add_argument("--from-json", default=None,
                     help="only re-render the Markdown and plot from a saved --out-json (no runs)")
@@ -227,8 +229,8 @@ def write_markdown(args, rows, seeds, total):
     say = lines.append
     say(f"Seeds {' '.join(map(str, seeds))}; {len(rows)} defense runs on "
         f"{len({(r['dataset'], r['arch'], r['attack'], r['seed']) for r in rows})} lab-trained models; "
-        f"{args.jobs} runs at a time, 1 libtorch thread each; total wall time {total / 60:.1f} min "
-        f"(training included).")
+        f"{args.jobs} runs at a time, 1 libtorch thread each; scans on "
+        f"{getattr(args, 'device', 'cpu')}; total wall time {total / 60:.1f} min (training included).")
     say("")
     say("C-Acc on the clean test set, ASR and RA on its triggered non-target images (all-to-all: "
         "each image's own target), DER = (max(0, ΔASR) − max(0, ΔC-Acc) + 1) / 2; mean ± std over "

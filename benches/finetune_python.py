@@ -4,7 +4,7 @@ Same TorchScript model, same MNIST samples (the committed fixture), same batch s
 thread count, optimizer (SGD, momentum 0.9, weight decay 5e-4, lr 0.01) and per-epoch
 shuffle. Prints one JSON line.
 
-python benches/finetune_python.py MODEL.pt SAMPLES BATCH THREADS EPOCHS
+python benches/finetune_python.py MODEL.pt SAMPLES BATCH THREADS EPOCHS [DEVICE]
 """
 import json
 import sys
@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 
-def main(model_path, samples, batch, threads, epochs):
+def main(model_path, samples, batch, threads, epochs, device="cpu"):
     torch.set_num_threads(threads)
     data = np.load("tests/fixtures/mnist10k.npz")
-    images = torch.from_numpy(data["images"][:samples])
-    labels = torch.from_numpy(data["labels"][:samples])
-    model = torch.jit.load(model_path)
+    images = torch.from_numpy(data["images"][:samples]).to(device)
+    labels = torch.from_numpy(data["labels"][:samples]).to(device)
+    model = torch.jit.load(model_path, map_location=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     generator = torch.Generator().manual_seed(0)
 
@@ -39,13 +39,15 @@ def main(model_path, samples, batch, threads, epochs):
                 loss.backward()
                 optimizer.step()
                 trained += len(idx)
+        if images.is_cuda:
+            torch.cuda.synchronize()
         return trained, time.perf_counter() - start
 
     run(1)  # warm-up
     trained, seconds = run(epochs)
-    print(json.dumps({"impl": "PyTorch (Python)", "threads": threads, "batch": batch, "samples": samples,
+    print(json.dumps({"impl": "PyTorch (Python)", "device": device, "threads": threads, "batch": batch, "samples": samples,
                       "epochs": epochs, "seconds": round(seconds, 3), "samples_per_second": round(trained / seconds, 1)}))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *map(int, sys.argv[2:6]))
+    main(sys.argv[1], *map(int, sys.argv[2:6]), *sys.argv[6:7])

@@ -2,7 +2,7 @@
 //! on a TorchScript model, for comparison with benches/finetune_python.py on the same
 //! model, data, batch size and thread count. Prints one JSON line.
 //!
-//! cargo run --release --example finetune_bench -- MODEL.pt SAMPLES BATCH THREADS EPOCHS
+//! cargo run --release --example finetune_bench -- MODEL.pt SAMPLES BATCH THREADS EPOCHS [DEVICE]
 
 use std::time::Instant;
 
@@ -14,9 +14,17 @@ use rand::SeedableRng;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let [_, model_path, samples, batch, threads, epochs] = &args[..] else {
-        eprintln!("usage: finetune_bench MODEL.pt SAMPLES BATCH THREADS EPOCHS");
-        std::process::exit(2);
+    let (model_path, samples, batch, threads, epochs, device_name) = match &args[..] {
+        [_, m, s, b, t, e] => (m, s, b, t, e, "cpu"),
+        [_, m, s, b, t, e, d] => (m, s, b, t, e, d.as_str()),
+        _ => {
+            eprintln!("usage: finetune_bench MODEL.pt SAMPLES BATCH THREADS EPOCHS [cpu|cuda:N]");
+            std::process::exit(2);
+        }
+    };
+    let device = match device_name.strip_prefix("cuda:") {
+        Some(index) => tch::Device::Cuda(index.parse().unwrap()),
+        None => tch::Device::Cpu,
     };
     let (samples, batch, threads, epochs): (usize, usize, i32, usize) = (
         samples.parse().unwrap(),
@@ -26,13 +34,9 @@ fn main() {
     );
     tch::set_num_threads(threads);
     let bundle = bdscan::lab::demo::mnist_fixture().slice(0..samples);
-    let data = SampleSet::from_bundle(&bundle, tch::Device::Cpu).unwrap();
-    let mut model = ScanModel::load(
-        model_path.as_ref(),
-        tch::Device::Cpu,
-        &data.images.narrow(0, 0, 2),
-    )
-    .unwrap();
+    let data = SampleSet::from_bundle(&bundle, device).unwrap();
+    let mut model =
+        ScanModel::load(model_path.as_ref(), device, &data.images.narrow(0, 0, 2)).unwrap();
     let plan = |epochs| FineTune {
         distill: None,
         epochs,
@@ -60,6 +64,10 @@ fn main() {
             &mut |_, _, _| Ok(()),
         )
         .unwrap();
+        // CUDA kernels run asynchronously: count them only once they have finished.
+        if let tch::Device::Cuda(index) = device {
+            tch::Cuda::synchronize(index as i64);
+        }
         started.elapsed().as_secs_f64()
     };
     run(1); // warm-up: allocator, first-call dispatch
@@ -72,7 +80,7 @@ fn main() {
         })
         * epochs;
     println!(
-        "{{\"impl\": \"bdscan (Rust, tch)\", \"threads\": {threads}, \"batch\": {batch}, \"samples\": {samples}, \"epochs\": {epochs}, \"seconds\": {seconds:.3}, \"samples_per_second\": {:.1}}}",
+        "{{\"impl\": \"bdscan (Rust, tch)\", \"device\": \"{device_name}\", \"threads\": {threads}, \"batch\": {batch}, \"samples\": {samples}, \"epochs\": {epochs}, \"seconds\": {seconds:.3}, \"samples_per_second\": {:.1}}}",
         trained as f64 / seconds
     );
 }

@@ -19,7 +19,8 @@ pub const EXIT_INTERNAL: u8 = 3;
 #[derive(Parser, Debug)]
 #[command(
     name = "bdscan",
-    version,
+    // The libtorch it was built against: a different one at run time is unsupported.
+    version = concat!(env!("CARGO_PKG_VERSION"), " (libtorch ", env!("BDSCAN_LIBTORCH_VERSION"), ")"),
     about = "Find and remove backdoors in neural networks"
 )]
 pub struct Cli {

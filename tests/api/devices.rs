@@ -141,3 +141,24 @@ async fn a_cuda_device_the_machine_lacks_is_a_startup_error() {
         Ok(_) => panic!("cuda:{missing} does not exist on this machine"),
     }
 }
+
+/// With a CUDA build of libtorch (the PyPI wheel is one), `libtorch_cuda` must be loaded:
+/// it registers libtorch's CUDA backend. The linker used to drop it (nothing of ours
+/// calls into it directly), and then a GPU machine counted zero CUDA devices — measured
+/// on an H100, where `serve --devices cuda:0` refused to start. This test binary is
+/// linked by the same build script as `bdscan`.
+#[test]
+fn a_cuda_libtorch_is_loaded_so_gpus_can_be_seen() {
+    let lib = std::path::Path::new(env!("BDSCAN_LIBTORCH_LIB"));
+    if !lib.join("libtorch_cuda.so").exists() {
+        eprintln!("skipped: libtorch at {lib:?} is a CPU-only build");
+        return;
+    }
+    // Any call into libtorch: the library is loaded at start either way.
+    assert!(tch::Cuda::device_count() >= 0);
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    assert!(
+        maps.contains("libtorch_cuda.so"),
+        "libtorch_cuda.so from {lib:?} is not mapped into the process"
+    );
+}
