@@ -206,7 +206,7 @@ fn the_trace_measures_evenly_spaced_subsets_and_the_metrics_every_image() {
 }
 
 #[test]
-fn pattern_unlearning_runs_only_when_the_probe_passes_and_otherwise_changes_nothing() {
+fn pattern_unlearning_runs_only_when_its_probes_pass_and_otherwise_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let short = ScanConfig {
         purify_epochs: 2,
@@ -221,10 +221,15 @@ fn pattern_unlearning_runs_only_when_the_probe_passes_and_otherwise_changes_noth
     assert!(probe.enabled, "{probe:?}");
     assert!(probe.clean_acc - probe.patterned_acc <= short.pattern_probe_tolerance);
     assert_eq!(probe.amplitude, short.pattern_probe_amplitude);
-    // Gratings of the whole range wreck any model's accuracy: at zero tolerance the
-    // probe fails, and the scan is the one without the term, weight for weight.
+    // …and under warps of the default strength.
+    assert!(probe.warps_enabled, "{probe:?}");
+    assert_eq!(probe.warp_strength, short.pattern_max_warp);
+    // Gratings of the whole range and warps of 8 pixels wreck any model's accuracy: at
+    // zero tolerance both probes fail, and the scan is the one without the term, weight
+    // for weight.
     let failing = ScanConfig {
         pattern_probe_amplitude: 1.0,
+        pattern_max_warp: 16.0,
         pattern_probe_tolerance: 0.0,
         ..short.clone()
     };
@@ -232,6 +237,10 @@ fn pattern_unlearning_runs_only_when_the_probe_passes_and_otherwise_changes_noth
     let probe = off_by_probe.pattern_probe.as_ref().unwrap();
     assert!(
         !probe.enabled && probe.patterned_acc < probe.clean_acc,
+        "{probe:?}"
+    );
+    assert!(
+        !probe.warps_enabled && probe.warped_acc.unwrap() < probe.clean_acc,
         "{probe:?}"
     );
     let switched_off = scan_demo(
@@ -249,6 +258,21 @@ fn pattern_unlearning_runs_only_when_the_probe_passes_and_otherwise_changes_noth
     assert_ne!(
         on.artifact.parameters_sha256, switched_off.artifact.parameters_sha256,
         "the term must change the purified weights"
+    );
+    // The warps are part of the term: without them the probe measures none, and the
+    // purified weights differ from those trained against gratings and warps.
+    let gratings_only = scan_demo(
+        &ScanConfig {
+            pattern_max_warp: 0.0,
+            ..short.clone()
+        },
+        dir.path().join("gratings.pt"),
+    );
+    let probe = gratings_only.pattern_probe.as_ref().unwrap();
+    assert!(probe.enabled && !probe.warps_enabled && probe.warped_acc.is_none());
+    assert_ne!(
+        on.artifact.parameters_sha256,
+        gratings_only.artifact.parameters_sha256
     );
 }
 

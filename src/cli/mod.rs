@@ -821,6 +821,14 @@ fn print_summary(report: &ScanReport) {
             percent(Some(probe.patterned_acc)),
             probe.amplitude * 100.0
         );
+        if let Some(warped) = probe.warped_acc {
+            println!(
+                "warp unlearning {}: train-split acc {} under warps of strength {}",
+                if probe.warps_enabled { "on" } else { "off" },
+                percent(Some(warped)),
+                probe.warp_strength
+            );
+        }
     }
     if let Some(der) = report.der {
         println!("DER {der:.4}");

@@ -205,6 +205,10 @@ pub struct ScanConfig {
     pub pattern_weight: f64,
     /// Largest grating amplitude drawn, as a fraction of the pixel range.
     pub pattern_max_amplitude: f64,
+    /// Largest strength of the random smooth warps the pattern term also resamples each
+    /// batch through, in WaNet's units (about s/2 pixels of displacement; 0 turns them
+    /// off). The arriving model is probed under warps of this strength.
+    pub pattern_max_warp: f64,
     /// Amplitude of the gratings the arriving model is probed with…
     pub pattern_probe_amplitude: f64,
     /// …and the accuracy it may lose under them for the patterns to be used: more, and
@@ -258,6 +262,7 @@ impl Default for ScanConfig {
             unlearn_steps: 10,
             pattern_weight: 1.0,
             pattern_max_amplitude: 1.0,
+            pattern_max_warp: 2.0,
             pattern_probe_amplitude: 0.1,
             pattern_probe_tolerance: 0.02,
             recovery_epochs: 10,
@@ -392,6 +397,10 @@ impl ScanConfig {
                 return bad(field, "must lie in [0, 1]");
             }
         }
+        // Past 16 (about 8 pixels each way) a warp is no longer a faint trigger's scale.
+        if !(0.0..=MAX_WARP).contains(&self.pattern_max_warp) {
+            return bad("pattern_max_warp", &format!("must lie in [0, {MAX_WARP}]"));
+        }
         // Each radius is a full perturbation search per class.
         if self.unlearn_radii.len() > MAX_UNLEARN_RADII
             || self
@@ -427,6 +436,9 @@ pub const MAX_BATCH_SIZE: usize = 65_536;
 /// Finest step of the suspect-fraction grid (at most 1,000 candidates).
 pub const MIN_FRACTION_STEP: f64 = 1e-3;
 /// Most perturbation radii a shortcut search tries.
+/// Largest `pattern_max_warp` (WaNet strength units).
+pub const MAX_WARP: f64 = 16.0;
+
 pub const MAX_UNLEARN_RADII: usize = 16;
 /// Largest random translation in pixels: past it most images of the sizes bdscan is used
 /// on would be padding (the default is 2).
@@ -495,6 +507,26 @@ mod tests {
                 cfg.validate().unwrap_err().to_string().contains("threads"),
                 "{threads}"
             );
+        }
+        for warp in [-0.5, MAX_WARP + 1.0, f64::NAN, f64::INFINITY] {
+            let cfg = ScanConfig {
+                pattern_max_warp: warp,
+                ..Default::default()
+            };
+            assert!(
+                cfg.validate()
+                    .unwrap_err()
+                    .to_string()
+                    .contains("pattern_max_warp"),
+                "{warp}"
+            );
+        }
+        for warp in [0.0, MAX_WARP] {
+            let cfg = ScanConfig {
+                pattern_max_warp: warp,
+                ..Default::default()
+            };
+            assert!(cfg.validate().is_ok(), "{warp}");
         }
     }
 

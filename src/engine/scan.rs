@@ -577,14 +577,24 @@ fn pattern_unlearning(
         ctx.train,
         &space,
         config.pattern_probe_amplitude,
+        config.pattern_max_warp,
         config.pattern_probe_tolerance,
         config.batch_size,
         config.seed ^ PATTERN_PROBE_STREAM,
     )?;
-    let plan = probe.enabled.then_some(PatternUnlearn {
+    let plan = (probe.enabled || probe.warps_enabled).then_some(PatternUnlearn {
         space,
         weight: config.pattern_weight,
-        max_amplitude: config.pattern_max_amplitude,
+        max_amplitude: if probe.enabled {
+            config.pattern_max_amplitude
+        } else {
+            0.0
+        },
+        max_warp: if probe.warps_enabled {
+            config.pattern_max_warp
+        } else {
+            0.0
+        },
     });
     Ok((plan, Some(probe)))
 }

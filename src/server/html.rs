@@ -55,11 +55,17 @@ pub fn report_page(job_id: &str, report: &ScanReport) -> String {
         // Whether purification also trained against random gratings, and why.
         patterns = report.pattern_probe.as_ref().map_or_else(String::new, |p| format!(
             "<p>Pattern unlearning {}: on the clean training split the arriving model scored {} as given and {} \
-             under gratings of {:.0}% of the pixel range.</p>",
+             under gratings of {:.0}% of the pixel range.{}</p>",
             if p.enabled { "on" } else { "off" },
             percent(Some(p.clean_acc)),
             percent(Some(p.patterned_acc)),
-            p.amplitude * 100.0
+            p.amplitude * 100.0,
+            p.warped_acc.map_or_else(String::new, |warped| format!(
+                " Warp unlearning {}: {} under random warps of strength {}.",
+                if p.warps_enabled { "on" } else { "off" },
+                percent(Some(warped)),
+                p.warp_strength
+            ))
         )),
         artifact = escape(&report.artifact.sha256),
         bytes = report.artifact.bytes,
