@@ -34,11 +34,11 @@ fn main() {
     if let Some(dir) = torch_dir {
         let lib = dir.join("lib");
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+        lib_dir = lib.display().to_string();
         // torch-sys names torch_cuda on the link line, but nothing of ours calls into it
         // directly, so the linker's --as-needed dropped it: the binaries then never
         // loaded it, libtorch registered no CUDA backend, and `cuda:0` counted zero
         // devices even on a GPU machine. Keep it as a dependency so CUDA builds see GPUs.
-        lib_dir = lib.display().to_string();
         if lib.join("libtorch_cuda.so").exists() {
             println!("cargo:rustc-link-search=native={}", lib.display());
             println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");

@@ -236,7 +236,7 @@ def write_markdown(args, rows, seeds, total):
     say(f"Seeds {' '.join(map(str, seeds))}; {len(rows)} defense runs on "
         f"{len({(r['dataset'], r['arch'], r['attack'], r['seed']) for r in rows})} lab-trained models; "
         f"{args.jobs} runs at a time, 1 libtorch thread each; scans on "
-        f"{getattr(args, 'device', 'cpu')}; total wall time {total / 60:.1f} min (training included).")
+        f"{args.device}; total wall time {total / 60:.1f} min (training included).")
     say("")
     say("C-Acc on the clean test set, ASR and RA on its triggered non-target images (all-to-all: "
         "each image's own target), DER = (max(0, ΔASR) − max(0, ΔC-Acc) + 1) / 2; mean ± std over "

@@ -22,10 +22,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let device = match device_name.strip_prefix("cuda:") {
-        Some(index) => tch::Device::Cuda(index.parse().unwrap()),
-        None => tch::Device::Cpu,
-    };
+    let device = bdscan::engine::config::parse_device(device_name).unwrap();
     let (samples, batch, threads, epochs): (usize, usize, i32, usize) = (
         samples.parse().unwrap(),
         batch.parse().unwrap(),

@@ -435,10 +435,9 @@ pub const MAX_ITERATIONS: usize = 1_000_000;
 pub const MAX_BATCH_SIZE: usize = 65_536;
 /// Finest step of the suspect-fraction grid (at most 1,000 candidates).
 pub const MIN_FRACTION_STEP: f64 = 1e-3;
-/// Most perturbation radii a shortcut search tries.
 /// Largest `pattern_max_warp` (WaNet strength units).
 pub const MAX_WARP: f64 = 16.0;
-
+/// Most perturbation radii a shortcut search tries.
 pub const MAX_UNLEARN_RADII: usize = 16;
 /// Largest random translation in pixels: past it most images of the sizes bdscan is used
 /// on would be padding (the default is 2).

@@ -45,7 +45,7 @@ use tch::{Kind, Tensor};
 use super::data::SampleSet;
 use super::error::EngineError;
 use super::model::ScanModel;
-use super::training::accuracy;
+use super::training::{accuracy, predict_fed};
 use super::unlearn::InputSpace;
 
 /// Gratings the probe measures the arriving model under.
@@ -140,9 +140,10 @@ pub fn random_grating(
         .f_to_device(images.device())?)
 }
 
-/// Measures the arriving model under faint gratings and decides whether purification
-/// may train against patterns: only if the median accuracy under them stays within
-/// `tolerance` of the clean accuracy.
+/// Measures the arriving model under faint gratings, and under warps of `warp_strength`
+/// (0: none), and decides for each whether purification may train against it: only if
+/// the median accuracy under them stays within `tolerance` of the clean accuracy (for
+/// warps, counted by [`accuracy_warped`]).
 #[allow(clippy::too_many_arguments)]
 pub fn probe(
     model: &mut ScanModel,
@@ -209,13 +210,10 @@ fn accuracy_warped(
     field: &Tensor,
     batch_size: usize,
 ) -> Result<f64, EngineError> {
-    model.set_eval()?;
-    let mut predictions = Vec::new();
-    for (images, _) in data.chunks(batch_size) {
-        let fed = warp(&space.to_float(&images)?, field)?;
-        predictions.push(tch::no_grad(|| model.forward(&fed))?.f_argmax(1, false)?);
-    }
-    correct_or_absorbed(&Tensor::f_cat(&predictions, 0)?, &data.labels)
+    let predicted = predict_fed(model, data, batch_size, |images| {
+        warp(&space.to_float(images)?, field)
+    })?;
+    correct_or_absorbed(&predicted, &data.labels)
 }
 
 /// The share of `predicted` equal to `labels` or to the one class most mismatches went to.
@@ -281,16 +279,13 @@ fn accuracy_under(
     pattern: &Tensor,
     batch_size: usize,
 ) -> Result<f64, EngineError> {
-    model.set_eval()?;
-    let mut correct = 0i64;
-    for (images, labels) in data.chunks(batch_size) {
-        let fed = space.perturb(&images, pattern)?;
-        let predicted = tch::no_grad(|| model.forward(&fed))?.f_argmax(1, false)?;
-        correct += predicted
-            .f_eq_tensor(&labels)?
-            .f_sum(Kind::Int64)?
-            .f_int64_value(&[])?;
-    }
+    let predicted = predict_fed(model, data, batch_size, |images| {
+        space.perturb(images, pattern)
+    })?;
+    let correct = predicted
+        .f_eq_tensor(&data.labels)?
+        .f_sum(Kind::Int64)?
+        .f_int64_value(&[])?;
     Ok(correct as f64 / data.len().max(1) as f64)
 }
 

@@ -424,11 +424,22 @@ pub fn predict(
     data: &SampleSet,
     batch_size: usize,
 ) -> Result<Tensor, EngineError> {
+    predict_fed(model, data, batch_size, |images| Ok(images.shallow_clone()))
+}
+
+/// [`predict`] with every batch passed through `feed` on its way in (a perturbation,
+/// a warp).
+pub fn predict_fed(
+    model: &mut ScanModel,
+    data: &SampleSet,
+    batch_size: usize,
+    feed: impl Fn(&Tensor) -> Result<Tensor, EngineError>,
+) -> Result<Tensor, EngineError> {
     model.set_eval()?;
     tch::no_grad(|| {
         let mut parts = Vec::new();
         for (images, _) in data.chunks(batch_size) {
-            parts.push(model.forward(&images)?.f_argmax(1, false)?);
+            parts.push(model.forward(&feed(&images)?)?.f_argmax(1, false)?);
         }
         Ok(Tensor::f_cat(&parts, 0)?)
     })
