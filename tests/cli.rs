@@ -30,9 +30,15 @@ fn scan(dir: &Path, model: &Path, clean: &Path, extra: &[&str]) -> Outcome {
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
-    Outcome {
-        code: out.status.code().unwrap_or(-1),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    Outcome::of(out)
+}
+
+impl Outcome {
+    fn of(output: std::process::Output) -> Self {
+        Outcome {
+            code: output.status.code().unwrap_or(-1),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
     }
 }
 
@@ -146,6 +152,18 @@ fn non_finite_pixels() {
 }
 
 #[test]
+fn pixels_so_large_the_logits_overflow() {
+    // Finite, so the bundle itself is valid; the model's logits are not. This used to
+    // pass the checks and fail much later as an internal error (exit 3).
+    let images = f32_images(&[8, 1, 28, 28], |_| 3e38);
+    bundle_case(
+        "huge",
+        &[("images", &images), ("labels", &labels(&[0; 8]))],
+        "logits for these images are NaN or infinite",
+    );
+}
+
+#[test]
 fn labels_outside_the_models_classes() {
     let mut values = vec![1i64; 8];
     values[6] = 10;
@@ -241,6 +259,13 @@ fn usage_errors_exit_2() {
         .unwrap()
         .status;
     assert_eq!(status.code(), Some(2));
+    // A work folder that cannot be made (here: a file is in the way) was exit 3.
+    let demo = Command::new(bdscan_bin())
+        .args(["demo", "--work-dir"])
+        .arg(&clean)
+        .output()
+        .unwrap();
+    assert_input_error(&Outcome::of(demo), "--work-dir");
 }
 
 #[test]
@@ -320,6 +345,17 @@ fn models_that_break_differentiation_are_refused_or_scanned_but_never_crash() {
             "logits carry no gradient",
         );
     }
+    // NaN logits (here from the forward; non-finite weights do the same) made every
+    // accuracy and loss meaningless and failed late as an internal error.
+    let nan_logits = odd_model(
+        dir.path(),
+        "nan_logits",
+        "return self.out(torch.relu(self.hidden(x))) * float('nan')",
+    );
+    assert_input_error(
+        &scan(dir.path(), &nan_logits, &clean, &config),
+        "logits for these images are NaN or infinite",
+    );
     // A submodule `forward` never calls has no gradient, and a model that ignores its
     // input gives the shortcut search none: both were internal errors (exit 3); they
     // are zeros, and the scan completes.
@@ -387,7 +423,7 @@ fn an_output_directory_that_does_not_exist_is_refused_before_the_scan_runs() {
 }
 
 #[test]
-fn fine_tuning_that_overflows_the_weights_fails_and_writes_nothing() {
+fn fine_tuning_that_overflows_the_weights_fails_as_the_callers_to_fix_and_writes_nothing() {
     // At this rate the last step turns the weights to NaN after the epoch's loss was
     // measured; the scan used to succeed and save a model of NaNs.
     let dir = tempfile::tempdir().unwrap();
@@ -404,12 +440,8 @@ fn fine_tuning_that_overflows_the_weights_fails_and_writes_nothing() {
     std::fs::write(&config, r#"{"ft": {"lr": 1e300, "epochs": 1}}"#).unwrap();
     let args = ["--method", "ft", "--config", config.to_str().unwrap()];
     let outcome = scan(dir.path(), &mnist_model(), &clean, &args);
-    assert_eq!(outcome.code, 3, "{}", outcome.stderr);
-    assert!(
-        outcome.stderr.contains("weights stopped being finite"),
-        "{}",
-        outcome.stderr
-    );
+    // The rate is the caller's to lower: exit 2, like any other setting a scan cannot use.
+    assert_input_error(&outcome, "training diverged: weights stopped being finite");
     assert!(!dir.path().join("out.pt").exists());
     assert!(!dir.path().join("report.json").exists());
 }

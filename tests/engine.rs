@@ -441,6 +441,10 @@ fn a_purification_whose_loss_stops_being_a_number_at_every_rate_fails_naming_the
     let err = run_scan(&inputs, &config, &mut Monitor::new(&mut on_progress, None)).unwrap_err();
     let message = err.to_string();
     assert!(matches!(err, EngineError::Diverged(_)), "{message}");
+    assert!(
+        err.is_client_error(),
+        "a lower rate is the caller's to choose"
+    );
     let rates = format!("rate tried ({}, down to {})", 1e30, 1e30 / 4.0);
     assert!(message.contains(&rates), "{message}");
     assert!(message.contains("lower purify_lr"), "{message}");

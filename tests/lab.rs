@@ -126,6 +126,34 @@ fn lab_writes_model_bundles_and_meta_and_scan_reads_all_to_all_targets() {
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(report["metrics"]["before"]["asr"], meta["asr"]);
     assert!(report["inputs"]["target_label"].is_null());
+
+    // A target label beside per-sample targets was silently ignored (any value, -1
+    // included), leaving a report that named a target ASR was not measured against.
+    for label in ["0", "-1"] {
+        let refused = run_bdscan(&[
+            "scan",
+            "--model",
+            &p("model.pt"),
+            "--clean",
+            &p("clean.safetensors"),
+            "--poison",
+            &p("poison.safetensors"),
+            &format!("--target-label={label}"),
+            "--out",
+            dir.path().join("refused.pt").to_str().unwrap(),
+            "--report",
+            dir.path().join("refused.json").to_str().unwrap(),
+            "--threads",
+            "1",
+        ]);
+        assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+        let message = stderr(&refused);
+        assert!(
+            message.contains(&format!("leave out target label {label}")),
+            "{message}"
+        );
+        assert!(!dir.path().join("refused.pt").exists());
+    }
 }
 
 #[test]

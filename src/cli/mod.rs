@@ -505,7 +505,14 @@ fn demo_command(args: DemoArgs) -> Result<(), EngineError> {
     }
     let temp;
     let dir = match &args.work_dir {
-        Some(dir) => dir.clone(),
+        // Made here, where a failure is still the caller's path to fix (a file in the
+        // way, no permission); the demo's own writes failing later are not.
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                EngineError::InvalidInput(format!("--work-dir {}: {e}", dir.display()))
+            })?;
+            dir.clone()
+        }
         None => {
             temp = tempdir()?;
             temp.clone()

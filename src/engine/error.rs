@@ -11,8 +11,10 @@ pub enum EngineError {
     #[error("internal error: {0}")]
     Internal(String),
     /// The training loss stopped being a number. Purification restarts at a lower rate
-    /// and fails with this, naming the rates, only when the last rate diverges too;
-    /// anywhere else it is an internal failure like any other.
+    /// and fails with this, naming the rates, only when the last rate diverges too.
+    /// Not a bug on our side: the model, data and rates together do not train, and a
+    /// lower rate is the caller's to choose, so it is reported as theirs to act on
+    /// (exit 2, job error code `diverged`) rather than as an internal failure.
     #[error("training diverged: {0}")]
     Diverged(String),
 }
@@ -22,8 +24,12 @@ impl EngineError {
         EngineError::InvalidInput(format!("{what}: {err}"))
     }
 
+    /// Whether the caller can fix it (other files or settings) rather than us.
     pub fn is_client_error(&self) -> bool {
-        matches!(self, EngineError::InvalidInput(_))
+        matches!(
+            self,
+            EngineError::InvalidInput(_) | EngineError::Diverged(_)
+        )
     }
 }
 

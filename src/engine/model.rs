@@ -105,6 +105,16 @@ impl ScanModel {
                 logits.kind()
             )));
         }
+        // NaN or infinite logits make every accuracy, salience and loss after this
+        // meaningless (and used to surface as an internal failure much later): the
+        // weights, or pixels far outside the model's range, are the caller's to fix.
+        if logits.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+            return Err(rejected(
+                "its logits for these images are NaN or infinite (non-finite weights, or \
+                 pixel values far outside the range the model was trained on)"
+                    .into(),
+            ));
+        }
         if !logits.requires_grad() {
             return Err(rejected(
                 "its logits carry no gradient to its parameters (detached, or computed \

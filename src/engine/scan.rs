@@ -135,6 +135,14 @@ pub fn run_scan(
         None => None,
     };
     let poison_set = match (&poison, inputs.target_label) {
+        // Silently ignoring it would leave a report that names a target its ASR was not
+        // measured against.
+        (Some((bundle, _)), Some(target)) if bundle.targets.is_some() => {
+            return Err(EngineError::InvalidInput(format!(
+                "poison bundle: holds per-sample `targets` (an all-to-all attack), and ASR is \
+                 measured against each sample's own target; leave out target label {target}"
+            )));
+        }
         (Some((bundle, _)), _) if bundle.targets.is_some() => {
             let set = SampleSet::from_bundle(bundle, device)?;
             check_against_model(&model, "poison", bundle, &set)?;

@@ -5,7 +5,8 @@
 //! - stdin: closing it asks the scan to stop at its next step;
 //! - stdout: one JSON object per progress step, `{"phase":…,"step":…,"total":…}`;
 //! - files: the report and the purified model on success, a [`ChildError`] otherwise;
-//! - exit code: 0 done, 2 bad input, 3 internal failure, 4 cancelled.
+//! - exit code: 0 done, 2 bad input or settings (training diverged included), 3 internal
+//!   failure, 4 cancelled.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -117,6 +118,13 @@ pub fn run_job_process(spec_path: &Path) -> u8 {
             EXIT_INPUT,
             ChildError {
                 code: "invalid_input".into(),
+                message: e.to_string(),
+            },
+        ),
+        Err(e @ EngineError::Diverged(_)) => (
+            EXIT_INPUT,
+            ChildError {
+                code: "diverged".into(),
                 message: e.to_string(),
             },
         ),

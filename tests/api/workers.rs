@@ -27,6 +27,18 @@ async fn submit_demo_job(app: &TestApp, config: &Value) -> String {
     job["id"].as_str().unwrap().to_string()
 }
 
+/// Runs the next queued job in a worker called `worker`: how it ended, and job `id` as
+/// the API then shows it.
+async fn run_next_job(app: &TestApp, worker: &str, id: &str) -> (Option<JobState>, Value) {
+    let state = app
+        .worker(worker)
+        .run_once(&CancellationToken::new())
+        .await
+        .unwrap();
+    let (_, job) = app.get_json(&format!("/v1/jobs/{id}")).await;
+    (state, job)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_running_job_stops_its_process() {
     let app = spawn_app(Options {
@@ -120,16 +132,23 @@ async fn bad_input_files_fail_the_job_as_invalid_input() {
     let blob = app.upload(b"this is not TorchScript".to_vec()).await;
     let body = json!({ "model": blob, "clean": blob });
     let job: Value = app.create_job(&body).await;
-    let state = app
-        .worker("w")
-        .run_once(&CancellationToken::new())
-        .await
-        .unwrap();
+    let (state, job) = run_next_job(&app, "w", job["id"].as_str().unwrap()).await;
     assert_eq!(state, Some(JobState::Failed));
-    let (_, job) = app
-        .get_json(&format!("/v1/jobs/{}", job["id"].as_str().unwrap()))
-        .await;
     assert_eq!(job["error"]["code"], "invalid_input", "{job}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_whose_training_diverges_fails_the_job_as_diverged_not_internal() {
+    let app = spawn_app(Options::default()).await;
+    // At this rate every purification attempt overflows the weights in its first steps.
+    let config = json!({ "purify_epochs": 1, "recovery_epochs": 1, "purify_lr": 1e30 });
+    let id = submit_demo_job(&app, &config).await;
+    let (state, job) = run_next_job(&app, "w", &id).await;
+    assert_eq!(state, Some(JobState::Failed));
+    assert_eq!(job["error"]["code"], "diverged", "{job}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(message.contains("lower purify_lr"), "{job}");
     app.stop().await;
 }
 
@@ -173,13 +192,8 @@ async fn a_job_whose_worker_died_is_run_again(db: Db) {
     // The app's reaper puts it back in the queue; another worker runs it to the end.
     app.wait_for(&id, Duration::from_secs(30), |j| j["state"] == "queued")
         .await;
-    let state = app
-        .worker("second-worker")
-        .run_once(&CancellationToken::new())
-        .await
-        .unwrap();
+    let (state, job) = run_next_job(&app, "second-worker", &id).await;
     assert_eq!(state, Some(JobState::Succeeded));
-    let (_, job) = app.get_json(&format!("/v1/jobs/{id}")).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["attempts"], 2);
     let (status, report) = app.get_json(&format!("/v1/jobs/{id}/report")).await;
