@@ -1,4 +1,5 @@
-//! The `bdscan` command line. Exit codes: 0 done, 2 bad input or usage, 3 internal failure.
+//! The `bdscan` command line. Exit codes: 0 done, 2 bad input, usage or settings (training
+//! that diverged included), 3 internal failure.
 
 mod progress;
 
