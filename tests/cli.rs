@@ -154,12 +154,13 @@ fn non_finite_pixels() {
 #[test]
 fn pixels_so_large_the_logits_overflow() {
     // Finite, so the bundle itself is valid; the model's logits are not. This used to
-    // pass the checks and fail much later as an internal error (exit 3).
-    let images = f32_images(&[8, 1, 28, 28], |_| 3e38);
+    // pass the checks and fail much later as an internal error (exit 3). Only the
+    // sixth image is so large: every image is checked, not just the first few.
+    let images = f32_images(&[8, 1, 28, 28], |i| if i / 784 == 5 { 3e38 } else { 0.5 });
     bundle_case(
         "huge",
         &[("images", &images), ("labels", &labels(&[0; 8]))],
-        "logits for these images are NaN or infinite",
+        "the model's logits for sample 5 are NaN or infinite",
     );
 }
 
@@ -354,7 +355,7 @@ fn models_that_break_differentiation_are_refused_or_scanned_but_never_crash() {
     );
     assert_input_error(
         &scan(dir.path(), &nan_logits, &clean, &config),
-        "logits for these images are NaN or infinite",
+        "the model's logits for sample 0 are NaN or infinite",
     );
     // A submodule `forward` never calls has no gradient, and a model that ignores its
     // input gives the shortcut search none: both were internal errors (exit 3); they

@@ -105,16 +105,6 @@ impl ScanModel {
                 logits.kind()
             )));
         }
-        // NaN or infinite logits make every accuracy, salience and loss after this
-        // meaningless (and used to surface as an internal failure much later): the
-        // weights, or pixels far outside the model's range, are the caller's to fix.
-        if logits.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
-            return Err(rejected(
-                "its logits for these images are NaN or infinite (non-finite weights, or \
-                 pixel values far outside the range the model was trained on)"
-                    .into(),
-            ));
-        }
         if !logits.requires_grad() {
             return Err(rejected(
                 "its logits carry no gradient to its parameters (detached, or computed \
@@ -123,6 +113,28 @@ impl ScanModel {
             ));
         }
         Ok(size[1])
+    }
+
+    /// The first of `images` (counted from 0) whose logits are NaN or infinite, if any:
+    /// an eval-mode pass without gradients, `batch_size` images at a time.
+    pub fn first_non_finite_logits(
+        &self,
+        images: &Tensor,
+        batch_size: usize,
+    ) -> Result<Option<i64>, EngineError> {
+        tch::no_grad(|| {
+            let n = images.size()[0];
+            for start in (0..n).step_by(batch_size.max(1)) {
+                let len = (batch_size as i64).min(n - start);
+                let logits = self.forward(&images.f_narrow(0, start, len)?)?;
+                let bad_rows = logits.f_isfinite()?.f_all_dim(1, false)?.f_logical_not()?;
+                if bad_rows.f_any()?.f_int64_value(&[])? != 0 {
+                    let first = bad_rows.f_nonzero()?.f_int64_value(&[0, 0])?;
+                    return Ok(Some(start + first));
+                }
+            }
+            Ok(None)
+        })
     }
 
     /// `param`'s gradient, or zeros where the last backward pass did not reach it (a

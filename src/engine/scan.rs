@@ -125,11 +125,11 @@ pub fn run_scan(
     let clean = SampleSet::from_bundle(&clean_bundle, device)?;
     let mut model = ScanModel::load(&inputs.model, device, &clean.images.narrow(0, 0, 2))?;
     let num_classes = model.num_classes;
-    check_against_model(&model, "clean", &clean_bundle, &clean)?;
+    check_against_model(&model, "clean", &clean_bundle, &clean, batch)?;
     let test_set = match &test {
         Some((bundle, _)) => {
             let set = SampleSet::from_bundle(bundle, device)?;
-            check_against_model(&model, "test", bundle, &set)?;
+            check_against_model(&model, "test", bundle, &set, batch)?;
             Some(set)
         }
         None => None,
@@ -145,7 +145,7 @@ pub fn run_scan(
         }
         (Some((bundle, _)), _) if bundle.targets.is_some() => {
             let set = SampleSet::from_bundle(bundle, device)?;
-            check_against_model(&model, "poison", bundle, &set)?;
+            check_against_model(&model, "poison", bundle, &set, batch)?;
             Some(PoisonSet::with_targets(
                 set,
                 bundle.targets.as_deref().unwrap_or(&[]),
@@ -158,7 +158,7 @@ pub fn run_scan(
                 )));
             }
             let set = SampleSet::from_bundle(bundle, device)?;
-            check_against_model(&model, "poison", bundle, &set)?;
+            check_against_model(&model, "poison", bundle, &set, batch)?;
             Some(PoisonSet::new(set, target)?)
         }
         _ => None,
@@ -388,12 +388,14 @@ fn read_bundle(path: &Path, role: &str) -> Result<(Bundle, BundleDigest), Engine
     Ok((bundle, digest))
 }
 
-/// Labels must name the model's classes and the model must accept the images.
+/// Labels must name the model's classes and the model must accept the images, giving
+/// finite logits for every one of them.
 fn check_against_model(
     model: &ScanModel,
     role: &str,
     bundle: &Bundle,
     set: &SampleSet,
+    batch_size: usize,
 ) -> Result<(), EngineError> {
     bundle
         .check_labels_below(model.num_classes)
@@ -406,6 +408,17 @@ fn check_against_model(
         return Err(EngineError::InvalidInput(format!(
             "{role} bundle: the model gives {classes} logits for these images but {} for the clean bundle",
             model.num_classes
+        )));
+    }
+    // NaN or infinite logits make every accuracy, salience and loss computed from them
+    // meaningless, and surfaced much later as an internal failure or a divergence
+    // blamed on the rates. The weights, or the pixels, are the caller's to fix. One
+    // eval pass over the bundle; the model is in eval mode since it was loaded.
+    if let Some(sample) = model.first_non_finite_logits(&set.images, batch_size)? {
+        return Err(EngineError::InvalidInput(format!(
+            "{role} bundle: the model's logits for sample {sample} are NaN or infinite \
+             (non-finite weights, or pixel values far outside the range the model was \
+             trained on)"
         )));
     }
     Ok(())
