@@ -12,6 +12,7 @@ use std::path::Path;
 use tch::{CModule, Device, Kind, Tensor};
 
 use super::bundle::{BundleError, TensorDtype};
+use super::data::SampleSet;
 use super::error::{first_line, EngineError};
 use super::layers::{group_layers, LayerGroup};
 
@@ -115,23 +116,23 @@ impl ScanModel {
         Ok(size[1])
     }
 
-    /// The first of `images` (counted from 0) whose logits are NaN or infinite, if any:
-    /// an eval-mode pass without gradients, `batch_size` images at a time.
+    /// The first sample of `data` (counted from 0) whose logits are NaN or infinite, if
+    /// any: a pass without gradients, in whatever mode the model is in.
     pub fn first_non_finite_logits(
         &self,
-        images: &Tensor,
+        data: &SampleSet,
         batch_size: usize,
     ) -> Result<Option<i64>, EngineError> {
         tch::no_grad(|| {
-            let n = images.size()[0];
-            for start in (0..n).step_by(batch_size.max(1)) {
-                let len = (batch_size as i64).min(n - start);
-                let logits = self.forward(&images.f_narrow(0, start, len)?)?;
+            let mut start = 0;
+            for (images, _) in data.chunks(batch_size) {
+                let logits = self.forward(&images)?;
                 let bad_rows = logits.f_isfinite()?.f_all_dim(1, false)?.f_logical_not()?;
                 if bad_rows.f_any()?.f_int64_value(&[])? != 0 {
                     let first = bad_rows.f_nonzero()?.f_int64_value(&[0, 0])?;
                     return Ok(Some(start + first));
                 }
+                start += images.size()[0];
             }
             Ok(None)
         })

@@ -414,7 +414,7 @@ fn check_against_model(
     // meaningless, and surfaced much later as an internal failure or a divergence
     // blamed on the rates. The weights, or the pixels, are the caller's to fix. One
     // eval pass over the bundle; the model is in eval mode since it was loaded.
-    if let Some(sample) = model.first_non_finite_logits(&set.images, batch_size)? {
+    if let Some(sample) = model.first_non_finite_logits(set, batch_size)? {
         return Err(EngineError::InvalidInput(format!(
             "{role} bundle: the model's logits for sample {sample} are NaN or infinite \
              (non-finite weights, or pixel values far outside the range the model was \
