@@ -450,3 +450,39 @@ fn a_purification_whose_loss_stops_being_a_number_at_every_rate_fails_naming_the
     assert!(message.contains("lower purify_lr"), "{message}");
     assert!(!out.exists());
 }
+
+#[test]
+fn a_model_that_views_its_activations_is_fed_its_usual_layout() {
+    // `view` needs the default (NCHW) layout behind it: fed channels-last this model
+    // fails, so the load's check must keep its usual layout, and it must still run.
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = dir.path().join("viewing.pt");
+    let script = dir.path().join("viewing.py");
+    std::fs::write(
+        &script,
+        "import sys, torch\n\
+         class Viewing(torch.nn.Module):\n\
+         \x20   def __init__(self):\n\
+         \x20       super().__init__()\n\
+         \x20       self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)\n\
+         \x20       self.out = torch.nn.Linear(4 * 8 * 8, 2)\n\
+         \x20   def forward(self, x):\n\
+         \x20       h = torch.relu(self.conv(x.float()))\n\
+         \x20       return self.out(h.view(h.size(0), -1))\n\
+         torch.jit.script(Viewing()).save(sys.argv[1])\n",
+    )
+    .unwrap();
+    run_python_ok(&[script.as_os_str(), model_path.as_os_str()]);
+    let images = tch::Tensor::rand([4, 3, 8, 8], (tch::Kind::Float, Device::Cpu));
+    let model = ScanModel::load(&model_path, Device::Cpu, &images.narrow(0, 0, 2)).unwrap();
+    assert!(!model.feeds_channels_last());
+    assert_eq!(model.forward(&images).unwrap().size(), [4, 2]);
+    // A model without that habit is fed channels-last on the CPU.
+    let mnist = ScanModel::load(
+        &fixture("models/mnist_cnn_bn.pt"),
+        Device::Cpu,
+        &tch::Tensor::zeros([2, 1, 28, 28], (tch::Kind::Uint8, Device::Cpu)),
+    )
+    .unwrap();
+    assert!(mnist.feeds_channels_last());
+}
