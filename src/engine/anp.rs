@@ -23,7 +23,7 @@ use tch::{Kind, Tensor};
 
 use super::data::{epoch_batches, SampleSet};
 use super::error::EngineError;
-use super::model::ScanModel;
+use super::model::{defined_or_zeros, ScanModel};
 use super::progress::{Monitor, Phase};
 use super::scan::{no_masks, Context, Defended, Timer};
 use super::training::cross_entropy;
@@ -150,24 +150,36 @@ impl AnpSearch {
         perturbed: bool,
     ) -> Result<AnpGradients, EngineError> {
         self.write(model, perturbed)?;
-        model.zero_grad();
         let loss = cross_entropy(&model.forward(images)?, labels)?;
-        loss.f_backward()?;
+        // Only the scaled and shifted parameters' gradients: asking autograd for every
+        // parameter's also computed each convolution's weight gradient (and the whole
+        // backward pass of a first convolution followed by BatchNorm), which nothing here
+        // reads. A parameter `forward` never uses gets zeros, as `gradient_or_zeros` gives.
+        let wanted: Vec<usize> = self
+            .layers
+            .iter()
+            .flat_map(|l| std::iter::once(l.scaled).chain(l.shifted))
+            .collect();
+        let inputs: Vec<&Tensor> = wanted.iter().map(|&i| &model.params[i].tensor).collect();
+        let grads = Tensor::f_run_backward(&[&loss], &inputs, false, false)?;
+        let grad_of = |param: usize| {
+            let at = wanted
+                .iter()
+                .position(|&i| i == param)
+                .expect("asked for above");
+            defined_or_zeros(grads[at].shallow_clone(), &model.params[param].tensor)
+        };
         tch::no_grad(|| -> Result<AnpGradients, EngineError> {
             let mut mask = Vec::with_capacity(self.layers.len());
             let mut shift_noise = Vec::with_capacity(self.layers.len());
             for (j, l) in self.layers.iter().enumerate() {
                 let width = model.layers[l.layer].width as i64;
-                let grad = ScanModel::gradient_or_zeros(&model.params[l.scaled].tensor);
                 mask.push(per_neuron_sum(
-                    &grad.f_mul(&self.scaled_at_start[j])?,
+                    &grad_of(l.scaled).f_mul(&self.scaled_at_start[j])?,
                     width,
                 )?);
                 shift_noise.push(match (l.shifted, &self.shifted_at_start[j]) {
-                    (Some(p), Some(base)) => {
-                        let grad = ScanModel::gradient_or_zeros(&model.params[p].tensor);
-                        Some(per_neuron_sum(&grad.f_mul(base)?, width)?)
-                    }
+                    (Some(p), Some(base)) => Some(per_neuron_sum(&grad_of(p).f_mul(base)?, width)?),
                     _ => None,
                 });
             }
