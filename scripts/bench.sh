@@ -3,7 +3,7 @@
 # PyTorch loop over the same TorchScript model, data, batch size and thread count;
 # (2) the defense grid (benches/defense_grid.py): lab-trained backdoored models x every
 # defense over 3 seeds, with the AR/L1/L2 epoch plot; (3) the service benchmark.
-# Run it on an otherwise idle machine: `make bench` (about 1¾ hours on 2 cores), or
+# Run it on an otherwise idle machine: `make bench` (about 70 minutes on 2 cores), or
 # `make bench-quick` (scripts/bench.sh --quick: a grid subset, one seed, ~10 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +33,8 @@ model=tests/fixtures/models/mnist_cnn_bn.pt
   echo "The engine's \`fine_tune\` loop (examples/finetune_bench.rs) against a plain PyTorch loop"
   echo "(benches/finetune_python.py): same TorchScript model ($model), first 4,096 fixture digits,"
   echo "batch 64, SGD momentum 0.9, 3 epochs after one warm-up epoch; best of 3 runs each."
+  echo "bdscan feeds the images laid out channels-last (README, Inputs); the PyTorch loop feeds"
+  echo "them as stored."
   echo
   echo "| threads | bdscan samples/s | PyTorch samples/s | ratio |"
   echo "|---|---|---|---|"
