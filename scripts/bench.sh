@@ -20,10 +20,12 @@ cp target/debug/bdscan "$tmp/bin/" && cp target/debug/examples/finetune_bench "$
 BIN=$tmp/bin
 
 model=tests/fixtures/models/mnist_cnn_bn.pt
+MAKE_TARGET="make bench"
+[[ ${1:-} == --quick ]] && MAKE_TARGET="make bench-quick"
 {
   echo "# Benchmarks"
   echo
-  echo "Produced by \`make bench\` (scripts/bench.sh) at commit $(git rev-parse --short HEAD) on $(date -u +%Y-%m-%d),"
+  echo "Produced by \`$MAKE_TARGET\` (scripts/bench.sh) at commit $(git rev-parse --short HEAD) on $(date -u +%Y-%m-%d),"
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), CPU only, libtorch from torch==2.13.0."
   echo
 } > "$tmp/head.md"
