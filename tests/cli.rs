@@ -288,7 +288,6 @@ fn a_failed_scan_leaves_no_artifact_or_report_behind() {
 
 /// Scripts a 4→3→2 MLP whose `forward` does `variant` (Python, run with the .venv torch).
 fn odd_model(dir: &Path, name: &str, variant: &str) -> std::path::PathBuf {
-    let path = dir.join(format!("{name}.pt"));
     let script = format!(
         r#"
 import sys, torch
@@ -306,11 +305,7 @@ torch.manual_seed(0)
 torch.jit.script(M()).save(sys.argv[1])
 "#
     );
-    // From a file: TorchScript reads the class's source back.
-    let source = dir.join(format!("{name}.py"));
-    std::fs::write(&source, script).unwrap();
-    run_python_ok(&[source.to_str().unwrap(), path.to_str().unwrap()]);
-    path
+    scripted_model(dir, name, &script)
 }
 
 #[test]

@@ -60,11 +60,9 @@ fn fixture_models_report_activations_for_every_hidden_layer() {
 #[test]
 fn activation_methods_explain_what_a_model_without_activations_must_export() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("plain.pt");
-    // TorchScript compiles classes from their source, so the script is a file.
-    let script = dir.path().join("plain.py");
-    std::fs::write(
-        &script,
+    let model = scripted_model(
+        dir.path(),
+        "plain",
         "import sys, torch\n\
          class Plain(torch.nn.Module):\n\
          \x20   def __init__(self):\n\
@@ -74,9 +72,7 @@ fn activation_methods_explain_what_a_model_without_activations_must_export() {
          \x20   def forward(self, x):\n\
          \x20       return self.out(torch.relu(self.hidden(x.float().flatten(1) / 255.0)))\n\
          torch.jit.script(Plain()).save(sys.argv[1])\n",
-    )
-    .unwrap();
-    run_python_ok(&[script.as_os_str(), model.as_os_str()]);
+    );
     let files = demo_files();
     for method in ["fp", "activation"] {
         let out = Command::new(bdscan_bin())

@@ -456,10 +456,9 @@ fn a_model_that_views_its_activations_is_fed_its_usual_layout() {
     // `view` needs the default (NCHW) layout behind it: fed channels-last this model
     // fails, so the load's check must keep its usual layout, and it must still run.
     let dir = tempfile::tempdir().unwrap();
-    let model_path = dir.path().join("viewing.pt");
-    let script = dir.path().join("viewing.py");
-    std::fs::write(
-        &script,
+    let model_path = scripted_model(
+        dir.path(),
+        "viewing",
         "import sys, torch\n\
          class Viewing(torch.nn.Module):\n\
          \x20   def __init__(self):\n\
@@ -470,9 +469,7 @@ fn a_model_that_views_its_activations_is_fed_its_usual_layout() {
          \x20       h = torch.relu(self.conv(x.float()))\n\
          \x20       return self.out(h.view(h.size(0), -1))\n\
          torch.jit.script(Viewing()).save(sys.argv[1])\n",
-    )
-    .unwrap();
-    run_python_ok(&[script.as_os_str(), model_path.as_os_str()]);
+    );
     let images = tch::Tensor::rand([4, 3, 8, 8], (tch::Kind::Float, Device::Cpu));
     let model = ScanModel::load(&model_path, Device::Cpu, &images.narrow(0, 0, 2)).unwrap();
     assert!(!model.feeds_channels_last());

@@ -16,8 +16,6 @@ pub fn bdscan_bin() -> &'static str {
     env!("CARGO_BIN_EXE_bdscan")
 }
 
-/// The Python of the project's virtualenv (torch installed), for checks that the
-/// artifacts load in PyTorch itself.
 /// Runs the real `bdscan` binary with `args` (quiet logs) and returns what it did.
 pub fn run_bdscan<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
     std::process::Command::new(bdscan_bin())
@@ -41,10 +39,23 @@ pub fn run_python_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Out
     output
 }
 
+/// The Python of the project's virtualenv (torch installed), for checks that the
+/// artifacts load in PyTorch itself.
 pub fn python() -> PathBuf {
     std::env::var_os("BDSCAN_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"))
+}
+
+/// Runs `script` (Python that saves a scripted model to `sys.argv[1]`) and returns where
+/// it saved it, `dir/name.pt`. From a file, not `python -c`: TorchScript reads a class's
+/// source back.
+pub fn scripted_model(dir: &Path, name: &str, script: &str) -> PathBuf {
+    let model = dir.join(format!("{name}.pt"));
+    let source = dir.join(format!("{name}.py"));
+    std::fs::write(&source, script).unwrap();
+    run_python_ok(&[source.as_os_str(), model.as_os_str()]);
+    model
 }
 
 pub fn u8_images(shape: &[usize], value: u8) -> RawTensor {
