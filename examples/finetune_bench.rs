@@ -13,6 +13,8 @@ use bdscan::engine::{Monitor, Phase};
 use rand::SeedableRng;
 
 fn main() {
+    // As every engine command of the CLI does (src/engine/allocator.rs).
+    bdscan::engine::allocator::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let (model_path, samples, batch, threads, epochs, device_name) = match &args[..] {
         [_, m, s, b, t, e] => (m, s, b, t, e, "cpu"),

@@ -320,6 +320,10 @@ pub fn main() -> ExitCode {
         }
     };
     init_tracing();
+    // Every command but `serve` is a short process that runs the engine.
+    if !matches!(cli.command, Command::Serve(_)) {
+        crate::engine::allocator::keep_freed_memory();
+    }
     let outcome = match cli.command {
         Command::Serve(args) => return serve(args),
         Command::Job(args) => {

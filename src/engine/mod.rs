@@ -4,6 +4,7 @@
 //! [`Monitor`].
 
 pub mod activation;
+pub mod allocator;
 pub mod anp;
 pub mod archive;
 pub mod bundle;
