@@ -198,7 +198,9 @@ pub struct ScanConfig {
     /// perturbation's energy on 2% of the pixel positions) leads every other class's by
     /// at least this much: a patch trigger's target on a network with easy benign classes.
     pub unlearn_min_local_gap: f64,
-    /// Gradient steps of each perturbation search, each on a fresh clean batch.
+    /// Gradient steps of each perturbation search, each on a fresh clean batch. The
+    /// per-epoch re-searches during purification and recovery continue from the last
+    /// epoch's δ and patch and take half as many (rounded up).
     pub unlearn_steps: usize,
     /// Weight of the loss under a random image-wide grating in every purification and
     /// recovery step (pattern unlearning; 0 turns it off).

@@ -13,7 +13,7 @@ use super::error::EngineError;
 use super::model::ScanModel;
 use super::patterns::PatternUnlearn;
 use super::progress::{Monitor, Phase};
-use super::unlearn::UnlearnPlan;
+use super::unlearn::{Search, UnlearnPlan};
 
 pub struct Sgd {
     momentum: f64,
@@ -140,10 +140,12 @@ pub fn fine_tune(
     // The patterns draw from their own stream, seeded without advancing `rng`: the
     // batches, shifts and searches stay exactly those of a run without them.
     let mut pattern_rng = ChaCha8Rng::seed_from_u64(rng.clone().gen());
+    // The last epoch's δ and patch: each epoch's searches continue from them.
+    let mut shortcut: Option<(Tensor, Option<(&Tensor, Tensor)>)> = None;
     for epoch in 0..plan.epochs {
         // Shortcut unlearning: this epoch's perturbation towards the suspected target;
         // how often it still reaches the target goes into the trace.
-        let shortcut = match &plan.unlearn {
+        shortcut = match &plan.unlearn {
             Some(u) => {
                 let delta = u.unlearn.perturbation_towards(
                     model,
@@ -152,6 +154,10 @@ pub fn fine_tune(
                     u.radius,
                     plan.batch_size,
                     rng,
+                    match &shortcut {
+                        Some((delta, _)) => Search::Warm(delta),
+                        None => Search::Cold,
+                    },
                 )?;
                 let probe = data.images.narrow(0, 0, data.len().min(256) as i64);
                 let mut reach = ShortcutReach {
@@ -169,6 +175,10 @@ pub fn fine_tune(
                             support,
                             plan.batch_size,
                             rng,
+                            match &shortcut {
+                                Some((_, Some((_, pattern)))) => Search::Warm(pattern),
+                                _ => Search::Cold,
+                            },
                         )?;
                         reach.patch = Some(
                             u.unlearn

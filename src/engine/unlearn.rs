@@ -113,6 +113,15 @@ pub struct Unlearn {
 /// patch on a 32×32 image is 0.9%).
 pub const LOCAL_SHARE: f64 = 0.02;
 
+/// Where a search starts. Purification re-searches δ and the patch every epoch against a
+/// model that one epoch changed only a little, so each re-search continues from the last
+/// epoch's result instead of starting over.
+#[derive(Clone, Copy)]
+pub enum Search<'a> {
+    Cold,
+    Warm(&'a Tensor),
+}
+
 /// Step of the patch search, as a share of the pixel range: a few steps can take a
 /// pixel from mid-grey to either end.
 const PATCH_STEP: f64 = 0.2;
@@ -190,7 +199,10 @@ impl Unlearn {
     }
 
     /// Projected gradient descent on the mean cross-entropy towards `target` over one
-    /// shared δ (1×C×H×W), in eval mode so BatchNorm statistics are not touched.
+    /// shared δ (1×C×H×W), in eval mode so BatchNorm statistics are not touched. A cold
+    /// search starts from zero and takes `steps`; a warm one continues from an earlier δ
+    /// (`Search::Warm`) with fewer steps of the same size.
+    #[allow(clippy::too_many_arguments)]
     pub fn perturbation_towards(
         &self,
         model: &mut ScanModel,
@@ -199,11 +211,15 @@ impl Unlearn {
         radius: f64,
         batch_size: usize,
         rng: &mut ChaCha8Rng,
+        from: Search,
     ) -> Result<Tensor, EngineError> {
         model.set_eval()?;
-        let mut delta = one_image_of(data, 0.0)?;
+        let (mut delta, steps) = match from {
+            Search::Cold => (one_image_of(data, 0.0)?, self.steps),
+            Search::Warm(earlier) => (earlier.detach().copy(), self.warm_steps()),
+        };
         let step_size = 2.5 * radius / self.steps.max(1) as f64;
-        for _ in 0..self.steps {
+        for _ in 0..steps {
             let d = delta.detach().set_requires_grad(true);
             let grad = &gradient_towards(model, data, target, batch_size, rng, &d, &|images| {
                 self.space.perturb(images, &d)
@@ -246,7 +262,9 @@ impl Unlearn {
     /// sends clean images to `target`: a patch trigger where the L2 search located one.
     /// The L2 ball around an image never holds a full-strength patch, so once the model
     /// resists the ball the real patch can still work; this search finds it. Signed
-    /// gradient steps from mid-grey, each on a fresh random batch, in eval mode.
+    /// gradient steps from mid-grey (cold) or from an earlier pattern (warm, fewer steps),
+    /// each on a fresh random batch, in eval mode.
+    #[allow(clippy::too_many_arguments)]
     pub fn patch_towards(
         &self,
         model: &mut ScanModel,
@@ -255,12 +273,16 @@ impl Unlearn {
         support: &Tensor,
         batch_size: usize,
         rng: &mut ChaCha8Rng,
+        from: Search,
     ) -> Result<Tensor, EngineError> {
         model.set_eval()?;
         let (lo, hi) = (self.space.lo, self.space.hi);
-        let mut pattern = one_image_of(data, (lo + hi) / 2.0)?;
+        let (mut pattern, steps) = match from {
+            Search::Cold => (one_image_of(data, (lo + hi) / 2.0)?, self.steps),
+            Search::Warm(earlier) => (earlier.detach().copy(), self.warm_steps()),
+        };
         let step_size = PATCH_STEP * (hi - lo);
-        for _ in 0..self.steps {
+        for _ in 0..steps {
             let p = pattern.detach().set_requires_grad(true);
             let grad = gradient_towards(model, data, target, batch_size, rng, &p, &|images| {
                 self.stamp(images, support, &p)
@@ -273,6 +295,11 @@ impl Unlearn {
         }
         model.zero_grad();
         Ok(pattern.detach())
+    }
+
+    /// Steps of a warm re-search: half a cold one's (at least one).
+    fn warm_steps(&self) -> usize {
+        self.steps.div_ceil(2)
     }
 
     /// Share of `images` that `delta` sends to `class`.
@@ -324,8 +351,15 @@ impl Unlearn {
             let mut local = Vec::with_capacity(num_classes as usize);
             let mut deltas = Vec::with_capacity(num_classes as usize);
             for class in 0..num_classes {
-                let delta =
-                    self.perturbation_towards(model, data, class, radius, batch_size, rng)?;
+                let delta = self.perturbation_towards(
+                    model,
+                    data,
+                    class,
+                    radius,
+                    batch_size,
+                    rng,
+                    Search::Cold,
+                )?;
                 success.push(self.success(model, &probe, &delta, class)?);
                 local.push(locality(&delta)?);
                 deltas.push(delta);
@@ -472,6 +506,101 @@ pub struct TargetSearch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// How many batches of `batch` draws from `0..n` separate `rng` from a fresh stream
+    /// of `seed` (each search step draws one batch).
+    fn batches_drawn(rng: &ChaCha8Rng, seed: u64, batch: usize, n: usize) -> usize {
+        use rand::SeedableRng;
+        let mut replay = ChaCha8Rng::seed_from_u64(seed);
+        (0..100)
+            .find(|_| {
+                let same = replay.clone().gen::<u64>() == rng.clone().gen::<u64>();
+                for _ in 0..batch {
+                    replay.gen_range(0..n);
+                }
+                same
+            })
+            .expect("fewer than 100 batches drawn")
+    }
+
+    /// A warm re-search starts from the δ or pattern it is given and draws half as many
+    /// batches as a cold one, on the MNIST fixture model.
+    #[test]
+    fn a_warm_search_continues_from_its_start_with_half_the_steps() {
+        use rand::SeedableRng;
+        tch::manual_seed(5);
+        let cpu = tch::Device::Cpu;
+        let data = SampleSet {
+            images: Tensor::rand([32, 1, 28, 28], (Kind::Float, cpu)),
+            labels: Tensor::arange(32, (Kind::Int64, cpu)).remainder(10),
+        };
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/models/mnist_cnn_bn.pt");
+        let mut model = ScanModel::load(&path, cpu, &data.images.narrow(0, 0, 2)).unwrap();
+        let unlearn = Unlearn {
+            space: InputSpace {
+                scale: 1.0,
+                lo: 0.0,
+                hi: 1.0,
+            },
+            radii_rms: vec![0.05],
+            min_success: 0.9,
+            min_gap: 0.25,
+            min_local_gap: 0.2,
+            steps: 6,
+            weight: 1.0,
+        };
+        let radius = Unlearn::radius_for(&unlearn.space, 0.05, 28 * 28);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let cold = unlearn
+            .perturbation_towards(&mut model, &data, 3, radius, 8, &mut rng, Search::Cold)
+            .unwrap();
+        assert_eq!(batches_drawn(&rng, 1, 8, 32), 6);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let warm = unlearn
+            .perturbation_towards(
+                &mut model,
+                &data,
+                3,
+                radius,
+                8,
+                &mut rng,
+                Search::Warm(&cold),
+            )
+            .unwrap();
+        assert_eq!(batches_drawn(&rng, 1, 8, 32), 3);
+        for delta in [&cold, &warm] {
+            let norm = delta.norm().double_value(&[]);
+            assert!(norm > 0.0 && norm <= radius * (1.0 + 1e-5), "{norm}");
+        }
+
+        // Off the support a pattern has no gradient, so it keeps its starting value:
+        // mid-grey for a cold search, the given pattern for a warm one.
+        let support = Tensor::zeros([1, 1, 28, 28], (Kind::Float, cpu));
+        let _ = support.narrow(2, 24, 3).narrow(3, 24, 3).fill_(1.0);
+        let start = Tensor::full([1, 1, 28, 28], 0.9, (Kind::Float, cpu));
+        let off_support = |pattern: &Tensor| pattern.get(0).get(0).get(0).get(0).double_value(&[]);
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let pattern = unlearn
+            .patch_towards(
+                &mut model,
+                &data,
+                3,
+                &support,
+                8,
+                &mut rng,
+                Search::Warm(&start),
+            )
+            .unwrap();
+        assert_eq!(batches_drawn(&rng, 2, 8, 32), 3);
+        assert!((off_support(&pattern) - 0.9).abs() < 1e-6);
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let pattern = unlearn
+            .patch_towards(&mut model, &data, 3, &support, 8, &mut rng, Search::Cold)
+            .unwrap();
+        assert_eq!(batches_drawn(&rng, 2, 8, 32), 6);
+        assert!((off_support(&pattern) - 0.5).abs() < 1e-6);
+    }
 
     #[test]
     fn radius_scales_with_image_size_and_pixel_range() {
