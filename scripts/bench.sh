@@ -3,7 +3,7 @@
 # PyTorch loop over the same TorchScript model, data, batch size and thread count;
 # (2) the defense grid (benches/defense_grid.py): lab-trained backdoored models x every
 # defense over 3 seeds, with the AR/L1/L2 epoch plot; (3) the service benchmark.
-# Run it on an otherwise idle machine: `make bench` (about 70 minutes on 2 cores), or
+# Run it on an otherwise idle machine: `make bench` (about 37 minutes on a 2-core AMD EPYC), or
 # `make bench-quick` (scripts/bench.sh --quick: a grid subset, one seed, ~10 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +37,8 @@ MAKE_TARGET="make bench"
   echo "batch 64, SGD momentum 0.9, 3 epochs after one warm-up epoch; best of 3 runs each."
   echo "bdscan feeds the images laid out channels-last (README, Inputs); the PyTorch loop feeds"
   echo "them as stored."
+  echo "bdscan also keeps freed memory in the process (README, Inputs); the PyTorch loop runs"
+  echo "on glibc's defaults."
   echo
   echo "| threads | bdscan samples/s | PyTorch samples/s | ratio |"
   echo "|---|---|---|---|"
