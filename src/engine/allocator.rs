@@ -43,7 +43,8 @@ pub fn keep_freed_memory() -> bool {
                 || libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_FALLBACK as i32) == 1;
             // Setting either parameter turns off glibc's dynamic thresholds, so the
             // trim threshold is only raised together with the mmap one: alone, it left
-            // every block over 128 KiB on `mmap` and made a scan 2.7× slower.
+            // every block over 128 KiB on `mmap` and made a scan 2.4× slower than glibc's
+            // defaults (MNIST VGG BadNets development model: 90.9 s against 37.7 s).
             mmap_set && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as i32) == 1
         }
     }

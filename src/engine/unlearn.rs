@@ -214,10 +214,7 @@ impl Unlearn {
         from: Search,
     ) -> Result<Tensor, EngineError> {
         model.set_eval()?;
-        let (mut delta, steps) = match from {
-            Search::Cold => (one_image_of(data, 0.0)?, self.steps),
-            Search::Warm(earlier) => (earlier.detach().copy(), self.warm_steps()),
-        };
+        let (mut delta, steps) = self.start(from, data, 0.0)?;
         let step_size = 2.5 * radius / self.steps.max(1) as f64;
         for _ in 0..steps {
             let d = delta.detach().set_requires_grad(true);
@@ -277,10 +274,7 @@ impl Unlearn {
     ) -> Result<Tensor, EngineError> {
         model.set_eval()?;
         let (lo, hi) = (self.space.lo, self.space.hi);
-        let (mut pattern, steps) = match from {
-            Search::Cold => (one_image_of(data, (lo + hi) / 2.0)?, self.steps),
-            Search::Warm(earlier) => (earlier.detach().copy(), self.warm_steps()),
-        };
+        let (mut pattern, steps) = self.start(from, data, (lo + hi) / 2.0)?;
         let step_size = PATCH_STEP * (hi - lo);
         for _ in 0..steps {
             let p = pattern.detach().set_requires_grad(true);
@@ -297,9 +291,19 @@ impl Unlearn {
         Ok(pattern.detach())
     }
 
-    /// Steps of a warm re-search: half a cold one's (at least one).
-    fn warm_steps(&self) -> usize {
-        self.steps.div_ceil(2)
+    /// Where a search starts and how many steps it takes: cold, from a tensor of
+    /// `cold_value` with every step; warm, from a copy of the earlier result with half
+    /// the steps (rounded up).
+    fn start(
+        &self,
+        from: Search,
+        data: &SampleSet,
+        cold_value: f64,
+    ) -> Result<(Tensor, usize), EngineError> {
+        Ok(match from {
+            Search::Cold => (one_image_of(data, cold_value)?, self.steps),
+            Search::Warm(earlier) => (earlier.detach().copy(), self.steps.div_ceil(2)),
+        })
     }
 
     /// Share of `images` that `delta` sends to `class`.
