@@ -171,7 +171,7 @@ fn the_purified_model_loads_unchanged_in_pytorch() {
 }
 
 #[test]
-fn the_trace_measures_evenly_spaced_subsets_and_the_metrics_every_image() {
+fn the_trace_measures_class_balanced_subsets_and_the_metrics_every_image() {
     let dir = tempfile::tempdir().unwrap();
     let config = ScanConfig {
         purify_epochs: 1,
@@ -203,6 +203,80 @@ fn the_trace_measures_evenly_spaced_subsets_and_the_metrics_every_image() {
         .all(|t| t.test_acc.is_none() && t.asr.is_none()));
     assert!(untraced.metrics.after.asr.is_some());
     assert_eq!(untraced.metrics.after, report.metrics.after);
+}
+
+/// The held-out accuracy the last purification epoch of `report` ended at.
+fn purification_end(report: &ScanReport) -> f64 {
+    report
+        .trace
+        .iter()
+        .rfind(|t| t.phase == "purify")
+        .unwrap()
+        .held_out_acc
+}
+
+#[test]
+fn a_purification_tried_again_at_half_the_rate_keeps_the_better_held_out_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kept = Vec::new();
+    // At the default rate the half-rate attempt does better on the demo model; at a rate
+    // too small to move anything both end alike, and a tie keeps the first.
+    for (purify_epochs, purify_lr) in [(1, 0.05), (2, 0.05), (1, 1e-6)] {
+        let once = ScanConfig {
+            purify_epochs,
+            purify_lr,
+            recovery_epochs: 1,
+            purify_retry_drop: 1.0,
+            ..Default::default()
+        };
+        let single = scan_demo(&once, dir.path().join("once.pt"));
+        assert!(
+            !single.warnings.iter().any(|w| w.contains("tried again")),
+            "{:?}",
+            single.warnings
+        );
+        // Below zero every purification that does not collapse counts as dipped.
+        let twice = ScanConfig {
+            purify_retry_drop: -1.0,
+            ..once.clone()
+        };
+        let retried = scan_demo(&twice, dir.path().join("twice.pt"));
+        let note = retried
+            .warnings
+            .iter()
+            .find(|w| w.contains("tried again"))
+            .unwrap_or_else(|| panic!("{:?}", retried.warnings));
+        assert!(
+            note.contains(&format!("at peak rate {}", once.purify_lr))
+                && note.contains(&format!("tried again at {}", once.purify_lr / 2.0)),
+            "{note}"
+        );
+        let first = purification_end(&single);
+        if note.contains("kept the first") {
+            // Weights, trace and random stream put back: the scan that never tried again.
+            assert_eq!(retried.trace, single.trace);
+            assert_eq!(
+                retried.artifact.parameters_sha256,
+                single.artifact.parameters_sha256
+            );
+            assert_eq!(retried.metrics.after, single.metrics.after);
+            assert!(purification_end(&retried) >= first - 1e-12);
+        } else {
+            assert!(note.contains("kept that"), "{note}");
+            assert!(purification_end(&retried) > first, "{note}");
+            assert_ne!(
+                retried.artifact.parameters_sha256,
+                single.artifact.parameters_sha256
+            );
+        }
+        kept.push(note.clone());
+    }
+    println!("{kept:#?}");
+    assert!(kept.iter().any(|n| n.contains("kept that")), "{kept:#?}");
+    assert!(
+        kept.iter().any(|n| n.contains("kept the first")),
+        "{kept:#?}"
+    );
 }
 
 #[test]

@@ -174,6 +174,10 @@ pub struct ScanConfig {
     pub purify_lr: f64,
     /// Epochs of linear warm-up to `purify_lr` before the cosine decay.
     pub purify_warmup_epochs: usize,
+    /// A purification that ends more than this (fraction) below the arriving held-out
+    /// accuracy, short of a collapse, runs once more at half the rate and the better of
+    /// the two is kept. 1 turns it off; below 0, every purification runs twice.
+    pub purify_retry_drop: f64,
     pub momentum: f64,
     pub weight_decay: f64,
     /// Random translation of clean images by up to this many pixels during purification.
@@ -219,7 +223,7 @@ pub struct ScanConfig {
     pub recovery_epochs: usize,
     pub recovery_lr: f64,
     /// Most images of the test bundle, and of the poison bundle, that each epoch's trace
-    /// entry measures (spread evenly over the bundle; 0: none). They only measure, so
+    /// entry measures (every label in proportion; 0: none). They only measure, so
     /// this trades the trace's precision against time: measuring whole test and poison
     /// bundles (1,600 and 1,443 images) after every epoch took 40% of a default scan. The
     /// before/after metrics always use every image.
@@ -250,6 +254,7 @@ impl Default for ScanConfig {
             purify_epochs: 40,
             purify_lr: 0.05,
             purify_warmup_epochs: 3,
+            purify_retry_drop: 0.05,
             momentum: 0.9,
             weight_decay: 5e-4,
             augment_shift: 2,
@@ -399,6 +404,9 @@ impl ScanConfig {
                 return bad(field, "must lie in [0, 1]");
             }
         }
+        if !(-1.0..=1.0).contains(&self.purify_retry_drop) {
+            return bad("purify_retry_drop", "must lie in [-1, 1]");
+        }
         // Past 16 (about 8 pixels each way) a warp is no longer a faint trigger's scale.
         if !(0.0..=MAX_WARP).contains(&self.pattern_max_warp) {
             return bad("pattern_max_warp", &format!("must lie in [0, {MAX_WARP}]"));
@@ -521,6 +529,21 @@ mod tests {
                     .contains("pattern_max_warp"),
                 "{warp}"
             );
+        }
+        for drop in [-1.5, 1.5, f64::NAN] {
+            let cfg = ScanConfig {
+                purify_retry_drop: drop,
+                ..Default::default()
+            };
+            let refused = cfg.validate().unwrap_err().to_string();
+            assert!(refused.contains("purify_retry_drop"), "{drop}: {refused}");
+        }
+        for drop in [-1.0, 0.0, 1.0] {
+            let cfg = ScanConfig {
+                purify_retry_drop: drop,
+                ..Default::default()
+            };
+            assert!(cfg.validate().is_ok(), "{drop}");
         }
         for warp in [0.0, MAX_WARP] {
             let cfg = ScanConfig {

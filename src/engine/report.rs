@@ -154,7 +154,7 @@ pub struct EpochTrace {
     pub train_loss: f64,
     pub held_out_acc: f64,
     /// Clean accuracy on the test bundle when one is given (on at most `trace_samples` of
-    /// its images, spread evenly); never used to steer the scan.
+    /// its images, every label in proportion); never used to steer the scan.
     pub test_acc: Option<f64>,
     /// With shortcut unlearning: the share of clean images that this epoch's
     /// perturbation (the one trained against) sent to the suspected target.
@@ -167,7 +167,7 @@ pub struct EpochTrace {
     /// L2 norm of the suspect entries relative to their norm before purification.
     pub suspect_norm_ratio: f64,
     /// Measured on the poison bundle when one is given (at most `trace_samples` of its
-    /// images, spread evenly); never used to steer the scan.
+    /// images, every true label in proportion); never used to steer the scan.
     pub asr: Option<f64>,
 }
 

@@ -331,13 +331,16 @@ impl Unlearn {
 
     /// Looks for a class that a small universal perturbation reaches far more easily than
     /// every other class, or far more locally: a trigger's target. Radii are tried from
-    /// the smallest; at the first radius where some class is reached from at least
-    /// `min_success` of the clean images, the decision is made there. By reach: the best
-    /// class is the target if it leads the runner-up by `min_gap`; a clean model's easiest
-    /// classes are reached at about the same radius, so there is no gap. By locality: of
-    /// the classes reached, the one with the highest local reach is the target if it leads
-    /// every other class's by `min_local_gap`. With a target comes the support of its
-    /// perturbation (`support_of`).
+    /// the smallest; at every radius where some class is reached from at least
+    /// `min_success` of the clean images, a decision is tried, and the search stops at the
+    /// first that finds a target. By reach: the best class is the target if it leads the
+    /// runner-up by `min_gap`; a clean model's easiest classes are reached at about the
+    /// same radius, so there is no gap. By locality: of the classes reached, the one with
+    /// the highest local reach is the target if it leads every other class's by
+    /// `min_local_gap`. A radius that decides nothing does not end the search: a benign
+    /// class of a non-robust network can be reached from 90% of the images at a radius
+    /// too small for the patch to reach its own target, which then only counts at the
+    /// next radius. With a target comes the support of its perturbation (`support_of`).
     pub fn search_target(
         &self,
         model: &mut ScanModel,
@@ -348,8 +351,7 @@ impl Unlearn {
     ) -> Result<(TargetSearch, Option<Tensor>), EngineError> {
         let probe = data.images.narrow(0, 0, data.len().min(256) as i64);
         let dims = probe.size()[1..].iter().product::<i64>();
-        let mut last = TargetSearch::default();
-        for &rms in &self.radii_rms {
+        self.search_radii(rng, |rms, rng| {
             let radius = Unlearn::radius_for(&self.space, rms, dims);
             let mut success = Vec::with_capacity(num_classes as usize);
             let mut local = Vec::with_capacity(num_classes as usize);
@@ -368,28 +370,56 @@ impl Unlearn {
                 local.push(locality(&delta)?);
                 deltas.push(delta);
             }
-            last = TargetSearch {
+            let at = TargetSearch {
                 radius_rms: rms,
                 radius,
                 success_per_class: success,
                 locality_per_class: local,
-                target: None,
-                found_by: None,
+                ..Default::default()
             };
-            if last
+            Ok((at, deltas))
+        })
+    }
+
+    /// The loop of `search_target` over the radii, with `search_at` doing one radius:
+    /// its profile and each class's perturbation.
+    fn search_radii(
+        &self,
+        rng: &mut ChaCha8Rng,
+        mut search_at: impl FnMut(
+            f64,
+            &mut ChaCha8Rng,
+        ) -> Result<(TargetSearch, Vec<Tensor>), EngineError>,
+    ) -> Result<(TargetSearch, Option<Tensor>), EngineError> {
+        let mut last = TargetSearch::default();
+        let mut undecided: Option<(TargetSearch, ChaCha8Rng)> = None;
+        for &rms in &self.radii_rms {
+            let deltas;
+            (last, deltas) = search_at(rms, rng)?;
+            if let (Some(target), found_by) = self.decide(&last) {
+                last.target = Some(target);
+                last.found_by = found_by;
+                last.passed_radius_rms = undecided.as_ref().map(|(at, _)| at.radius_rms);
+                return Ok((last, support_of(&deltas[target as usize])?));
+            }
+            let reached = last
                 .success_per_class
                 .iter()
-                .any(|&s| s >= self.min_success)
-            {
-                (last.target, last.found_by) = self.decide(&last);
-                let support = match last.target {
-                    Some(target) => support_of(&deltas[target as usize])?,
-                    None => None,
-                };
-                return Ok((last, support));
+                .any(|&s| s >= self.min_success);
+            if reached && undecided.is_none() {
+                undecided = Some((last.clone(), rng.clone()));
             }
         }
-        Ok((last, None))
+        // Nothing stood out at any radius. The result is the first radius where some
+        // class was reached, as if the search had stopped there, and so are the later
+        // random draws: a model without a target trains exactly as it would have.
+        match undecided {
+            Some((first, draws)) => {
+                *rng = draws;
+                Ok((first, None))
+            }
+            None => Ok((last, None)),
+        }
     }
 }
 
@@ -505,6 +535,10 @@ pub struct TargetSearch {
     pub target: Option<i64>,
     #[serde(default)]
     pub found_by: Option<FoundBy>,
+    /// When the target was found past a smaller radius where some class was already
+    /// reached but none stood out: that radius.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passed_radius_rms: Option<f64>,
 }
 
 #[cfg(test)]
@@ -704,6 +738,66 @@ mod tests {
             locality_per_class: locality.to_vec(),
             ..Default::default()
         }
+    }
+
+    /// `search_radii` over preset profiles, one per radius (each draw advances the
+    /// stream, as a real search does); returns its result, the radii it searched and
+    /// the stream's next draw.
+    fn search_over(profiles: &[(&[f64], &[f64])]) -> (TargetSearch, Vec<f64>, u64) {
+        use rand::SeedableRng;
+        let mut rule = rule();
+        rule.radii_rms = (1..=profiles.len()).map(|k| k as f64 / 100.0).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut searched = Vec::new();
+        let (found, _) = rule
+            .search_radii(&mut rng, |rms, rng| {
+                let _: u64 = rng.gen();
+                searched.push(rms);
+                let (success, locality) = profiles[searched.len() - 1];
+                let deltas = (0..3)
+                    .map(|_| Tensor::zeros([1, 1, 10, 10], (Kind::Float, tch::Device::Cpu)))
+                    .collect();
+                let mut at = at(success, locality);
+                at.radius_rms = rms;
+                Ok((at, deltas))
+            })
+            .unwrap();
+        (found, searched, rng.gen())
+    }
+
+    #[test]
+    fn the_search_goes_past_a_radius_that_decides_nothing_and_otherwise_stops_where_it_did() {
+        use rand::SeedableRng;
+        let nothing: (&[f64], &[f64]) = (&[0.3, 0.4, 0.2], &[0.1, 0.1, 0.1]);
+        // A benign class reached first, close to the others and not local: undecided.
+        let benign: (&[f64], &[f64]) = (&[0.7, 0.85, 0.92], &[0.75, 0.15, 0.15]);
+        // One radius up the patch reaches its target too, and stands out by locality.
+        let patch: (&[f64], &[f64]) = (&[0.97, 0.9, 0.95], &[0.75, 0.15, 0.15]);
+        let (found, searched, _) = search_over(&[nothing, benign, patch, nothing]);
+        assert_eq!(searched, vec![0.01, 0.02, 0.03]);
+        assert_eq!(
+            (found.target, found.found_by, found.radius_rms),
+            (Some(0), Some(FoundBy::Locality), 0.03)
+        );
+        assert_eq!(found.passed_radius_rms, Some(0.02));
+
+        // Found at the first radius reached: no radius passed.
+        let (found, searched, _) = search_over(&[nothing, patch, benign]);
+        assert_eq!((searched.len(), found.target), (2, Some(0)));
+        assert_eq!(found.passed_radius_rms, None);
+
+        // Nothing anywhere after the first radius reached: the search reports that
+        // radius, and the stream continues from where it stood then (two draws in).
+        let (found, searched, next) = search_over(&[nothing, benign, benign, nothing]);
+        assert_eq!(searched.len(), 4);
+        assert_eq!((found.target, found.radius_rms), (None, 0.02));
+        let mut two_draws = ChaCha8Rng::seed_from_u64(7);
+        let _: (u64, u64) = (two_draws.gen(), two_draws.gen());
+        assert_eq!(next, two_draws.gen::<u64>());
+
+        // Never reached: the largest radius, as before.
+        let (found, _, _) = search_over(&[nothing, nothing]);
+        assert_eq!((found.target, found.radius_rms), (None, 0.02));
     }
 
     #[test]
