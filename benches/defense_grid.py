@@ -350,7 +350,7 @@ def write_markdown(args, rows, seeds, total):
     say(f"[Plot]({link}): ASR on the poisoned test set and C-Acc on the clean test set after each "
         "purification epoch, AR against L1 and L2 (same suspects, schedule and seed), mean over the "
         "ablated models (" + describe_cells(ABLATED_CELLS) + ") and seeds. Per-epoch values are "
-        f"measured on {TRACE_SAMPLES} evenly spaced images of each test bundle (`trace_samples`); "
+        f"measured on {TRACE_SAMPLES} images of each test bundle, every class in proportion (`trace_samples`); "
         "the runs no table or plot reads per epoch skip the trace (`trace_samples` 0, which changes "
         "no result).")
     Path(args.out_md).write_text("\n".join(lines) + "\n")

@@ -103,7 +103,7 @@ def write_markdown(args, rows, labels, total):
         "strength λ (`regularizer`, `reg_strength`; the default is AR at λ = 10); the scan seed is "
         "the model's. DER, ASR after and C-Acc drop are means over all 12 models; per-cell columns "
         "are DER. Epochs: the first purification epoch whose trace ASR is below 5% "
-        f"(on {grid.TRACE_SAMPLES} evenly spaced poisoned images; never = schedule length + 1).")
+        f"(on {grid.TRACE_SAMPLES} poisoned images, every class in proportion; never = schedule length + 1).")
     say("")
     say("| variant | " + " | ".join(f"{c} DER" for c in CELLS) + " | DER | ASR after | C-Acc drop (pts) | epochs to ASR < 5% |")
     say("|---|" + "---|" * (len(CELLS) + 4))
