@@ -3,7 +3,7 @@
 # PyTorch loop over the same TorchScript model, data, batch size and thread count;
 # (2) the defense grid (benches/defense_grid.py): lab-trained backdoored models x every
 # defense over 3 seeds, with the AR/L1/L2 epoch plot; (3) the service benchmark.
-# Run it on an otherwise idle machine: `make bench` (about 37 minutes on a 2-core AMD EPYC), or
+# Run it on an otherwise idle machine: `make bench` (37–45 minutes on a 2-core AMD EPYC), or
 # `make bench-quick` (scripts/bench.sh --quick: a grid subset, one seed, ~10 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
