@@ -4,7 +4,7 @@
 # (2) the defense grid (benches/defense_grid.py): lab-trained backdoored models x every
 # defense over 3 seeds, with the AR/L1/L2 epoch plot; (3) the service benchmark.
 # Run it on an otherwise idle machine: `make bench` (37–45 minutes on a 2-core AMD EPYC), or
-# `make bench-quick` (scripts/bench.sh --quick: a grid subset, one seed, ~10 minutes).
+# `make bench-quick` (scripts/bench.sh --quick: a grid subset, one seed, 2–5 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

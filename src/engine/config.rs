@@ -176,7 +176,8 @@ pub struct ScanConfig {
     pub purify_warmup_epochs: usize,
     /// A purification that ends more than this (fraction) below the arriving held-out
     /// accuracy, short of a collapse, runs once more at half the rate and the better of
-    /// the two is kept. 1 turns it off; below 0, every purification runs twice.
+    /// the two is kept. 1 turns it off; at -1 every purification that does not collapse
+    /// runs twice.
     pub purify_retry_drop: f64,
     pub momentum: f64,
     pub weight_decay: f64,

@@ -684,8 +684,9 @@ fn purify_suspects(
     // accuracy (short of a collapse) has dipped: it runs once more from the arriving
     // weights at half the rate, and the attempt with the higher held-out accuracy is
     // kept (the first on a tie, since the higher rate removes more). The default is the
-    // loss the report warns about (`HELD_OUT_DROP_WARNING`), caught while something can
-    // still be done about it. The dipped attempt waits here meanwhile.
+    // size of loss the report warns about after recovery (`HELD_OUT_DROP_WARNING`),
+    // looked for here while something can still be done about it. The dipped attempt
+    // waits here meanwhile.
     let mut dipped: Option<DippedPurification> = None;
     let mut retry_failed: Option<String> = None;
     for attempt in 1..=PURIFY_ATTEMPTS {
@@ -746,16 +747,25 @@ fn purify_suspects(
                     && dipped.is_none()
                     && attempt < PURIFY_ATTEMPTS
                 {
-                    dipped = Some(DippedPurification::keep(
-                        model,
-                        &trace,
-                        held_out_now,
-                        peak_lr,
-                        rng,
-                    )?);
-                    *model = ctx.load_copy()?;
-                    peak_lr /= 2.0;
-                    continue;
+                    match DippedPurification::keep(model, &trace, held_out_now, peak_lr, rng) {
+                        Ok(first) => {
+                            dipped = Some(first);
+                            *model = ctx.load_copy()?;
+                            peak_lr /= 2.0;
+                            continue;
+                        }
+                        // No room to set it aside (a full or read-only temp dir): the
+                        // dipped purification is still a result, so go on with it.
+                        Err(why) => {
+                            warnings.push(format!(
+                                "purification at peak rate {peak_lr} ended at {:.2}% held-out \
+                                 clean accuracy (arrived at {:.2}%); not tried again: {why}",
+                                held_out_now * 100.0,
+                                ctx.held_out_before * 100.0
+                            ));
+                            break;
+                        }
+                    }
                 }
                 if drop <= PURIFY_COLLAPSE_DROP {
                     break;
@@ -803,7 +813,7 @@ fn purify_suspects(
         peak_lr /= 2.0;
     }
     if let Some(first) = dipped {
-        let held_out_now = trace.last().map_or(0.0, |t| t.held_out_acc);
+        let held_out_now = trace.last().map_or(ctx.held_out_before, |t| t.held_out_acc);
         let second_is_better = retry_failed.is_none() && held_out_now > first.held_out_acc;
         let kept = match &retry_failed {
             _ if second_is_better => format!("kept that ({:.2}%)", held_out_now * 100.0),
@@ -814,8 +824,8 @@ fn purify_suspects(
             Some(why) => format!("kept the first (the second failed: {why})"),
         };
         warnings.push(format!(
-            "purification at peak rate {} ended at {:.2}% held-out clean accuracy (from \
-             {:.2}%); tried again at {}: {kept}",
+            "purification at peak rate {} ended at {:.2}% held-out clean accuracy (arrived \
+             at {:.2}%); tried again at {}: {kept}",
             first.peak_lr,
             first.held_out_acc * 100.0,
             ctx.held_out_before * 100.0,
@@ -925,11 +935,14 @@ impl DippedPurification {
         rng: &mut ChaCha8Rng,
         ctx: &Context,
     ) -> Result<(), EngineError> {
+        // A failure here is ours, not the input's: say so rather than pass on the
+        // loader's complaint about an unloadable archive.
         *model = ScanModel::load(
             self.scratch.path(),
             ctx.device,
             &ctx.train.images.narrow(0, 0, 2),
-        )?;
+        )
+        .map_err(|e| EngineError::Internal(format!("reloading the first purification: {e}")))?;
         *trace = self.trace;
         *rng = self.rng;
         Ok(())

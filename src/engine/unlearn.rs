@@ -522,7 +522,9 @@ pub enum FoundBy {
 /// What the target search found, for the report.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TargetSearch {
-    /// The radius it stopped at, as per-pixel RMS of the pixel range, and in input units.
+    /// The radius that named the target; without one, the first radius where some class
+    /// was reached (the largest searched if none was). As per-pixel RMS of the pixel
+    /// range, and in input units.
     pub radius_rms: f64,
     pub radius: f64,
     /// Per class, the share of clean images the best perturbation towards it reaches.
