@@ -46,8 +46,13 @@ impl SampleSet {
     /// At most `n` samples, every label in proportion (all of them when the set is no
     /// larger): see [`class_balanced_indices`].
     pub fn class_balanced(&self, n: usize) -> Result<SampleSet, EngineError> {
+        self.select(&self.class_balanced_indices(n)?)
+    }
+
+    /// The indices of [`SampleSet::class_balanced`], for sets that carry more per sample.
+    pub fn class_balanced_indices(&self, n: usize) -> Result<Vec<i64>, EngineError> {
         let labels = Vec::<i64>::try_from(self.labels.f_to_device(Device::Cpu)?)?;
-        self.select(&class_balanced_indices(&labels, n))
+        Ok(class_balanced_indices(&labels, n))
     }
 
     /// Consecutive slices of at most `batch_size`, in order (for evaluation and salience).

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::data::{class_balanced_indices, SampleSet};
+use super::data::SampleSet;
 use super::error::EngineError;
 use super::model::ScanModel;
 use super::training::{accuracy, predict};
@@ -66,8 +66,7 @@ impl PoisonSet {
     /// At most `n` of the samples, with their targets, every true label in proportion
     /// (`class_balanced_indices`).
     pub fn class_balanced(&self, n: usize) -> Result<PoisonSet, EngineError> {
-        let labels = Vec::<i64>::try_from(self.samples.labels.f_to_device(tch::Device::Cpu)?)?;
-        let indices = class_balanced_indices(&labels, n);
+        let indices = self.samples.class_balanced_indices(n)?;
         let index = Tensor::from_slice(&indices).f_to_device(self.targets.device())?;
         Ok(PoisonSet {
             samples: self.samples.select(&indices)?,

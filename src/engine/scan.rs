@@ -460,11 +460,12 @@ pub(super) struct Context<'a> {
 impl Context<'_> {
     /// A fresh load of the input archive (its own parameters and buffers).
     pub fn load_copy(&self) -> Result<ScanModel, EngineError> {
-        ScanModel::load(
-            self.model_path,
-            self.device,
-            &self.train.images.narrow(0, 0, 2),
-        )
+        self.load_archive(self.model_path)
+    }
+
+    /// A model archive loaded on the scan's device, checked against two training images.
+    fn load_archive(&self, path: &Path) -> Result<ScanModel, EngineError> {
+        ScanModel::load(path, self.device, &self.train.images.narrow(0, 0, 2))
     }
 
     /// A selection record for defenses that choose no fraction on a grid.
@@ -937,12 +938,9 @@ impl DippedPurification {
     ) -> Result<(), EngineError> {
         // A failure here is ours, not the input's: say so rather than pass on the
         // loader's complaint about an unloadable archive.
-        *model = ScanModel::load(
-            self.scratch.path(),
-            ctx.device,
-            &ctx.train.images.narrow(0, 0, 2),
-        )
-        .map_err(|e| EngineError::Internal(format!("reloading the first purification: {e}")))?;
+        *model = ctx
+            .load_archive(self.scratch.path())
+            .map_err(|e| EngineError::Internal(format!("reloading the first purification: {e}")))?;
         *trace = self.trace;
         *rng = self.rng;
         Ok(())
@@ -979,11 +977,7 @@ fn recalibrate_if_held_out_gains(
     if accuracy(model, ctx.held_out, batch)? >= before {
         return Ok(true);
     }
-    *model = ScanModel::load(
-        scratch.path(),
-        ctx.device,
-        &ctx.train.images.narrow(0, 0, 2),
-    )?;
+    *model = ctx.load_archive(scratch.path())?;
     Ok(false)
 }
 
