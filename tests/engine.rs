@@ -526,6 +526,52 @@ fn a_purification_whose_loss_stops_being_a_number_at_every_rate_fails_naming_the
 }
 
 #[test]
+fn a_network_without_normalization_starts_purification_at_its_own_rate() {
+    // Untrained fixture architectures on the demo's clean digits. The rate for networks
+    // without normalization is set so high that training at it overflows: only the
+    // BatchNorm-free CNN may diverge, naming that setting, while the BatchNorm CNN trains
+    // at `purify_lr` as before.
+    let dir = tempfile::tempdir().unwrap();
+    let scan = |model: &str, config: &ScanConfig| {
+        let inputs = ScanInputs {
+            model: fixture(&format!("models/{model}.pt")),
+            clean: demo_files().clean.clone(),
+            test: None,
+            poison: None,
+            target_label: None,
+            out: dir.path().join(format!("{model}.pt")),
+        };
+        let mut on_progress = quiet();
+        run_scan(&inputs, config, &mut Monitor::new(&mut on_progress, None))
+    };
+    let short = ScanConfig {
+        purify_epochs: 1,
+        recovery_epochs: 1,
+        ..Default::default()
+    };
+    let overflowing = ScanConfig {
+        purify_lr_unnormalized: 1e30,
+        ..short.clone()
+    };
+    let with_batch_norm = scan("mnist_cnn_bn", &overflowing).unwrap();
+    assert_eq!(with_batch_norm.purify_peak_lr, Some(short.purify_lr));
+    let without = scan("mnist_cnn", &short).unwrap();
+    assert_eq!(without.purify_peak_lr, Some(short.purify_lr_unnormalized));
+    assert!(short.purify_lr_unnormalized < short.purify_lr);
+    let err = scan("mnist_cnn", &overflowing).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, EngineError::Diverged(_)), "{message}");
+    assert!(
+        message.contains("rate tried (1000000000000000000000000000000, down to"),
+        "{message}"
+    );
+    assert!(
+        message.contains("lower purify_lr_unnormalized or"),
+        "{message}"
+    );
+}
+
+#[test]
 fn a_model_that_views_its_activations_is_fed_its_usual_layout() {
     // `view` needs the default (NCHW) layout behind it: fed channels-last this model
     // fails, so the load's check must keep its usual layout, and it must still run.

@@ -283,6 +283,7 @@ pub(super) fn adversarial_neuron_pruning(
         pruned_masks,
         pruned_neurons: Some(pruned),
         shortcut_search: None,
+        purify_peak_lr: None,
         pattern_probe: None,
         suspects_removed: None,
         warnings: Vec::new(),

@@ -133,6 +133,7 @@ pub(super) fn channel_lipschitz_pruning(
         pruned_masks: pruned,
         pruned_neurons: Some(pruned_neurons),
         shortcut_search: None,
+        purify_peak_lr: None,
         pattern_probe: None,
         suspects_removed: None,
         warnings: Vec::new(),

@@ -42,6 +42,10 @@ pub struct ScanReport {
     /// to zero, before any fine-tuning. How much of the backdoor identification alone
     /// takes out, separately from what purification then does.
     pub suspects_removed: Option<SuspectsRemoved>,
+    /// Our method and its ablations: the peak rate purification started at
+    /// (`purify_lr`, or `purify_lr_unnormalized` for a network without normalization).
+    #[serde(default)]
+    pub purify_peak_lr: Option<f64>,
     /// Per-epoch measurements of the purification and recovery phases.
     pub trace: Vec<EpochTrace>,
     pub artifact: ArtifactDigest,

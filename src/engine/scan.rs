@@ -323,6 +323,7 @@ pub fn run_scan(
         artifact,
         warnings,
         shortcut_search: defended.shortcut_search,
+        purify_peak_lr: defended.purify_peak_lr,
         pattern_probe: defended.pattern_probe,
         suspects_removed: defended.suspects_removed,
         timings_ms: timer.timings,
@@ -498,6 +499,8 @@ pub(super) struct Defended {
     pub trace: Vec<EpochTrace>,
     /// Our method: what the search for a trigger's target class found.
     pub shortcut_search: Option<TargetSearch>,
+    /// Our method and its ablations: the peak rate purification started at.
+    pub purify_peak_lr: Option<f64>,
     /// Our method and its activation ablation: whether purification trained against
     /// random patterns, and the measurements that decided it.
     pub pattern_probe: Option<PatternProbe>,
@@ -680,7 +683,14 @@ fn purify_suspects(
     let (unlearn, shortcut_search) = shortcut_unlearning(model, ctx, space, rng)?;
     let (patterns, pattern_probe) = pattern_unlearning(model, ctx, space)?;
     let mut warnings = Vec::new();
-    let mut peak_lr = config.purify_lr;
+    // A network without normalization starts at its own, lower rate (see the setting).
+    let (first_peak_lr, rate_setting) = if model.layers.iter().any(|l| model.batchnorm(l).is_some())
+    {
+        (config.purify_lr, "purify_lr")
+    } else {
+        (config.purify_lr_unnormalized, "purify_lr_unnormalized")
+    };
+    let mut peak_lr = first_peak_lr;
     // Purification that ends more than `purify_retry_drop` below the arriving held-out
     // accuracy (short of a collapse) has dipped: it runs once more from the arriving
     // weights at half the rate, and the attempt with the higher held-out accuracy is
@@ -792,8 +802,8 @@ fn purify_suspects(
             if diverged {
                 return Err(EngineError::Diverged(format!(
                     "purification diverged at every rate tried ({}, down to {peak_lr}): \
-                     {what_failed}; lower purify_lr or reg_strength",
-                    config.purify_lr
+                     {what_failed}; lower {rate_setting} or reg_strength",
+                    first_peak_lr,
                 )));
             }
             warnings.push(format!(
@@ -892,6 +902,7 @@ fn purify_suspects(
         pruned_neurons: None,
         trace,
         shortcut_search,
+        purify_peak_lr: Some(first_peak_lr),
         pattern_probe,
         suspects_removed: Some(suspects_removed),
         warnings,
