@@ -318,6 +318,13 @@ fn every_method_runs_through_the_cli() {
         } else {
             assert!(removed.is_null(), "{method}: {removed}");
         }
+        // The same two purify at a peak rate they report; the baselines have their own.
+        let peak = &json["purify_peak_lr"];
+        if matches!(method, "benign_salience" | "activation") {
+            assert!(peak.as_f64().unwrap() > 0.0, "{method}: {peak}");
+        } else {
+            assert!(peak.is_null(), "{method}: {peak}");
+        }
         // The same two purify with the pattern probe's decision; the baselines follow
         // their papers and have none.
         let probe = &json["pattern_probe"];

@@ -419,7 +419,9 @@ fn cli_scan_writes_a_complete_report() {
         stdout.contains("before")
             && stdout.contains("after")
             && stdout.contains("suspects zeroed, before fine-tuning: held-out acc ")
-            && stdout.contains("pattern unlearning "),
+            && stdout.contains("pattern unlearning ")
+            // The demo's CNN has BatchNorm: `purify_lr`, with nothing to explain.
+            && stdout.contains("purification peak rate 0.05\n"),
         "{stdout}"
     );
     let json: serde_json::Value =
@@ -521,16 +523,15 @@ fn a_purification_whose_loss_stops_being_a_number_at_every_rate_fails_naming_the
     );
     let rates = format!("rate tried ({}, down to {})", 1e30, 1e30 / 4.0);
     assert!(message.contains(&rates), "{message}");
-    assert!(message.contains("lower purify_lr"), "{message}");
+    assert!(message.contains("lower purify_lr or"), "{message}");
     assert!(!out.exists());
 }
 
 #[test]
 fn a_network_without_normalization_starts_purification_at_its_own_rate() {
-    // Untrained fixture architectures on the demo's clean digits. The rate for networks
-    // without normalization is set so high that training at it overflows: only the
-    // BatchNorm-free CNN may diverge, naming that setting, while the BatchNorm CNN trains
-    // at `purify_lr` as before.
+    // Untrained fixture architectures on the demo's clean digits. A rate at which training
+    // overflows shows which rate a network really trained at: only the networks that
+    // should use it diverge, and the error names the setting it came from.
     let dir = tempfile::tempdir().unwrap();
     let scan = |model: &str, config: &ScanConfig| {
         let inputs = ScanInputs {
@@ -544,30 +545,58 @@ fn a_network_without_normalization_starts_purification_at_its_own_rate() {
         let mut on_progress = quiet();
         run_scan(&inputs, config, &mut Monitor::new(&mut on_progress, None))
     };
+    let diverged = |result: Result<ScanReport, EngineError>, rate: f64, setting: &str| {
+        let err = result.unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, EngineError::Diverged(_)), "{message}");
+        let rates = format!("rate tried ({rate}, down to {})", rate / 4.0);
+        assert!(message.contains(&rates), "{message}");
+        assert!(
+            message.contains(&format!("lower {setting} or")),
+            "{message}"
+        );
+    };
     let short = ScanConfig {
         purify_epochs: 1,
         recovery_epochs: 1,
         ..Default::default()
     };
-    let overflowing = ScanConfig {
+    assert!(short.purify_lr_unnormalized < short.purify_lr);
+    // `purify_lr` overflowing: the BatchNorm CNN diverges, the BatchNorm-free one trains
+    // at its own rate.
+    let normalized_overflowing = ScanConfig {
+        purify_lr: 1e30,
+        ..short.clone()
+    };
+    diverged(
+        scan("mnist_cnn_bn", &normalized_overflowing),
+        1e30,
+        "purify_lr",
+    );
+    let without = scan("mnist_cnn", &normalized_overflowing).unwrap();
+    assert_eq!(without.purify_peak_lr, Some(short.purify_lr_unnormalized));
+    // A ResNet's convolutions have no bias of their own; their BatchNorm still counts.
+    let resnet = scan("mnist_resnet", &short).unwrap();
+    assert_eq!(resnet.purify_peak_lr, Some(short.purify_lr));
+    // `purify_lr` caps the other: lowering it lowers both.
+    let lowered = ScanConfig {
+        purify_lr: 0.01,
+        ..short.clone()
+    };
+    assert_eq!(
+        scan("mnist_cnn", &lowered).unwrap().purify_peak_lr,
+        Some(0.01)
+    );
+    // The BatchNorm-free rate overflowing (under a higher cap): only that network diverges.
+    let unnormalized_overflowing = ScanConfig {
+        purify_lr: 1e31,
         purify_lr_unnormalized: 1e30,
         ..short.clone()
     };
-    let with_batch_norm = scan("mnist_cnn_bn", &overflowing).unwrap();
-    assert_eq!(with_batch_norm.purify_peak_lr, Some(short.purify_lr));
-    let without = scan("mnist_cnn", &short).unwrap();
-    assert_eq!(without.purify_peak_lr, Some(short.purify_lr_unnormalized));
-    assert!(short.purify_lr_unnormalized < short.purify_lr);
-    let err = scan("mnist_cnn", &overflowing).unwrap_err();
-    let message = err.to_string();
-    assert!(matches!(err, EngineError::Diverged(_)), "{message}");
-    assert!(
-        message.contains("rate tried (1000000000000000000000000000000, down to"),
-        "{message}"
-    );
-    assert!(
-        message.contains("lower purify_lr_unnormalized or"),
-        "{message}"
+    diverged(
+        scan("mnist_cnn", &unnormalized_overflowing),
+        1e30,
+        "purify_lr_unnormalized",
     );
 }
 

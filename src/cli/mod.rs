@@ -804,6 +804,15 @@ fn print_summary(report: &ScanReport) {
         report.suspect_weight_count,
         report.pruned_weight_count
     );
+    if let Some(rate) = report.purify_peak_lr {
+        // Say why when it is not the setting a user would look for first.
+        let why = if rate == report.config.purify_lr {
+            ""
+        } else {
+            " (purify_lr_unnormalized: the network has no normalization layer)"
+        };
+        println!("purification peak rate {rate}{why}");
+    }
     println!("          clean acc   ASR      RA");
     println!(
         "before    {:<11} {:<8} {}",

@@ -170,16 +170,17 @@ pub struct ScanConfig {
     /// λ of the penalty on suspect parameters.
     pub reg_strength: f64,
     pub purify_epochs: usize,
-    /// Peak learning rate of the purification phase (cosine-annealed to zero).
+    /// Peak learning rate of the purification phase (cosine-annealed to zero), for a
+    /// network with normalization layers; it also caps `purify_lr_unnormalized`.
     pub purify_lr: f64,
-    /// The peak rate instead of `purify_lr` for a network with no normalization layer
-    /// (no hidden layer has a BatchNorm-like affine pair). Without normalization a high
-    /// rate moves such a network further: the BatchNorm-free development CNNs were the
-    /// ones that collapsed or dipped at 0.05, and at 0.025 all ten of them (MNIST and
-    /// `shapes`, clean and BadNets, seeds 100–102) ended 0.6 points more accurate on
-    /// average with no more ASR.
+    /// The peak rate for a network without normalization (no hidden layer has a
+    /// BatchNorm-like affine pair and the archive holds no BatchNorm statistics), at most
+    /// `purify_lr`. Without normalization a step of the same size moves such a network
+    /// further: the BatchNorm-free development CNNs were the ones that collapsed or
+    /// dipped at 0.05, and at 0.025 the ten of them (MNIST and `shapes`, clean and
+    /// BadNets, seeds 100–102) ended 0.6 points more accurate on average with less ASR.
     pub purify_lr_unnormalized: f64,
-    /// Epochs of linear warm-up to `purify_lr` before the cosine decay.
+    /// Epochs of linear warm-up to the peak rate before the cosine decay.
     pub purify_warmup_epochs: usize,
     /// A purification that ends more than this (fraction) below the arriving held-out
     /// accuracy, short of a collapse, runs once more at half the rate and the better of

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
 use super::activation::hidden_activations;
+use super::archive::read_float_tensors;
 use super::bundle::{load_bundle, Bundle};
 use super::config::{parse_device, Method, ScanConfig};
 use super::data::{split_indices, SampleSet};
@@ -49,7 +50,7 @@ pub struct ScanInputs {
 const HELD_OUT_DROP_WARNING: f64 = 0.05;
 /// Purification that ends this far below the held-out accuracy the model arrived with
 /// has collapsed rather than dipped: across the benchmark grid every other run ended
-/// purification within 6 points, while the one collapse sat at chance.
+/// purification within 7.5 points, while the one collapse sat at chance.
 const PURIFY_COLLAPSE_DROP: f64 = 0.25;
 /// Purification runs at the configured peak rate, then at most twice more at half the
 /// previous one.
@@ -683,13 +684,14 @@ fn purify_suspects(
     let (unlearn, shortcut_search) = shortcut_unlearning(model, ctx, space, rng)?;
     let (patterns, pattern_probe) = pattern_unlearning(model, ctx, space)?;
     let mut warnings = Vec::new();
-    // A network without normalization starts at its own, lower rate (see the setting).
-    let (first_peak_lr, rate_setting) = if model.layers.iter().any(|l| model.batchnorm(l).is_some())
-    {
-        (config.purify_lr, "purify_lr")
-    } else {
-        (config.purify_lr_unnormalized, "purify_lr_unnormalized")
-    };
+    // A network without normalization starts at its own rate, never above `purify_lr`,
+    // so that lowering `purify_lr` lowers both (see the settings).
+    let (first_peak_lr, rate_setting) =
+        if has_normalization(model, ctx) || config.purify_lr <= config.purify_lr_unnormalized {
+            (config.purify_lr, "purify_lr")
+        } else {
+            (config.purify_lr_unnormalized, "purify_lr_unnormalized")
+        };
     let mut peak_lr = first_peak_lr;
     // Purification that ends more than `purify_retry_drop` below the arriving held-out
     // accuracy (short of a collapse) has dipped: it runs once more from the arriving
@@ -965,6 +967,22 @@ fn scratch_archive(prefix: &str) -> Result<tempfile::NamedTempFile, EngineError>
         .suffix(".pt")
         .tempfile()
         .map_err(|e| EngineError::Internal(format!("scratch file: {e}")))
+}
+
+/// Whether the network normalizes its activations: a hidden layer with a BatchNorm-like
+/// affine pair after it, or BatchNorm running statistics anywhere in the archive (a
+/// BatchNorm without affine parameters, or one registered away from its layer). An
+/// archive the reader cannot parse counts by its affine pairs alone: libtorch loaded it.
+fn has_normalization(model: &ScanModel, ctx: &Context) -> bool {
+    model
+        .layers
+        .iter()
+        .any(|l| !l.is_classifier && model.batchnorm(l).is_some())
+        || read_float_tensors(ctx.model_path).is_ok_and(|tensors| {
+            tensors
+                .keys()
+                .any(|name| name.ends_with(".running_mean") || name.ends_with(".running_var"))
+        })
 }
 
 /// Re-estimates BatchNorm statistics (see `recalibrate_batch_norm`) and keeps them only
