@@ -50,31 +50,13 @@ fn bad(why: impl std::fmt::Display) -> EngineError {
 
 /// Every float32 tensor (parameters and buffers) of the archive at `path`, by dotted name.
 pub fn read_float_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, EngineError> {
-    let file = std::fs::File::open(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| bad(format!("not a zip: {e}")))?;
-    let pickle_name = zip
-        .file_names()
-        .find(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
-        .map(str::to_string)
-        .ok_or_else(|| bad("no data.pkl"))?;
-    let prefix = pickle_name.trim_end_matches("data.pkl").to_string();
-    let mut read = |name: &str| -> Result<Vec<u8>, EngineError> {
-        let mut entry = zip.by_name(name).map_err(|e| bad(format!("{name}: {e}")))?;
-        let mut bytes = Vec::new();
-        entry
-            .read_to_end(&mut bytes)
-            .map_err(|e| bad(format!("{name}: {e}")))?;
-        Ok(bytes)
-    };
-    let root = unpickle(&read(&pickle_name)?)?;
-    let mut refs = Vec::new();
-    collect_tensors(&root, "", &mut refs);
+    let mut archive = TensorArchive::open(path)?;
     let mut out = BTreeMap::new();
-    for (name, r) in refs {
+    for (name, r) in std::mem::take(&mut archive.tensors) {
         if r.storage_class != "FloatStorage" {
             continue;
         }
-        let bytes = read(&format!("{prefix}data/{}", r.key))?;
+        let bytes = archive.read(&format!("{}data/{}", archive.prefix, r.key))?;
         let storage: Vec<f32> = bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -82,6 +64,57 @@ pub fn read_float_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, Engin
         out.insert(name, gather(&storage, &r)?);
     }
     Ok(out)
+}
+
+/// The dotted names of every tensor (parameters and buffers) the archive at `path`
+/// stores, read from its module tree alone: no tensor data is read.
+pub fn tensor_names(path: &Path) -> Result<Vec<String>, EngineError> {
+    Ok(TensorArchive::open(path)?
+        .tensors
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect())
+}
+
+/// An opened archive with its unpickled module tree's tensors, their data not yet read.
+struct TensorArchive {
+    zip: zip::ZipArchive<std::fs::File>,
+    /// The archive's top folder, where `data.pkl` and `data/` are.
+    prefix: String,
+    tensors: Vec<(String, TensorRef)>,
+}
+
+impl TensorArchive {
+    fn open(path: &Path) -> Result<Self, EngineError> {
+        let file =
+            std::fs::File::open(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+        let zip = zip::ZipArchive::new(file).map_err(|e| bad(format!("not a zip: {e}")))?;
+        let pickle_name = zip
+            .file_names()
+            .find(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
+            .map(str::to_string)
+            .ok_or_else(|| bad("no data.pkl"))?;
+        let mut archive = TensorArchive {
+            zip,
+            prefix: pickle_name.trim_end_matches("data.pkl").to_string(),
+            tensors: Vec::new(),
+        };
+        let root = unpickle(&archive.read(&pickle_name)?)?;
+        collect_tensors(&root, "", &mut archive.tensors);
+        Ok(archive)
+    }
+
+    fn read(&mut self, name: &str) -> Result<Vec<u8>, EngineError> {
+        let mut entry = self
+            .zip
+            .by_name(name)
+            .map_err(|e| bad(format!("{name}: {e}")))?;
+        let mut bytes = Vec::new();
+        entry
+            .read_to_end(&mut bytes)
+            .map_err(|e| bad(format!("{name}: {e}")))?;
+        Ok(bytes)
+    }
 }
 
 /// The strided view `r` of `storage` as a contiguous tensor.
@@ -465,5 +498,20 @@ mod tests {
         assert_eq!(var.size(), vec![16]);
         assert!(var.equal(&Tensor::ones([16], (tch::Kind::Float, tch::Device::Cpu))));
         assert_eq!(tensors["features.5.running_mean"].size(), vec![32]);
+        // The names alone come from the module tree without reading any tensor data: every
+        // float32 tensor's, plus BatchNorm's integer step counters.
+        let names = tensor_names(&path).unwrap();
+        assert!(tensors.keys().all(|name| names.contains(name)));
+        let others: Vec<&String> = names.iter().filter(|n| !tensors.contains_key(*n)).collect();
+        assert_eq!(others.len(), 2, "{others:?}");
+        assert!(
+            others.iter().all(|n| n.ends_with(".num_batches_tracked")),
+            "{others:?}"
+        );
+        let plain = path.with_file_name("mnist_cnn.pt");
+        assert!(!tensor_names(&plain)
+            .unwrap()
+            .iter()
+            .any(|name| name.ends_with("running_mean")));
     }
 }

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
 use super::activation::hidden_activations;
-use super::archive::read_float_tensors;
+use super::archive::tensor_names;
 use super::bundle::{load_bundle, Bundle};
 use super::config::{parse_device, Method, ScanConfig};
 use super::data::{split_indices, SampleSet};
@@ -687,7 +687,7 @@ fn purify_suspects(
     // A network without normalization starts at its own rate, never above `purify_lr`,
     // so that lowering `purify_lr` lowers both (see the settings).
     let (first_peak_lr, rate_setting) =
-        if has_normalization(model, ctx) || config.purify_lr <= config.purify_lr_unnormalized {
+        if config.purify_lr <= config.purify_lr_unnormalized || has_normalization(model, ctx) {
             (config.purify_lr, "purify_lr")
         } else {
             (config.purify_lr_unnormalized, "purify_lr_unnormalized")
@@ -978,9 +978,9 @@ fn has_normalization(model: &ScanModel, ctx: &Context) -> bool {
         .layers
         .iter()
         .any(|l| !l.is_classifier && model.batchnorm(l).is_some())
-        || read_float_tensors(ctx.model_path).is_ok_and(|tensors| {
-            tensors
-                .keys()
+        || tensor_names(ctx.model_path).is_ok_and(|names| {
+            names
+                .iter()
                 .any(|name| name.ends_with(".running_mean") || name.ends_with(".running_var"))
         })
 }
