@@ -470,7 +470,7 @@ fn read_npz(bytes: &[u8]) -> Result<Parsed, BundleError> {
             return Err(too_large());
         }
         left -= data.len() as u64;
-        parse_npy(name, &data).map(Some)
+        parse_npy(name, data).map(Some)
     };
     Ok((take("images")?, take("labels")?, take("targets")?, names))
 }

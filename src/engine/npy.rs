@@ -9,7 +9,9 @@ use super::bundle::{BundleError, RawTensor, TensorDtype};
 const MAGIC: &[u8] = b"\x93NUMPY";
 
 /// Parses one `.npy` file's bytes into a [`RawTensor`]. `name` is used in error messages.
-pub fn parse_npy(name: &str, bytes: &[u8]) -> Result<RawTensor, BundleError> {
+/// The array keeps the buffer it arrived in (the header is cut off in place): a bundle's
+/// images can be gigabytes, and a copy here would hold them twice at once.
+pub fn parse_npy(name: &str, mut bytes: Vec<u8>) -> Result<RawTensor, BundleError> {
     let bad = |why: String| BundleError::Malformed(format!("array `{name}`: {why}"));
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err(bad("not a .npy array (bad magic)".into()));
@@ -59,7 +61,8 @@ pub fn parse_npy(name: &str, bytes: &[u8]) -> Result<RawTensor, BundleError> {
         dict_value(header, "shape").ok_or_else(|| bad("header has no shape".into()))?;
     let shape =
         parse_shape(shape_text).ok_or_else(|| bad(format!("unreadable shape {shape_text}")))?;
-    RawTensor::new(name, dtype, shape, bytes[data_start..].to_vec())
+    bytes.drain(..data_start);
+    RawTensor::new(name, dtype, shape, bytes)
 }
 
 /// Finds `'key': value` in the header's Python dict literal and returns the value text.
@@ -133,32 +136,42 @@ mod tests {
 
     #[test]
     fn reads_a_uint8_array() {
-        let t = parse_npy("images", &npy("|u1", "(2, 1, 1, 2)", &[1, 2, 3, 4])).unwrap();
+        let t = parse_npy("images", npy("|u1", "(2, 1, 1, 2)", &[1, 2, 3, 4])).unwrap();
         assert_eq!(t.dtype, TensorDtype::U8);
         assert_eq!(t.shape, vec![2, 1, 1, 2]);
         assert_eq!(t.data, vec![1, 2, 3, 4]);
     }
 
     #[test]
+    fn keeps_the_array_in_the_buffer_it_arrived_in() {
+        let pixels: Vec<u8> = (0..=255).collect();
+        let file = npy("|u1", "(1, 1, 16, 16)", &pixels);
+        let buffer = file.as_ptr();
+        let t = parse_npy("images", file).unwrap();
+        assert_eq!(t.data, pixels);
+        assert_eq!(t.data.as_ptr(), buffer, "the pixels were copied");
+    }
+
+    #[test]
     fn reads_a_one_dimensional_shape() {
-        let t = parse_npy("labels", &npy("<i8", "(1,)", &7i64.to_le_bytes())).unwrap();
+        let t = parse_npy("labels", npy("<i8", "(1,)", &7i64.to_le_bytes())).unwrap();
         assert_eq!(t.shape, vec![1]);
     }
 
     #[test]
     fn rejects_float64_by_name() {
-        let err = parse_npy("images", &npy("<f8", "(1,)", &[0; 8])).unwrap_err();
+        let err = parse_npy("images", npy("<f8", "(1,)", &[0; 8])).unwrap_err();
         assert!(err.to_string().contains("float64"), "{err}");
     }
 
     #[test]
     fn rejects_truncated_data() {
-        let err = parse_npy("images", &npy("<f4", "(4,)", &[0; 8])).unwrap_err();
+        let err = parse_npy("images", npy("<f4", "(4,)", &[0; 8])).unwrap_err();
         assert!(err.to_string().contains("bytes"), "{err}");
     }
 
     #[test]
     fn rejects_garbage() {
-        assert!(parse_npy("images", b"hello world, not numpy").is_err());
+        assert!(parse_npy("images", b"hello world, not numpy".to_vec()).is_err());
     }
 }
