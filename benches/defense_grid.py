@@ -153,7 +153,8 @@ def defend(args, dataset, arch, attack, seed, label, meta):
         # zeroed, before fine-tuning (held-out accuracy as it arrived, for the cost).
         "held_out_before": report["selection"]["held_out_acc"],
         "removed_held_out_acc": removed.get("held_out_acc"), "removed_asr": removed.get("asr"),
-        "trace": [{k: t.get(k) for k in ("phase", "epoch", "held_out_acc", "test_acc", "asr")}
+        "trace": [{k: t.get(k) for k in ("phase", "epoch", "held_out_acc", "test_acc", "asr",
+                                         "suspect_norm_ratio")}
                   for t in report.get("trace", [])],
     }
 

@@ -1,0 +1,181 @@
+"""Does the ablation comparison of BENCHMARKS.md hold on models the grid never saw?
+
+The grid (defense_grid.py) compares our method with its ablations (activation ranking
+instead of benign salience, L1 and L2 instead of AR) on 24 runs: the ablated cells at
+seeds 0–2. This script runs the same four variants, through the same functions, on the
+same cells at development seeds (103–105 by default; the grid uses 0–2 only), and
+writes the paired differences on these runs and, when the grid's saved runs are given,
+on both sets pooled.
+
+    python benches/ablation_dev.py --bin target/debug/bdscan --out-md BENCHMARKS-ablation-dev.md
+
+About 35 minutes on 2 cores (24 models to train, 96 scans).
+"""
+import argparse
+import json
+import os
+import statistics as st
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import defense_grid as grid  # noqa: E402
+
+VARIANTS = [grid.OURS] + grid.ABLATIONS
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", default="target/debug/bdscan")
+    ap.add_argument("--work", default="target/ablation-dev")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[103, 104, 105])
+    ap.add_argument("--out-md", required=True)
+    ap.add_argument("--out-json", default="benches/results/ablation_dev.json")
+    ap.add_argument("--grid-json", default="benches/results/grid.json",
+                    help="the grid's saved runs, pooled with these in the report (skipped if absent)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--reuse", action="store_true", help="reuse trained models in --work")
+    ap.add_argument("--from-json", default=None,
+                    help="only re-render the Markdown from a saved --out-json (no runs)")
+    ap.add_argument("--wall-minutes", type=float, default=0.0,
+                    help="with --from-json: the total wall time of the run that produced it")
+    args = ap.parse_args()
+    if any(s in (0, 1, 2) for s in args.seeds):
+        raise SystemExit("seeds 0-2 are the grid's; this replication uses other seeds")
+    args.device = "cpu"
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())
+        write_markdown(args, rows, args.wall_minutes * 60)
+        return
+    models = [(d, a, atk, s) for d, a, atk in grid.ABLATED_CELLS for s in args.seeds]
+    started = time.monotonic()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        metas = dict(zip(models, pool.map(lambda m: grid.train(args, *m)[0], models)))
+    runs = [(m, label) for m in models for label in VARIANTS]
+
+    def one(run):
+        (d, a, atk, s), label = run
+        res = grid.defend(args, d, a, atk, s, label, metas[(d, a, atk, s)])
+        print(f"{d}/{a}/{atk}/s{s} {label}: "
+              + (f"der {res['der']}" if "error" not in res else "ERROR"), file=sys.stderr, flush=True)
+        return {"dataset": d, "arch": a, "attack": atk, "seed": s, "defense": label, **res}
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(one, runs))
+    total = time.monotonic() - started
+    Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out_json).write_text(json.dumps(rows, indent=1))
+    write_markdown(args, rows, total)
+
+
+def shared(rows):
+    """The backdoored runs (ASR before ≥ 50%) on which every variant finished."""
+    ran = {}
+    for r in rows:
+        if "error" not in r and r["asr_before"] is not None and r["asr_before"] >= 0.5:
+            ran.setdefault((r["dataset"], r["arch"], r["attack"], r["seed"]), {})[r["defense"]] = r
+    return [r for v in ran.values() if set(VARIANTS) <= set(v) for r in v.values() if r["defense"] in VARIANTS]
+
+
+def summary_lines(rows):
+    lines = []
+    runs = len({(r["dataset"], r["arch"], r["attack"], r["seed"]) for r in rows})
+    lines.append("| variant | runs | DER | ASR after | C-Acc drop (pts) |")
+    lines.append("|---|---|---|---|---|")
+    for label in VARIANTS:
+        rs = [r for r in rows if r["defense"] == label]
+        lines.append(f"| {label} | {len(rs)} | {st.mean(r['der'] for r in rs):.4f} | "
+                     f"{st.mean(r['asr_after'] for r in rs):.2%} | "
+                     f"{st.mean((r['acc_before'] - r['acc_after']) * 100 for r in rs):.2f} |")
+    lines.append("")
+    for label in grid.ABLATIONS:
+        gap = grid.paired_gap(rows, label)
+        if gap:
+            diff, lo, hi, wins, n = gap
+            lines.append(f"- {grid.OURS} − {label}, paired by model and seed: DER {diff:+.4f} "
+                         f"(95% bootstrap interval {lo:+.4f} to {hi:+.4f}); ours higher on {wins} of {n}")
+    best = max(VARIANTS, key=lambda label: st.mean(r["der"] for r in rows if r["defense"] == label))
+    lines.append(f"- highest mean DER over these {runs} runs: {best}")
+    return lines
+
+
+def suspect_norm_lines(rows, epochs=(1, 2, 3, 5, 10)):
+    """What each penalty does to the suspects themselves: their norm after purification
+    epochs, relative to its start, and the first epoch it is below 5% of that."""
+    lines = ["| variant | " + " | ".join(f"after epoch {e}" for e in epochs)
+             + " | after the last | first epoch below 5% |",
+             "|---|" + "---|" * (len(epochs) + 2)]
+    for label in VARIANTS:
+        curves = [[t["suspect_norm_ratio"] for t in r["trace"] if t["phase"] == "purify"]
+                  for r in rows if r["defense"] == label]
+        curves = [c for c in curves if c and all(x is not None for x in c)]
+        if not curves:
+            continue
+        at = [st.mean(c[e - 1] for c in curves if len(c) >= e) for e in epochs]
+        below = [next((i + 1 for i, x in enumerate(c) if x < 0.05), len(c) + 1) for c in curves]
+        lines.append(f"| {label} | " + " | ".join(f"{x:.3f}" for x in at)
+                     + f" | {st.mean(c[-1] for c in curves):.3f} | {st.mean(below):.1f} |")
+    return lines
+
+
+def write_markdown(args, rows, total):
+    mine = shared(rows)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    seeds = sorted({r["seed"] for r in rows})
+    lines = []
+    say = lines.append
+    say("# Ablations on development models")
+    say("")
+    made = (f"Re-rendered from {args.from_json} at commit" if args.from_json
+            else f"Produced by `{' '.join(['python', *sys.argv])}` (`make bench-ablation-dev` "
+                 "runs it without `--reuse`) at commit")
+    say(f"{made} {commit} on {time.strftime('%Y-%m-%d', time.gmtime())}; machine: "
+        f"{len(os.sched_getaffinity(0))} cores, {cpu}, CPU only; {len(rows)} scans, {args.jobs} at a "
+        f"time with one libtorch thread each; {total / 60:.1f} min in all (training included).")
+    say("")
+    say(f"The cells where `make bench` runs the ablations ({grid.describe_cells(grid.ABLATED_CELLS)}), "
+        f"with lab seeds {', '.join(map(str, seeds))} instead of the grid's 0–2: the same lab "
+        "commands, the same `bdscan scan` commands and configurations (each variant at its "
+        "defaults but for `--method` or `regularizer`), the scan seed the model's. Only the "
+        "defender's clean bundle steers any scan. DER = (max(0, ΔASR) − max(0, ΔC-Acc) + 1) / 2.")
+    say("")
+    say(f"## These runs ({len({(r['dataset'], r['attack'], r['seed']) for r in mine})} models)")
+    say("")
+    lines.extend(summary_lines(mine))
+    say("")
+    say("| model | seed | " + " | ".join(f"{v} DER" for v in VARIANTS) + " |")
+    say("|---|---|" + "---|" * len(VARIANTS))
+    by_model = {}
+    for r in mine:
+        by_model.setdefault((r["dataset"], r["arch"], r["attack"], r["seed"]), {})[r["defense"]] = r["der"]
+    for (d, a, atk, s), ders in by_model.items():
+        say(f"| {d} {a} {atk} | {s} | " + " | ".join(f"{ders[v]:.4f}" for v in VARIANTS) + " |")
+    say("")
+    say("### The suspects' norm during purification")
+    say("")
+    say("The L2 norm of the suspect entries after each purification epoch over its value when "
+        "purification started, mean over these runs (a run that never gets below 5% counts as "
+        "the schedule length + 1). This is what the penalty acts on; DER is what it is for.")
+    say("")
+    lines.extend(suspect_norm_lines(mine))
+    grid_path = Path(args.grid_json)
+    if grid_path.exists():
+        theirs = [r for r in shared(json.loads(grid_path.read_text())) if grid.ablated(r)]
+        if theirs:
+            say("")
+            say(f"## Pooled with the grid's runs ({grid_path}, seeds 0–2)")
+            say("")
+            lines.extend(summary_lines(mine + theirs))
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        say("")
+        say("Failed runs: " + "; ".join(f"{r['attack']} s{r['seed']} {r['defense']}" for r in failed))
+    Path(args.out_md).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
