@@ -3,13 +3,15 @@
 The grid (defense_grid.py) compares our method with its ablations (activation ranking
 instead of benign salience, L1 and L2 instead of AR) on 24 runs: the ablated cells at
 seeds 0–2. This script runs the same four variants, through the same functions, on the
-same cells at development seeds (103–105 by default; the grid uses 0–2 only), and
-writes the paired differences on these runs and, when the grid's saved runs are given,
-on both sets pooled.
+same cells at development seeds (103–105 by default; the grid uses 0–2 only), plus a
+control the grid lacks (benign salience with no penalty: the suspects train like any
+other weight), and writes the paired differences on these runs, the suspects' norm per
+purification epoch under each penalty and, when the grid's saved runs are given, the
+grid's variants on both sets pooled.
 
     python benches/ablation_dev.py --bin target/debug/bdscan --out-md BENCHMARKS-ablation-dev.md
 
-About 35 minutes on 2 cores (24 models to train, 96 scans).
+About 40 minutes on 2 cores (24 models to train, 120 scans).
 """
 import argparse
 import json
@@ -24,7 +26,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import defense_grid as grid  # noqa: E402
 
-VARIANTS = [grid.OURS] + grid.ABLATIONS
+# A control the grid does not run: the same pipeline with no penalty on the suspects
+# (they train like every other weight), to show what the penalty itself adds.
+NO_PENALTY = "BS, no penalty"
+grid.DEFENSES[NO_PENALTY] = ("benign_salience", {"regularizer": "none"})
+VARIANTS = [grid.OURS] + grid.ABLATIONS + [NO_PENALTY]
+GRID_VARIANTS = [grid.OURS] + grid.ABLATIONS
 
 
 def main():
@@ -38,10 +45,14 @@ def main():
                     help="the grid's saved runs, pooled with these in the report (skipped if absent)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--reuse", action="store_true", help="reuse trained models in --work")
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS,
+                    help="run only these; the other variants' rows are kept from --out-json")
     ap.add_argument("--from-json", default=None,
                     help="only re-render the Markdown from a saved --out-json (no runs)")
     ap.add_argument("--wall-minutes", type=float, default=0.0,
                     help="with --from-json: the total wall time of the run that produced it")
+    ap.add_argument("--runs-by", default=None,
+                    help="with --from-json: the command and commit that made the runs, for the header")
     args = ap.parse_args()
     if any(s in (0, 1, 2) for s in args.seeds):
         raise SystemExit("seeds 0-2 are the grid's; this replication uses other seeds")
@@ -54,7 +65,7 @@ def main():
     started = time.monotonic()
     with ThreadPoolExecutor(args.jobs) as pool:
         metas = dict(zip(models, pool.map(lambda m: grid.train(args, *m)[0], models)))
-    runs = [(m, label) for m in models for label in VARIANTS]
+    runs = [(m, label) for m in models for label in args.variants]
 
     def one(run):
         (d, a, atk, s), label = run
@@ -66,39 +77,48 @@ def main():
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(one, runs))
     total = time.monotonic() - started
+    if set(args.variants) != set(VARIANTS) and Path(args.out_json).exists():
+        rows = [r for r in json.loads(Path(args.out_json).read_text())
+                if r["defense"] not in args.variants] + rows
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps(rows, indent=1))
     write_markdown(args, rows, total)
 
 
-def shared(rows):
-    """The backdoored runs (ASR before ≥ 50%) on which every variant finished."""
+def shared(rows, variants):
+    """The backdoored runs (ASR before ≥ 50%) on which every one of `variants` finished."""
     ran = {}
     for r in rows:
         if "error" not in r and r["asr_before"] is not None and r["asr_before"] >= 0.5:
             ran.setdefault((r["dataset"], r["arch"], r["attack"], r["seed"]), {})[r["defense"]] = r
-    return [r for v in ran.values() if set(VARIANTS) <= set(v) for r in v.values() if r["defense"] in VARIANTS]
+    return [r for v in ran.values() if set(variants) <= set(v) for r in v.values() if r["defense"] in variants]
 
 
-def summary_lines(rows):
+def summary_lines(rows, variants):
     lines = []
     runs = len({(r["dataset"], r["arch"], r["attack"], r["seed"]) for r in rows})
     lines.append("| variant | runs | DER | ASR after | C-Acc drop (pts) |")
     lines.append("|---|---|---|---|---|")
-    for label in VARIANTS:
+    for label in variants:
         rs = [r for r in rows if r["defense"] == label]
         lines.append(f"| {label} | {len(rs)} | {st.mean(r['der'] for r in rs):.4f} | "
                      f"{st.mean(r['asr_after'] for r in rs):.2%} | "
                      f"{st.mean((r['acc_before'] - r['acc_after']) * 100 for r in rs):.2f} |")
     lines.append("")
-    for label in grid.ABLATIONS:
+    for label in variants[1:]:
         gap = grid.paired_gap(rows, label)
         if gap:
             diff, lo, hi, wins, n = gap
             lines.append(f"- {grid.OURS} − {label}, paired by model and seed: DER {diff:+.4f} "
                          f"(95% bootstrap interval {lo:+.4f} to {hi:+.4f}); ours higher on {wins} of {n}")
-    best = max(VARIANTS, key=lambda label: st.mean(r["der"] for r in rows if r["defense"] == label))
+    best = max(variants, key=lambda label: st.mean(r["der"] for r in rows if r["defense"] == label))
     lines.append(f"- highest mean DER over these {runs} runs: {best}")
+    # Only runs with a per-epoch ASR trace count (the grid traces AR, L1 and L2).
+    epochs = grid.epochs_to_asr([r for r in rows if any(t.get("asr") is not None for t in r["trace"])])
+    if epochs:
+        lines.append("- epochs of purification until ASR < 5% (on the trace's poisoned images; a run "
+                     "that never got there counts as the schedule length + 1): "
+                     + ", ".join(f"{k} {v[0]:.2f} ({v[1]}/{v[2]} reached)" for k, v in epochs.items()))
     return lines
 
 
@@ -122,7 +142,7 @@ def suspect_norm_lines(rows, epochs=(1, 2, 3, 5, 10)):
 
 
 def write_markdown(args, rows, total):
-    mine = shared(rows)
+    mine = shared(rows, VARIANTS)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     seeds = sorted({r["seed"] for r in rows})
@@ -130,7 +150,8 @@ def write_markdown(args, rows, total):
     say = lines.append
     say("# Ablations on development models")
     say("")
-    made = (f"Re-rendered from {args.from_json} at commit" if args.from_json
+    made = (f"Runs by {args.runs_by or 'an earlier run'}; re-rendered from {args.from_json} at commit"
+            if args.from_json
             else f"Produced by `{' '.join(['python', *sys.argv])}` (`make bench-ablation-dev` "
                  "runs it without `--reuse`) at commit")
     say(f"{made} {commit} on {time.strftime('%Y-%m-%d', time.gmtime())}; machine: "
@@ -140,12 +161,13 @@ def write_markdown(args, rows, total):
     say(f"The cells where `make bench` runs the ablations ({grid.describe_cells(grid.ABLATED_CELLS)}), "
         f"with lab seeds {', '.join(map(str, seeds))} instead of the grid's 0–2: the same lab "
         "commands, the same `bdscan scan` commands and configurations (each variant at its "
-        "defaults but for `--method` or `regularizer`), the scan seed the model's. Only the "
+        "defaults but for `--method` or `regularizer`; the control is `regularizer` `none`), the "
+        "scan seed the model's. Only the "
         "defender's clean bundle steers any scan. DER = (max(0, ΔASR) − max(0, ΔC-Acc) + 1) / 2.")
     say("")
     say(f"## These runs ({len({(r['dataset'], r['attack'], r['seed']) for r in mine})} models)")
     say("")
-    lines.extend(summary_lines(mine))
+    lines.extend(summary_lines(mine, VARIANTS))
     say("")
     say("| model | seed | " + " | ".join(f"{v} DER" for v in VARIANTS) + " |")
     say("|---|---|" + "---|" * len(VARIANTS))
@@ -164,12 +186,13 @@ def write_markdown(args, rows, total):
     lines.extend(suspect_norm_lines(mine))
     grid_path = Path(args.grid_json)
     if grid_path.exists():
-        theirs = [r for r in shared(json.loads(grid_path.read_text())) if grid.ablated(r)]
+        theirs = [r for r in shared(json.loads(grid_path.read_text()), GRID_VARIANTS) if grid.ablated(r)]
         if theirs:
             say("")
             say(f"## Pooled with the grid's runs ({grid_path}, seeds 0–2)")
             say("")
-            lines.extend(summary_lines(mine + theirs))
+            mine = [r for r in mine if r["defense"] in GRID_VARIANTS]
+            lines.extend(summary_lines(mine + theirs, GRID_VARIANTS))
     failed = [r for r in rows if "error" in r]
     if failed:
         say("")
