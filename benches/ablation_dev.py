@@ -156,7 +156,8 @@ def write_markdown(args, rows, total):
                  "runs it without `--reuse`) at commit")
     say(f"{made} {commit} on {time.strftime('%Y-%m-%d', time.gmtime())}; machine: "
         f"{len(os.sched_getaffinity(0))} cores, {cpu}, CPU only; {len(rows)} scans, {args.jobs} at a "
-        f"time with one libtorch thread each; {total / 60:.1f} min in all (training included).")
+        f"time with one libtorch thread each; {total / 60:.1f} min in all"
+        f"{' (models reused, their training not included)' if args.reuse else ' (training included)' if not args.from_json else ''}.")
     say("")
     say(f"The cells where `make bench` runs the ablations ({grid.describe_cells(grid.ABLATED_CELLS)}), "
         f"with lab seeds {', '.join(map(str, seeds))} instead of the grid's 0–2: the same lab "
