@@ -20,7 +20,6 @@ import statistics as st
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,21 +61,7 @@ def main():
         write_markdown(args, rows, args.wall_minutes * 60)
         return
     models = [(d, a, atk, s) for d, a, atk in grid.ABLATED_CELLS for s in args.seeds]
-    started = time.monotonic()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        metas = dict(zip(models, pool.map(lambda m: grid.train(args, *m)[0], models)))
-    runs = [(m, label) for m in models for label in args.variants]
-
-    def one(run):
-        (d, a, atk, s), label = run
-        res = grid.defend(args, d, a, atk, s, label, metas[(d, a, atk, s)])
-        print(f"{d}/{a}/{atk}/s{s} {label}: "
-              + (f"der {res['der']}" if "error" not in res else "ERROR"), file=sys.stderr, flush=True)
-        return {"dataset": d, "arch": a, "attack": atk, "seed": s, "defense": label, **res}
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(one, runs))
-    total = time.monotonic() - started
+    rows, total = grid.train_and_defend(args, models, args.variants)
     if set(args.variants) != set(VARIANTS) and Path(args.out_json).exists():
         rows = [r for r in json.loads(Path(args.out_json).read_text())
                 if r["defense"] not in args.variants] + rows
@@ -105,8 +90,8 @@ def summary_lines(rows, variants):
                      f"{st.mean(r['asr_after'] for r in rs):.2%} | "
                      f"{st.mean((r['acc_before'] - r['acc_after']) * 100 for r in rs):.2f} |")
     lines.append("")
-    for label in variants[1:]:
-        gap = grid.paired_gap(rows, label)
+    for label in variants:
+        gap = label != grid.OURS and grid.paired_gap(rows, label)
         if gap:
             diff, lo, hi, wins, n = gap
             lines.append(f"- {grid.OURS} − {label}, paired by model and seed: DER {diff:+.4f} "
@@ -142,7 +127,11 @@ def suspect_norm_lines(rows, epochs=(1, 2, 3, 5, 10)):
 
 
 def write_markdown(args, rows, total):
-    mine = shared(rows, VARIANTS)
+    # The variants these rows hold (a `--variants` run without earlier rows holds fewer).
+    present = [v for v in VARIANTS if any(r["defense"] == v for r in rows)]
+    mine = shared(rows, present)
+    if not mine:
+        raise SystemExit("no backdoored model on which every variant finished")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     seeds = sorted({r["seed"] for r in rows})
@@ -168,15 +157,15 @@ def write_markdown(args, rows, total):
     say("")
     say(f"## These runs ({len({(r['dataset'], r['attack'], r['seed']) for r in mine})} models)")
     say("")
-    lines.extend(summary_lines(mine, VARIANTS))
+    lines.extend(summary_lines(mine, present))
     say("")
-    say("| model | seed | " + " | ".join(f"{v} DER" for v in VARIANTS) + " |")
-    say("|---|---|" + "---|" * len(VARIANTS))
+    say("| model | seed | " + " | ".join(f"{v} DER" for v in present) + " |")
+    say("|---|---|" + "---|" * len(present))
     by_model = {}
     for r in mine:
         by_model.setdefault((r["dataset"], r["arch"], r["attack"], r["seed"]), {})[r["defense"]] = r["der"]
     for (d, a, atk, s), ders in by_model.items():
-        say(f"| {d} {a} {atk} | {s} | " + " | ".join(f"{ders[v]:.4f}" for v in VARIANTS) + " |")
+        say(f"| {d} {a} {atk} | {s} | " + " | ".join(f"{ders[v]:.4f}" for v in present) + " |")
     say("")
     say("### The suspects' norm during purification")
     say("")
@@ -186,7 +175,7 @@ def write_markdown(args, rows, total):
     say("")
     lines.extend(suspect_norm_lines(mine))
     grid_path = Path(args.grid_json)
-    if grid_path.exists():
+    if grid_path.exists() and set(GRID_VARIANTS) <= set(present):
         theirs = [r for r in shared(json.loads(grid_path.read_text()), GRID_VARIANTS) if grid.ablated(r)]
         if theirs:
             say("")

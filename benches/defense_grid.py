@@ -159,6 +159,26 @@ def defend(args, dataset, arch, attack, seed, label, meta):
     }
 
 
+def train_and_defend(args, models, labels):
+    """For the development studies: trains `models` [(dataset, arch, attack, seed)], then
+    runs every defense in `labels` on each, `args.jobs` at a time. The rows and the wall
+    seconds, training included."""
+    started = time.monotonic()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        metas = dict(zip(models, pool.map(lambda m: train(args, *m)[0], models)))
+
+    def one(run):
+        (d, a, atk, s), label = run
+        res = defend(args, d, a, atk, s, label, metas[(d, a, atk, s)])
+        print(f"{d}/{a}/{atk}/s{s} {label}: "
+              + (f"der {res['der']}" if "error" not in res else "ERROR"), file=sys.stderr, flush=True)
+        return {"dataset": d, "arch": a, "attack": atk, "seed": s, "defense": label, **res}
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(one, [(m, label) for m in models for label in labels]))
+    return rows, time.monotonic() - started
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/debug/bdscan")

@@ -18,7 +18,6 @@ import statistics as st
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,21 +61,7 @@ def main():
         write_markdown(args, rows, labels, args.wall_minutes * 60)
         return
     grid.DEFENSES.update(labels)
-    started = time.monotonic()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        metas = dict(zip(MODELS, pool.map(lambda m: grid.train(args, *m)[0], MODELS)))
-    runs = [(m, label) for m in MODELS for label in labels]
-
-    def one(run):
-        (d, a, atk, s), label = run
-        res = grid.defend(args, d, a, atk, s, label, metas[(d, a, atk, s)])
-        print(f"{d}/{a}/{atk}/s{s} {label}: "
-              + (f"der {res['der']}" if "error" not in res else "ERROR"), file=sys.stderr, flush=True)
-        return {"dataset": d, "arch": a, "attack": atk, "seed": s, "defense": label, **res}
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(one, runs))
-    total = time.monotonic() - started
+    rows, total = grid.train_and_defend(args, MODELS, list(labels))
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps(rows, indent=1))
     write_markdown(args, rows, labels, total)
