@@ -3,15 +3,15 @@
 The grid (defense_grid.py) compares our method with its ablations (activation ranking
 instead of benign salience, L1 and L2 instead of AR) on 24 runs: the ablated cells at
 seeds 0–2. This script runs the same four variants, through the same functions, on the
-same cells at development seeds (103–105 by default; the grid uses 0–2 only), plus a
-control the grid lacks (benign salience with no penalty: the suspects train like any
-other weight), and writes the paired differences on these runs, the suspects' norm per
+same cells at development seeds (103–105 by default; the grid uses 0–2 only), plus
+controls the grid lacks (no penalty on the suspects, no unlearning terms, neither), and
+writes the paired differences on these runs, the suspects' norm per
 purification epoch under each penalty and, when the grid's saved runs are given, the
 grid's variants on both sets pooled.
 
     python benches/ablation_dev.py --bin target/debug/bdscan --out-md BENCHMARKS-ablation-dev.md
 
-About 40 minutes on 2 cores (24 models to train, 120 scans).
+About 50 minutes on 2 cores (24 models to train, 168 scans).
 """
 import argparse
 import json
@@ -25,11 +25,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import defense_grid as grid  # noqa: E402
 
-# A control the grid does not run: the same pipeline with no penalty on the suspects
-# (they train like every other weight), to show what the penalty itself adds.
+# Controls the grid does not run, to show what each part adds: the same pipeline with
+# no penalty on the suspects (they train like every other weight), without the
+# unlearning terms (shortcut and pattern unlearning: identification, AR, distillation,
+# augmentation, pruning and recovery remain), and without either.
 NO_PENALTY = "BS, no penalty"
+NO_UNLEARNING = "BS+AR, no unlearning"
+NEITHER = "BS, no penalty, no unlearning"
+UNLEARNING_OFF = {"unlearn_weight": 0, "pattern_weight": 0}
 grid.DEFENSES[NO_PENALTY] = ("benign_salience", {"regularizer": "none"})
-VARIANTS = [grid.OURS] + grid.ABLATIONS + [NO_PENALTY]
+grid.DEFENSES[NO_UNLEARNING] = ("benign_salience", UNLEARNING_OFF)
+grid.DEFENSES[NEITHER] = ("benign_salience", {"regularizer": "none", **UNLEARNING_OFF})
+CONTROLS = [NO_PENALTY, NO_UNLEARNING, NEITHER]
+VARIANTS = [grid.OURS] + grid.ABLATIONS + CONTROLS
 GRID_VARIANTS = [grid.OURS] + grid.ABLATIONS
 
 
@@ -151,7 +159,8 @@ def write_markdown(args, rows, total):
     say(f"The cells where `make bench` runs the ablations ({grid.describe_cells(grid.ABLATED_CELLS)}), "
         f"with lab seeds {', '.join(map(str, seeds))} instead of the grid's 0–2: the same lab "
         "commands, the same `bdscan scan` commands and configurations (each variant at its "
-        "defaults but for `--method` or `regularizer`; the control is `regularizer` `none`), the "
+        "defaults but for `--method` or `regularizer`; the controls set `regularizer` `none`, "
+        "`unlearn_weight` and `pattern_weight` 0, or both), the "
         "scan seed the model's. Only the "
         "defender's clean bundle steers any scan. DER = (max(0, ΔASR) − max(0, ΔC-Acc) + 1) / 2.")
     say("")
