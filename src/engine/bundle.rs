@@ -142,7 +142,7 @@ pub enum Pixels {
 }
 
 /// A validated bundle: `images` is N×C×H×W, `labels` has N non-negative entries.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Bundle {
     pub pixels: Pixels,
     /// N, C, H, W.
@@ -360,21 +360,49 @@ fn le_i64s(bytes: &[u8]) -> Vec<i64> {
 pub fn load_bundle(path: &Path) -> Result<Bundle, BundleError> {
     let bytes = std::fs::read(path)
         .map_err(|e| BundleError::Unreadable(format!("{}: {e}", path.display())))?;
-    parse_bundle(&bytes)
+    parse_bundle_owned(bytes)
 }
 
 /// Parses and validates bundle bytes (`.safetensors` or `.npz`).
 pub fn parse_bundle(bytes: &[u8]) -> Result<Bundle, BundleError> {
-    let (mut images, mut labels, targets, names) =
-        if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
-            read_npz(bytes)?
-        } else if looks_like_safetensors(bytes) {
-            read_safetensors(bytes)?
-        } else {
-            return Err(BundleError::UnknownFormat(
-                "expected a safetensors header or a zip (.npz) archive".into(),
-            ));
-        };
+    let parsed = if is_npz(bytes) {
+        read_npz(bytes)?
+    } else if looks_like_safetensors(bytes) {
+        read_safetensors(bytes)?
+    } else {
+        return Err(unknown_format());
+    };
+    assemble(parsed)
+}
+
+/// [`parse_bundle`] for bytes the caller gives up: a `.safetensors` file's images stay
+/// in its buffer (the rest of the file is cut away in place) instead of being copied
+/// out of it, so a large bundle's pixels are not held twice while it is read.
+pub fn parse_bundle_owned(bytes: Vec<u8>) -> Result<Bundle, BundleError> {
+    let parsed = if is_npz(&bytes) {
+        // The arrays are inflated into buffers of their own; the archive can go.
+        let parsed = read_npz(&bytes)?;
+        drop(bytes);
+        parsed
+    } else if looks_like_safetensors(&bytes) {
+        read_safetensors_in_place(bytes)?
+    } else {
+        return Err(unknown_format());
+    };
+    assemble(parsed)
+}
+
+fn is_npz(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06")
+}
+
+fn unknown_format() -> BundleError {
+    BundleError::UnknownFormat("expected a safetensors header or a zip (.npz) archive".into())
+}
+
+/// The bundle from its arrays, checked.
+fn assemble(parsed: Parsed) -> Result<Bundle, BundleError> {
+    let (mut images, mut labels, targets, names) = parsed;
     let found = if names.is_empty() {
         "nothing".to_string()
     } else {
@@ -408,28 +436,81 @@ fn looks_like_safetensors(bytes: &[u8]) -> bool {
 }
 
 fn read_safetensors(bytes: &[u8]) -> Result<Parsed, BundleError> {
-    use safetensors::tensor::Dtype;
     let st = SafeTensors::deserialize(bytes).map_err(|e| BundleError::Malformed(e.to_string()))?;
+    Ok((
+        copied(&st, "images")?,
+        copied(&st, "labels")?,
+        copied(&st, "targets")?,
+        sorted_names(&st),
+    ))
+}
+
+/// [`read_safetensors`] that keeps the images in `bytes` itself: labels and targets are
+/// small and copied out, then everything around the images is cut away in place.
+fn read_safetensors_in_place(mut bytes: Vec<u8>) -> Result<Parsed, BundleError> {
+    let (images_at, labels, targets, names) = {
+        let st =
+            SafeTensors::deserialize(&bytes).map_err(|e| BundleError::Malformed(e.to_string()))?;
+        // Where the images lie in the buffer (the view borrows it; the offset does not).
+        let images_at = safetensors_view(&st, "images")?.map(|(dtype, shape, data)| {
+            let start = data.as_ptr() as usize - bytes.as_ptr() as usize;
+            (dtype, shape, start..start + data.len())
+        });
+        (
+            images_at,
+            copied(&st, "labels")?,
+            copied(&st, "targets")?,
+            sorted_names(&st),
+        )
+    };
+    let images = match images_at {
+        Some((dtype, shape, range)) => {
+            bytes.truncate(range.end);
+            bytes.drain(..range.start);
+            Some(RawTensor::new("images", dtype, shape, bytes)?)
+        }
+        None => None,
+    };
+    Ok((images, labels, targets, names))
+}
+
+/// A tensor's dtype, shape and bytes (borrowed from the file).
+type TensorView<'a> = (TensorDtype, Vec<usize>, &'a [u8]);
+
+/// The tensor called `name`, `None` when the file has none.
+fn safetensors_view<'a>(
+    st: &SafeTensors<'a>,
+    name: &str,
+) -> Result<Option<TensorView<'a>>, BundleError> {
+    use safetensors::tensor::Dtype;
+    let Ok(view) = st.tensor(name) else {
+        return Ok(None);
+    };
+    let dtype = match view.dtype() {
+        Dtype::U8 => TensorDtype::U8,
+        Dtype::F32 => TensorDtype::F32,
+        Dtype::I64 => TensorDtype::I64,
+        other => {
+            return Err(BundleError::WrongDtype {
+                tensor: name.to_string(),
+                found: format!("{other:?}").to_lowercase(),
+            })
+        }
+    };
+    Ok(Some((dtype, view.shape().to_vec(), view.data())))
+}
+
+/// A tensor copied out of the file.
+fn copied(st: &SafeTensors, name: &str) -> Result<Option<RawTensor>, BundleError> {
+    safetensors_view(st, name)?
+        .map(|(dtype, shape, data)| RawTensor::new(name, dtype, shape, data.to_vec()))
+        .transpose()
+}
+
+fn sorted_names(st: &SafeTensors) -> Vec<String> {
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
-    let take = |name: &str| -> Result<Option<RawTensor>, BundleError> {
-        let Ok(view) = st.tensor(name) else {
-            return Ok(None);
-        };
-        let dtype = match view.dtype() {
-            Dtype::U8 => TensorDtype::U8,
-            Dtype::F32 => TensorDtype::F32,
-            Dtype::I64 => TensorDtype::I64,
-            other => {
-                return Err(BundleError::WrongDtype {
-                    tensor: name.to_string(),
-                    found: format!("{other:?}").to_lowercase(),
-                })
-            }
-        };
-        RawTensor::new(name, dtype, view.shape().to_vec(), view.data().to_vec()).map(Some)
-    };
-    Ok((take("images")?, take("labels")?, take("targets")?, names))
+    names
 }
 
 /// Largest uncompressed total of the arrays we read from one `.npz`, so a zip bomb (a
@@ -604,6 +685,46 @@ mod tests {
         assert_eq!(again.select(&[2, 0]).targets, Some(vec![0, 1]));
         let plain = Bundle::from_parts(images_u8(vec![1, 1, 1, 1]), labels(&[0])).unwrap();
         assert_eq!(parse_bundle(&plain.to_safetensors()).unwrap().targets, None);
+    }
+
+    #[test]
+    fn an_owned_safetensors_file_keeps_its_images_in_its_own_buffer() {
+        let pixels: Vec<u8> = (0..96).map(|v| (v * 7 % 256) as u8).collect();
+        let images = RawTensor::new("images", TensorDtype::U8, vec![3, 2, 4, 4], pixels.clone());
+        let bundle = Bundle::from_parts(images.unwrap(), labels(&[0, 1, 2]))
+            .unwrap()
+            .with_targets(labels(&[1, 2, 0]))
+            .unwrap();
+        let file = bundle.to_safetensors();
+        let borrowed = parse_bundle(&file).unwrap();
+        let buffer = file.as_ptr();
+        let owned = parse_bundle_owned(file).unwrap();
+        assert_eq!(owned, borrowed);
+        let Pixels::U8(kept) = &owned.pixels else {
+            panic!("uint8 images came back as {:?}", owned.pixels)
+        };
+        assert_eq!(kept, &pixels);
+        assert_eq!(
+            kept.as_ptr(),
+            buffer,
+            "the pixels were copied out of the file"
+        );
+
+        // Float images are converted either way; both paths agree.
+        let floats: Vec<u8> = (0..8)
+            .flat_map(|v| (v as f32 / 8.0).to_le_bytes())
+            .collect();
+        let images = RawTensor::new("images", TensorDtype::F32, vec![2, 1, 2, 2], floats);
+        let bundle = Bundle::from_parts(images.unwrap(), labels(&[5, 6])).unwrap();
+        let file = bundle.to_safetensors();
+        assert_eq!(
+            parse_bundle_owned(file.clone()).unwrap(),
+            parse_bundle(&file).unwrap()
+        );
+        assert!(matches!(
+            parse_bundle_owned(b"just some text".to_vec()),
+            Err(BundleError::UnknownFormat(_))
+        ));
     }
 
     #[test]
