@@ -363,41 +363,30 @@ pub fn load_bundle(path: &Path) -> Result<Bundle, BundleError> {
     parse_bundle_owned(bytes)
 }
 
-/// Parses and validates bundle bytes (`.safetensors` or `.npz`).
+/// Parses and validates bundle bytes (`.safetensors` or `.npz`) the caller keeps: they
+/// are copied once, and the copy read as [`parse_bundle_owned`] reads its bytes.
 pub fn parse_bundle(bytes: &[u8]) -> Result<Bundle, BundleError> {
-    let parsed = if is_npz(bytes) {
-        read_npz(bytes)?
-    } else if looks_like_safetensors(bytes) {
-        read_safetensors(bytes)?
-    } else {
-        return Err(unknown_format());
-    };
-    assemble(parsed)
+    parse_bundle_owned(bytes.to_vec())
 }
 
-/// [`parse_bundle`] for bytes the caller gives up: a `.safetensors` file's images stay
-/// in its buffer (the rest of the file is cut away in place) instead of being copied
-/// out of it, so a large bundle's pixels are not held twice while it is read.
+/// Parses and validates bundle bytes (`.safetensors` or `.npz`), telling the format from
+/// the first bytes. A `.safetensors` file's images stay in its buffer (the rest of the
+/// file is cut away in place) instead of being copied out of it, and an `.npz` archive
+/// is dropped once its arrays are inflated, so a large bundle's pixels are not held
+/// twice while it is read.
 pub fn parse_bundle_owned(bytes: Vec<u8>) -> Result<Bundle, BundleError> {
-    let parsed = if is_npz(&bytes) {
-        // The arrays are inflated into buffers of their own; the archive can go.
+    let parsed = if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
         let parsed = read_npz(&bytes)?;
         drop(bytes);
         parsed
     } else if looks_like_safetensors(&bytes) {
-        read_safetensors_in_place(bytes)?
+        read_safetensors(bytes)?
     } else {
-        return Err(unknown_format());
+        return Err(BundleError::UnknownFormat(
+            "expected a safetensors header or a zip (.npz) archive".into(),
+        ));
     };
     assemble(parsed)
-}
-
-fn is_npz(bytes: &[u8]) -> bool {
-    bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06")
-}
-
-fn unknown_format() -> BundleError {
-    BundleError::UnknownFormat("expected a safetensors header or a zip (.npz) archive".into())
 }
 
 /// The bundle from its arrays, checked.
@@ -435,19 +424,10 @@ fn looks_like_safetensors(bytes: &[u8]) -> bool {
     bytes.len() >= 9 && bytes[8] == b'{'
 }
 
-fn read_safetensors(bytes: &[u8]) -> Result<Parsed, BundleError> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| BundleError::Malformed(e.to_string()))?;
-    Ok((
-        copied(&st, "images")?,
-        copied(&st, "labels")?,
-        copied(&st, "targets")?,
-        sorted_names(&st),
-    ))
-}
-
-/// [`read_safetensors`] that keeps the images in `bytes` itself: labels and targets are
-/// small and copied out, then everything around the images is cut away in place.
-fn read_safetensors_in_place(mut bytes: Vec<u8>) -> Result<Parsed, BundleError> {
+/// The arrays of a `.safetensors` file, the images kept in `bytes` itself: labels and
+/// targets are small and copied out, then everything around the images is cut away in
+/// place.
+fn read_safetensors(mut bytes: Vec<u8>) -> Result<Parsed, BundleError> {
     let (images_at, labels, targets, names) = {
         let st =
             SafeTensors::deserialize(&bytes).map_err(|e| BundleError::Malformed(e.to_string()))?;
@@ -500,7 +480,7 @@ fn safetensors_view<'a>(
     Ok(Some((dtype, view.shape().to_vec(), view.data())))
 }
 
-/// A tensor copied out of the file.
+/// A (small) tensor copied out of the file.
 fn copied(st: &SafeTensors, name: &str) -> Result<Option<RawTensor>, BundleError> {
     safetensors_view(st, name)?
         .map(|(dtype, shape, data)| RawTensor::new(name, dtype, shape, data.to_vec()))
@@ -696,10 +676,9 @@ mod tests {
             .with_targets(labels(&[1, 2, 0]))
             .unwrap();
         let file = bundle.to_safetensors();
-        let borrowed = parse_bundle(&file).unwrap();
         let buffer = file.as_ptr();
         let owned = parse_bundle_owned(file).unwrap();
-        assert_eq!(owned, borrowed);
+        assert_eq!(owned, bundle);
         let Pixels::U8(kept) = &owned.pixels else {
             panic!("uint8 images came back as {:?}", owned.pixels)
         };
@@ -710,17 +689,14 @@ mod tests {
             "the pixels were copied out of the file"
         );
 
-        // Float images are converted either way; both paths agree.
+        // Float images are converted to values, so they leave the buffer; they still
+        // round-trip.
         let floats: Vec<u8> = (0..8)
             .flat_map(|v| (v as f32 / 8.0).to_le_bytes())
             .collect();
         let images = RawTensor::new("images", TensorDtype::F32, vec![2, 1, 2, 2], floats);
         let bundle = Bundle::from_parts(images.unwrap(), labels(&[5, 6])).unwrap();
-        let file = bundle.to_safetensors();
-        assert_eq!(
-            parse_bundle_owned(file.clone()).unwrap(),
-            parse_bundle(&file).unwrap()
-        );
+        assert_eq!(parse_bundle_owned(bundle.to_safetensors()).unwrap(), bundle);
         assert!(matches!(
             parse_bundle_owned(b"just some text".to_vec()),
             Err(BundleError::UnknownFormat(_))
