@@ -56,12 +56,16 @@ pub fn read_float_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, Engin
         if r.storage_class != "FloatStorage" {
             continue;
         }
-        let bytes = archive.read(&format!("{}data/{}", archive.prefix, r.key))?;
+        let (reached, numel) = view_extent(&r, archive.file_bytes)?;
+        let entry = format!("{}data/{}", archive.prefix, r.key);
+        // Only as much of the storage as the view reaches: never more than the view
+        // was allowed to declare, however far the entry inflates.
+        let bytes = archive.read_prefix(&entry, reached.saturating_mul(4))?;
         let storage: Vec<f32> = bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        out.insert(name, gather(&storage, &r)?);
+        out.insert(name, gather(&storage, &r, numel)?);
     }
     Ok(out)
 }
@@ -81,46 +85,116 @@ struct TensorArchive {
     zip: zip::ZipArchive<std::fs::File>,
     /// The archive's top folder, where `data.pkl` and `data/` are.
     prefix: String,
+    /// The archive file's size, a bound on what any honest tensor in it holds.
+    file_bytes: u64,
     tensors: Vec<(String, TensorRef)>,
 }
+
+/// Largest `data.pkl` read. TorchScript's pickle of a module tree is kilobytes to a
+/// few megabytes; the entry can be deflated, so its declared size proves nothing.
+const MAX_PICKLE_BYTES: u64 = 64 << 20;
 
 impl TensorArchive {
     fn open(path: &Path) -> Result<Self, EngineError> {
         let file =
             std::fs::File::open(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+        let file_bytes = file
+            .metadata()
+            .map_err(|e| bad(format!("{}: {e}", path.display())))?
+            .len();
         let zip = zip::ZipArchive::new(file).map_err(|e| bad(format!("not a zip: {e}")))?;
-        let pickle_name = zip
-            .file_names()
-            .find(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
-            .map(str::to_string)
-            .ok_or_else(|| bad("no data.pkl"))?;
+        // The folder libtorch loads from: that of the archive's first entry. Looking for
+        // the first `*/data.pkl` instead would let an archive carry a second module tree,
+        // one that libtorch never loads, for this reader alone.
+        let first = zip.name_for_index(0).ok_or_else(|| bad("empty zip"))?;
+        let prefix = match first.find('/') {
+            Some(slash) => first[..=slash].to_string(),
+            None => return Err(bad(format!("{first} is not in the archive's folder"))),
+        };
+        let pickle_name = format!("{prefix}data.pkl");
         let mut archive = TensorArchive {
             zip,
-            prefix: pickle_name.trim_end_matches("data.pkl").to_string(),
+            prefix,
+            file_bytes,
             tensors: Vec::new(),
         };
-        let root = unpickle(&archive.read(&pickle_name)?)?;
+        let root = unpickle(&archive.read(&pickle_name, MAX_PICKLE_BYTES)?)?;
         collect_tensors(&root, "", &mut archive.tensors);
         Ok(archive)
     }
 
-    fn read(&mut self, name: &str) -> Result<Vec<u8>, EngineError> {
-        let mut entry = self
+    /// At most `limit` bytes of the entry `name`, from its start.
+    fn read_up_to(&mut self, name: &str, limit: u64) -> Result<Vec<u8>, EngineError> {
+        let entry = self
             .zip
             .by_name(name)
             .map_err(|e| bad(format!("{name}: {e}")))?;
         let mut bytes = Vec::new();
         entry
+            .take(limit)
             .read_to_end(&mut bytes)
             .map_err(|e| bad(format!("{name}: {e}")))?;
         Ok(bytes)
     }
+
+    /// The entry `name`, refused if it holds more than `limit` bytes.
+    fn read(&mut self, name: &str, limit: u64) -> Result<Vec<u8>, EngineError> {
+        let bytes = self.read_up_to(name, limit.saturating_add(1))?;
+        if bytes.len() as u64 > limit {
+            return Err(bad(format!("{name} holds more than {limit} bytes")));
+        }
+        Ok(bytes)
+    }
+
+    /// The first `len` bytes of the entry `name`.
+    fn read_prefix(&mut self, name: &str, len: u64) -> Result<Vec<u8>, EngineError> {
+        let bytes = self.read_up_to(name, len)?;
+        if (bytes.len() as u64) < len {
+            return Err(bad(format!("tensor view outside storage {name}")));
+        }
+        Ok(bytes)
+    }
 }
 
-/// The strided view `r` of `storage` as a contiguous tensor.
-fn gather(storage: &[f32], r: &TensorRef) -> Result<Tensor, EngineError> {
-    let numel: i64 = r.size.iter().product();
-    let mut values = Vec::with_capacity(numel.max(0) as usize);
+/// How many elements of its storage the view `r` reaches, with its own element count;
+/// refused when either overflows, an index is negative, or the view holds more float32
+/// values than `file_bytes` could store. Checked before anything is allocated: the
+/// pickle that declares a view is not one libtorch has vetted.
+fn view_extent(r: &TensorRef, file_bytes: u64) -> Result<(u64, u64), EngineError> {
+    let refuse = || bad(format!("tensor view of storage {} is not valid", r.key));
+    if r.size.len() != r.stride.len() || r.offset < 0 {
+        return Err(refuse());
+    }
+    let mut numel: u64 = 1;
+    let mut last = r.offset as u64;
+    for (&size, &stride) in r.size.iter().zip(&r.stride) {
+        if size < 0 || stride < 0 {
+            return Err(refuse());
+        }
+        numel = numel.checked_mul(size as u64).ok_or_else(refuse)?;
+        if size > 0 {
+            let reach = (size as u64 - 1)
+                .checked_mul(stride as u64)
+                .ok_or_else(refuse)?;
+            last = last.checked_add(reach).ok_or_else(refuse)?;
+        }
+    }
+    let reached = if numel == 0 { 0 } else { last + 1 };
+    // torch.jit.save stores entries uncompressed, so no honest view holds or reaches
+    // more float32 values than the archive file has bytes for.
+    if numel.max(reached).saturating_mul(4) > file_bytes {
+        return Err(bad(format!(
+            "tensor view of storage {} spans more values than the {file_bytes}-byte archive stores",
+            r.key
+        )));
+    }
+    Ok((reached, numel))
+}
+
+/// The strided view `r` of `storage` as a contiguous tensor. `numel` and the storage's
+/// length come from [`view_extent`], so no index computed here overflows.
+fn gather(storage: &[f32], r: &TensorRef, numel: u64) -> Result<Tensor, EngineError> {
+    let mut values = Vec::with_capacity(numel as usize);
     let mut index = vec![0i64; r.size.len()];
     for _ in 0..numel {
         let at = r.offset + index.iter().zip(&r.stride).map(|(i, s)| i * s).sum::<i64>();
@@ -231,23 +305,99 @@ impl CopyBudget {
     }
 }
 
-/// Runs the pickle opcodes TorchScript's pickler writes and returns the root object.
-fn unpickle(bytes: &[u8]) -> Result<Value, EngineError> {
-    let mut r = Reader { bytes, at: 0 };
-    let mut stack: Vec<Value> = Vec::new();
-    let mut memo: HashMap<u32, Value> = HashMap::new();
-    let mut copies = CopyBudget {
-        left: MAX_MEMO_COPIED_VALUES,
-    };
-    let pop = |stack: &mut Vec<Value>| stack.pop().ok_or_else(|| bad("data.pkl: stack underflow"));
-    let pop_mark = |stack: &mut Vec<Value>| -> Result<Vec<Value>, EngineError> {
-        let mark = stack
+/// Deepest nesting of containers a pickle may build. A TorchScript module tree nests a
+/// few levels per submodule; a hostile pickle of a few megabytes can nest a million
+/// tuples, and dropping (or cloning, or walking) such a value recurses once per level
+/// until the stack overflows.
+const MAX_NESTING: u32 = 1000;
+
+/// The pickle machine's stack, with each value's nesting depth beside it.
+#[derive(Default)]
+struct Stack {
+    values: Vec<Value>,
+    depths: Vec<u32>,
+}
+
+impl Stack {
+    fn push(&mut self, value: Value) {
+        self.values.push(value);
+        self.depths.push(0);
+    }
+
+    fn push_nested(&mut self, value: Value, depth: u32) -> Result<(), EngineError> {
+        if depth > MAX_NESTING {
+            return Err(bad(format!(
+                "data.pkl: values nested more than {MAX_NESTING} deep"
+            )));
+        }
+        self.values.push(value);
+        self.depths.push(depth);
+        Ok(())
+    }
+
+    /// A container holding `items` (of nesting `depth`): one level deeper than they.
+    fn push_container(&mut self, container: Value, depth: u32) -> Result<(), EngineError> {
+        self.push_nested(container, depth + 1)
+    }
+
+    fn pop(&mut self) -> Result<(Value, u32), EngineError> {
+        match (self.values.pop(), self.depths.pop()) {
+            (Some(value), Some(depth)) => Ok((value, depth)),
+            _ => Err(bad("data.pkl: stack underflow")),
+        }
+    }
+
+    /// The top `n` values and their deepest nesting.
+    fn pop_n(&mut self, n: usize) -> Result<(Vec<Value>, u32), EngineError> {
+        let at = self
+            .values
+            .len()
+            .checked_sub(n)
+            .ok_or_else(|| bad("data.pkl: stack underflow"))?;
+        let depth = self.depths.split_off(at).into_iter().max().unwrap_or(0);
+        Ok((self.values.split_off(at), depth))
+    }
+
+    /// Everything above the topmost mark, and its deepest nesting; the mark goes too.
+    fn pop_mark(&mut self) -> Result<(Vec<Value>, u32), EngineError> {
+        let mark = self
+            .values
             .iter()
             .rposition(|v| matches!(v, Value::Mark))
             .ok_or_else(|| bad("data.pkl: missing mark"))?;
-        let items = stack.split_off(mark + 1);
-        stack.pop();
+        let items = self.pop_n(self.values.len() - mark - 1)?;
+        self.pop()?;
         Ok(items)
+    }
+
+    /// Puts `children` (of nesting `depth`) into the container on top, if the top is
+    /// one that `put` accepts.
+    fn add_to_top(
+        &mut self,
+        depth: u32,
+        put: impl FnOnce(&mut Value) -> bool,
+    ) -> Result<(), EngineError> {
+        if let (Some(top), Some(top_depth)) = (self.values.last_mut(), self.depths.last_mut()) {
+            if put(top) {
+                *top_depth = (*top_depth).max(depth + 1);
+                if *top_depth > MAX_NESTING {
+                    return Err(bad(format!(
+                        "data.pkl: values nested more than {MAX_NESTING} deep"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the pickle opcodes TorchScript's pickler writes and returns the root object.
+fn unpickle(bytes: &[u8]) -> Result<Value, EngineError> {
+    let mut r = Reader { bytes, at: 0 };
+    let mut stack = Stack::default();
+    let mut memo: HashMap<u32, (Value, u32)> = HashMap::new();
+    let mut copies = CopyBudget {
+        left: MAX_MEMO_COPIED_VALUES,
     };
     loop {
         let op = r.u8()?;
@@ -255,7 +405,7 @@ fn unpickle(bytes: &[u8]) -> Result<Value, EngineError> {
             0x80 => {
                 r.u8()?; // PROTO
             }
-            b'.' => return pop(&mut stack), // STOP
+            b'.' => return Ok(stack.pop()?.0), // STOP
             b'(' => stack.push(Value::Mark),
             b'N' => stack.push(Value::None),
             0x88 => stack.push(Value::Bool),
@@ -305,16 +455,12 @@ fn unpickle(bytes: &[u8]) -> Result<Value, EngineError> {
             b']' => stack.push(Value::List(Vec::new())),
             b'}' => stack.push(Value::Dict(Vec::new())),
             b't' => {
-                let items = pop_mark(&mut stack)?;
-                stack.push(Value::Tuple(items));
+                let (items, depth) = stack.pop_mark()?;
+                stack.push_container(Value::Tuple(items), depth)?;
             }
             0x85..=0x87 => {
-                let n = (op - 0x84) as usize;
-                if stack.len() < n {
-                    return Err(bad("data.pkl: stack underflow"));
-                }
-                let items = stack.split_off(stack.len() - n);
-                stack.push(Value::Tuple(items));
+                let (items, depth) = stack.pop_n((op - 0x84) as usize)?;
+                stack.push_container(Value::Tuple(items), depth)?;
             }
             b'q' | b'r' | 0x94 => {
                 let k = match op {
@@ -322,67 +468,84 @@ fn unpickle(bytes: &[u8]) -> Result<Value, EngineError> {
                     b'r' => r.u32()?,
                     _ => memo.len() as u32,
                 };
-                let top = stack.last().unwrap_or(&Value::None);
+                let (top, depth) = match (stack.values.last(), stack.depths.last()) {
+                    (Some(top), Some(&depth)) => (top, depth),
+                    _ => (&Value::None, 0),
+                };
                 copies.charge(top)?;
-                memo.insert(k, top.clone());
+                memo.insert(k, (top.clone(), depth));
             }
             b'h' | b'j' => {
                 let k = if op == b'h' { r.u8()? as u32 } else { r.u32()? };
-                let v = memo
+                let (v, depth) = memo
                     .get(&k)
                     .ok_or_else(|| bad("data.pkl: unknown memo key"))?;
                 copies.charge(v)?;
-                stack.push(v.clone());
+                stack.push_nested(v.clone(), *depth)?;
             }
-            b'a' => {
-                let item = pop(&mut stack)?;
-                if let Some(Value::List(list)) = stack.last_mut() {
-                    list.push(item);
-                }
-            }
-            b'e' => {
-                let items = pop_mark(&mut stack)?;
-                if let Some(Value::List(list)) = stack.last_mut() {
-                    list.extend(items);
-                }
+            b'a' | b'e' => {
+                // APPEND one value, or APPENDS everything above the mark.
+                let (items, depth) = if op == b'a' {
+                    stack.pop_n(1)?
+                } else {
+                    stack.pop_mark()?
+                };
+                stack.add_to_top(depth, |top| match top {
+                    Value::List(list) => {
+                        list.extend(items);
+                        true
+                    }
+                    _ => false,
+                })?;
             }
             b's' => {
-                let value = pop(&mut stack)?;
-                let key = pop(&mut stack)?;
-                if let Some(Value::Dict(d) | Value::Object(d)) = stack.last_mut() {
-                    d.push((key, value));
-                }
+                let (value, value_depth) = stack.pop()?;
+                let (key, key_depth) = stack.pop()?;
+                stack.add_to_top(value_depth.max(key_depth), |top| match top {
+                    Value::Dict(d) | Value::Object(d) => {
+                        d.push((key, value));
+                        true
+                    }
+                    _ => false,
+                })?;
             }
             b'u' => {
-                let items = pop_mark(&mut stack)?;
-                if let Some(Value::Dict(d)) = stack.last_mut() {
-                    let mut it = items.into_iter();
-                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                        d.push((k, v));
+                let (items, depth) = stack.pop_mark()?;
+                stack.add_to_top(depth, |top| match top {
+                    Value::Dict(d) => {
+                        let mut it = items.into_iter();
+                        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                            d.push((k, v));
+                        }
+                        true
                     }
-                }
+                    _ => false,
+                })?;
             }
             b'Q' => {
-                let pid = pop(&mut stack)?;
-                stack.push(Value::Persistent(Box::new(pid)));
+                let (pid, depth) = stack.pop()?;
+                stack.push_container(Value::Persistent(Box::new(pid)), depth)?;
             }
             0x81 => {
                 // NEWOBJ: a module (or other class) instance whose state BUILD sets.
-                pop(&mut stack)?;
-                pop(&mut stack)?;
+                stack.pop()?;
+                stack.pop()?;
                 stack.push(Value::Object(Vec::new()));
             }
             b'b' => {
-                let state = pop(&mut stack)?;
-                if let Some(Value::Object(fields)) = stack.last_mut() {
-                    if let Value::Dict(d) = state {
+                let (state, depth) = stack.pop()?;
+                // The state dict's entries become the object's own: no level is added.
+                stack.add_to_top(depth.saturating_sub(1), |top| match (top, state) {
+                    (Value::Object(fields), Value::Dict(d)) => {
                         fields.extend(d);
+                        true
                     }
-                }
+                    _ => false,
+                })?;
             }
             b'R' => {
-                let args = pop(&mut stack)?;
-                let func = pop(&mut stack)?;
+                let (args, _) = stack.pop()?;
+                let (func, _) = stack.pop()?;
                 stack.push(reduce(&func, args));
             }
             other => {
@@ -478,6 +641,102 @@ mod tests {
         // Twelve levels (8,191 values) are an ordinary pickle's business.
         let small = unpickle(&doubling_pickle(12)).unwrap();
         assert!(matches!(small, Value::List(items) if items.len() == 2));
+    }
+
+    #[test]
+    fn a_pickle_nested_deeper_than_the_limit_is_refused_not_overflowed() {
+        // A million-deep tuple would overflow the stack when dropped; this one is
+        // refused at the limit, and one just inside it parses.
+        let nested = |levels: usize| {
+            let mut pickle = vec![0x80, 2, b')'];
+            pickle.extend(std::iter::repeat_n(0x85, levels));
+            pickle.push(b'.');
+            pickle
+        };
+        let err = unpickle(&nested(1_000_000)).unwrap_err().to_string();
+        assert!(err.contains("nested more than"), "{err}");
+        assert!(unpickle(&nested(MAX_NESTING as usize - 1)).is_ok());
+        // Lists grown by APPEND count too.
+        let mut appended = vec![0x80, 2];
+        appended.extend(std::iter::repeat_n(b']', 5000));
+        appended.extend(std::iter::repeat_n(b'a', 4999));
+        appended.push(b'.');
+        let err = unpickle(&appended).unwrap_err().to_string();
+        assert!(err.contains("nested more than"), "{err}");
+    }
+
+    #[test]
+    fn tensor_views_are_checked_against_the_archive_before_any_allocation() {
+        let view = |offset: i64, size: Vec<i64>, stride: Vec<i64>| TensorRef {
+            storage_class: "FloatStorage".into(),
+            key: "0".into(),
+            offset,
+            size,
+            stride,
+        };
+        // A 3×4 view at offset 2 reaches 14 values of its storage.
+        assert_eq!(
+            view_extent(&view(2, vec![3, 4], vec![4, 1]), 1000).unwrap(),
+            (14, 12)
+        );
+        assert_eq!(
+            view_extent(&view(0, vec![0, 4], vec![4, 1]), 0).unwrap(),
+            (0, 0)
+        );
+        // 2^33 values from one stored value (stride 0): 32 GiB that libtorch's own
+        // storage check lets through.
+        let expanded = view(0, vec![1 << 33], vec![0]);
+        assert!(view_extent(&expanded, 1 << 20).is_err());
+        for hostile in [
+            view(0, vec![1 << 40, 1 << 40], vec![1, 1]),
+            view(i64::MAX, vec![2], vec![1]),
+            view(0, vec![2], vec![i64::MAX]),
+            view(-1, vec![2], vec![1]),
+            view(0, vec![-2], vec![1]),
+            view(0, vec![2, 2], vec![1]),
+        ] {
+            assert!(view_extent(&hostile, 1 << 20).is_err(), "{hostile:?}");
+        }
+    }
+
+    /// The fixture's entries rewritten into a new zip, with `extra` entries placed
+    /// right after its first one.
+    fn rezipped(source: &Path, extra: &[(&str, &[u8])], out: &Path) {
+        let mut input = zip::ZipArchive::new(std::fs::File::open(source).unwrap()).unwrap();
+        let mut writer = zip::ZipWriter::new(std::fs::File::create(out).unwrap());
+        let stored = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for i in 0..input.len() {
+            let mut entry = input.by_index(i).unwrap();
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).unwrap();
+            writer.start_file(entry.name(), stored).unwrap();
+            std::io::Write::write_all(&mut writer, &bytes).unwrap();
+            if i == 0 {
+                for (name, bytes) in extra {
+                    writer.start_file(*name, stored).unwrap();
+                    std::io::Write::write_all(&mut writer, bytes).unwrap();
+                }
+            }
+        }
+        writer.finish().unwrap();
+    }
+
+    #[test]
+    fn the_module_tree_is_read_from_the_folder_libtorch_loads() {
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/mnist_cnn.pt");
+        let dir = tempfile::tempdir().unwrap();
+        // A second tree in another folder, which libtorch (folder of the first entry)
+        // never reads: a pickle of one tensor name, `planted`.
+        let planted = b"\x80\x02c__torch__\nM\n)\x81}X\x07\x00\x00\x00plantedcnone\nx\n)Rsb.";
+        let two_trees = dir.path().join("two_trees.pt");
+        rezipped(&fixture, &[("aaa/data.pkl", planted)], &two_trees);
+        assert!(tch::CModule::load(&two_trees).is_ok(), "libtorch loads it");
+        assert_eq!(
+            tensor_names(&two_trees).unwrap(),
+            tensor_names(&fixture).unwrap()
+        );
     }
 
     #[test]

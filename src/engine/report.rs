@@ -33,7 +33,8 @@ pub struct ScanReport {
     pub metrics: MetricsPair,
     /// Defense effectiveness rating; present when a poison bundle was given.
     pub der: Option<f64>,
-    /// Shortcut unlearning's search for a trigger's target class (our method only).
+    /// Shortcut unlearning's search for a trigger's target class (our method and its
+    /// activation ablation).
     pub shortcut_search: Option<TargetSearch>,
     /// Our method and its activation ablation: the probe that decided whether
     /// purification trained against random image-wide patterns.

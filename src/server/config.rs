@@ -21,6 +21,12 @@ pub struct ServerConfig {
     pub devices: Vec<Device>,
     /// Largest accepted blob (per file of a multipart scan).
     pub max_blob_bytes: u64,
+    /// A request body that sends nothing for this long is cut off (a stalled or
+    /// deliberately trickling client would otherwise hold its upload open for ever).
+    pub body_idle_timeout: Duration,
+    /// After shutdown begins, how long open connections (an upload still streaming
+    /// in) may take to finish before they are closed.
+    pub shutdown_grace: Duration,
     pub worker: WorkerSettings,
 }
 
@@ -54,6 +60,8 @@ impl ServerConfig {
             workers: 1,
             devices: Vec::new(),
             max_blob_bytes: 1 << 30,
+            body_idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(20),
             worker: WorkerSettings {
                 exe,
                 work_dir: data_dir.join("work"),
@@ -123,6 +131,8 @@ impl std::fmt::Debug for ServerConfig {
             .field("workers", &self.workers)
             .field("devices", &self.devices)
             .field("max_blob_bytes", &self.max_blob_bytes)
+            .field("body_idle_timeout", &self.body_idle_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
             .field("worker", &self.worker)
             .finish()
     }

@@ -25,6 +25,9 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("{0}")]
     TooLarge(String),
+    /// The request body stopped arriving for longer than the idle timeout.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("the requested range does not lie within the {size} bytes of the file")]
@@ -66,6 +69,7 @@ impl ApiError {
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -82,6 +86,7 @@ impl ApiError {
             | ApiError::Conflict { code, .. } => code,
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ApiError::Unavailable(_) => "unavailable",
@@ -153,8 +158,31 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
+/// Whether `err`, or anything that caused it, is a request body that sent nothing for
+/// longer than the idle timeout (`ServerConfig::body_idle_timeout`).
+pub fn body_stalled(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(e) = cause {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// The answer to a request whose body stalled.
+pub fn stalled_body() -> ApiError {
+    ApiError::RequestTimeout(
+        "the request body sent nothing for longer than the server waits; send it again".into(),
+    )
+}
+
 impl From<MultipartError> for ApiError {
     fn from(err: MultipartError) -> Self {
+        if body_stalled(&err) {
+            return stalled_body();
+        }
         if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge(err.body_text())
         } else {

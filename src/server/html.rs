@@ -1,9 +1,11 @@
-//! The human-readable report page: a summary table and, per layer, an inline SVG of
-//! every neuron's normalised benign salience with the flagged ones in red.
+//! The human-readable report page: a summary (what ran, what the shortcut search found,
+//! what changed), the report's warnings, the metrics, the inputs with their hashes, the
+//! configuration and, per layer, an inline SVG of every neuron's normalised benign
+//! salience with the flagged ones in red.
 
 use std::fmt::Write;
 
-use crate::engine::report::LayerReport;
+use crate::engine::report::{BundleDigest, Inputs, LayerReport, TargetSearch};
 use crate::engine::ScanReport;
 
 const PLOT_WIDTH: f64 = 640.0;
@@ -13,6 +15,11 @@ pub fn report_page(job_id: &str, report: &ScanReport) -> String {
     let percent =
         |x: Option<f64>| x.map_or_else(|| "–".to_string(), |v| format!("{:.2}%", v * 100.0));
     let (before, after) = (&report.metrics.before, &report.metrics.after);
+    let configuration = format!(
+        "<details><summary>Configuration (seed {})</summary><pre>{}</pre></details>",
+        report.seed,
+        escape(&serde_json::to_string_pretty(&report.config).unwrap_or_default())
+    );
     let mut page = String::new();
     let _ = write!(
         page,
@@ -21,15 +28,17 @@ pub fn report_page(job_id: &str, report: &ScanReport) -> String {
          table{{border-collapse:collapse}}td,th{{padding:.25rem .75rem;border-bottom:1px solid #ddd;text-align:right}}\
          th:first-child,td:first-child{{text-align:left}}figure{{margin:1.5rem 0}}</style></head><body>\
          <h1>Backdoor scan report</h1><p>Job <code>{id}</code> · bdscan {version} · libtorch {torch}</p>\
-         <table><tr><th></th><th>clean accuracy</th><th>attack success rate</th><th>robust accuracy</th></tr>\
+         {summary}{warnings}<h2>Metrics</h2><table><tr><th></th><th>clean accuracy</th><th>attack success rate</th><th>robust accuracy</th></tr>\
          <tr><td>before</td><td>{b_acc}</td><td>{b_asr}</td><td>{b_ra}</td></tr>{removed}\
          <tr><td>after</td><td>{a_acc}</td><td>{a_asr}</td><td>{a_ra}</td></tr></table>\
          <p>Flagged {flagged} of {neurons} neurons ({pruned} pruned); {suspect} suspect weights, {pruned_w} pruned.{der}</p>{patterns}\
          <p>Purified model sha256 <code>{artifact}</code> ({bytes} bytes): <a href=\"/v1/jobs/{id}/artifact\">download</a> · \
-         <a href=\"/v1/jobs/{id}/report\">report JSON</a></p><h2>Benign salience by layer</h2>\
+         <a href=\"/v1/jobs/{id}/report\">report JSON</a></p>{inputs}{config}<h2>Benign salience by layer</h2>\
          <p>Each bar is one neuron's salience relative to its layer's mean; red bars are flagged as not needed \
          by the clean task.</p>",
         id = escape(job_id),
+        summary = summary(report),
+        warnings = warnings_list(&report.warnings),
         version = escape(&report.tool.bdscan_version),
         torch = escape(&report.tool.libtorch_version),
         b_acc = percent(Some(before.clean_acc)),
@@ -69,12 +78,162 @@ pub fn report_page(job_id: &str, report: &ScanReport) -> String {
         )),
         artifact = escape(&report.artifact.sha256),
         bytes = report.artifact.bytes,
+        inputs = inputs_table(&report.inputs),
+        config = configuration,
     );
     for layer in &report.layers {
         page.push_str(&salience_figure(layer));
     }
     page.push_str("</body></html>");
     page
+}
+
+/// What ran, what the shortcut search found and what changed, in a few lines.
+fn summary(report: &ScanReport) -> String {
+    let percent = |v: f64| format!("{:.2}%", v * 100.0);
+    let config = &report.config;
+    let regularizer = serde_json::to_value(config.regularizer)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let mut items = vec![format!(
+        "Method <code>{}</code> (penalty <code>{}</code>), seed {}, on <code>{}</code>.",
+        config.method.as_str(),
+        escape(&regularizer),
+        report.seed,
+        escape(&config.device)
+    )];
+    if let Some(search) = &report.shortcut_search {
+        items.push(shortcut_line(search));
+    }
+    let (before, after) = (&report.metrics.before, &report.metrics.after);
+    if let (Some(b), Some(a)) = (before.asr, after.asr) {
+        let target = report
+            .inputs
+            .target_label
+            .map_or_else(String::new, |t| format!(" (target class {t})"));
+        items.push(format!(
+            "Attack success rate on the poison bundle{target}: {} before, {} after.",
+            percent(b),
+            percent(a)
+        ));
+    }
+    let on = match after.clean_acc_on {
+        crate::engine::metrics::AccuracySource::Test => "the test bundle",
+        crate::engine::metrics::AccuracySource::HeldOut => "the clean bundle's held-out split",
+    };
+    items.push(format!(
+        "Clean accuracy on {on}: {} before, {} after.",
+        percent(before.clean_acc),
+        percent(after.clean_acc)
+    ));
+    let mut html = String::from("<h2>Summary</h2><ul>");
+    for item in items {
+        let _ = write!(html, "<li>{item}</li>");
+    }
+    html.push_str("</ul>");
+    html
+}
+
+/// The shortcut search's finding: a class that one small perturbation reaches from
+/// nearly every clean image, far ahead of the rest, is how a trigger's target looks.
+fn shortcut_line(search: &TargetSearch) -> String {
+    let mut ranked: Vec<(usize, f64)> = search
+        .success_per_class
+        .iter()
+        .copied()
+        .enumerate()
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let reached = |k: usize| {
+        search
+            .success_per_class
+            .get(k)
+            .map_or_else(|| "–".to_string(), |v| format!("{:.0}%", v * 100.0))
+    };
+    let radius = format!("{:.0}% of the pixel range (RMS)", search.radius_rms * 100.0);
+    match search.target {
+        Some(target) => {
+            let runner_up = ranked
+                .iter()
+                .find(|(k, _)| *k as i64 != target)
+                .map_or_else(String::new, |&(k, v)| {
+                    format!("; the next class, {k}, from {:.0}%", v * 100.0)
+                });
+            let rule = match search.found_by {
+                Some(crate::engine::unlearn::FoundBy::Locality) => {
+                    " and concentrated on few pixels"
+                }
+                _ => "",
+            };
+            format!(
+                "Shortcut search: <strong>class {target} stands out</strong>: one perturbation of \
+                 {radius}{rule} sends {} of clean images to it{runner_up}. That is how a \
+                 trigger's target looks; purification trained against it.",
+                reached(target as usize)
+            )
+        }
+        None => {
+            let best = ranked.first().map_or_else(String::new, |&(k, v)| {
+                format!(" (the easiest, class {k}, from {:.0}%)", v * 100.0)
+            });
+            format!(
+                "Shortcut search: no class stood out{best} under a perturbation of {radius}: \
+                 no sign of an all-to-one trigger's shortcut."
+            )
+        }
+    }
+}
+
+fn warnings_list(warnings: &[String]) -> String {
+    if warnings.is_empty() {
+        return String::new();
+    }
+    let mut html = String::from("<h2>Warnings</h2><ul>");
+    for warning in warnings {
+        let _ = write!(html, "<li>{}</li>", escape(warning));
+    }
+    html.push_str("</ul>");
+    html
+}
+
+fn inputs_table(inputs: &Inputs) -> String {
+    let mut html = String::from(
+        "<h2>Inputs</h2><table><tr><th>file</th><th>sha256</th><th>bytes</th><th>samples</th>\
+         <th>images</th></tr>",
+    );
+    let _ = write!(
+        html,
+        "<tr><td>model</td><td><code>{}</code></td><td>{}</td><td></td><td></td></tr>",
+        escape(&inputs.model.sha256),
+        inputs.model.bytes
+    );
+    let bundles = [
+        ("clean", Some(&inputs.clean)),
+        ("test", inputs.test.as_ref()),
+        ("poison", inputs.poison.as_ref()),
+    ];
+    for (role, bundle) in bundles {
+        let Some(BundleDigest {
+            sha256,
+            bytes,
+            samples,
+            image_shape: [c, h, w],
+            dtype,
+        }) = bundle
+        else {
+            continue;
+        };
+        let _ = write!(
+            html,
+            "<tr><td>{role}</td><td><code>{}</code></td><td>{bytes}</td><td>{samples}</td>\
+             <td>{c}×{h}×{w} {}</td></tr>",
+            escape(sha256),
+            escape(dtype)
+        );
+    }
+    html.push_str("</table>");
+    html
 }
 
 fn salience_figure(layer: &LayerReport) -> String {
@@ -136,7 +295,43 @@ pub fn escape(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::escape;
+    use super::{escape, shortcut_line, warnings_list};
+    use crate::engine::report::TargetSearch;
+    use crate::engine::unlearn::FoundBy;
+
+    #[test]
+    fn the_shortcut_line_names_the_target_and_the_runner_up() {
+        let mut search = TargetSearch {
+            radius_rms: 0.03,
+            radius: 0.03,
+            success_per_class: vec![0.12, 0.05, 0.98, 0.4],
+            locality_per_class: vec![],
+            target: Some(2),
+            found_by: Some(FoundBy::Reach),
+            passed_radius_rms: None,
+        };
+        let found = shortcut_line(&search);
+        assert!(found.contains("class 2 stands out"), "{found}");
+        assert!(found.contains("sends 98% of clean images"), "{found}");
+        assert!(found.contains("the next class, 3, from 40%"), "{found}");
+        assert!(found.contains("3% of the pixel range"), "{found}");
+        search.target = None;
+        search.found_by = None;
+        let none = shortcut_line(&search);
+        assert!(none.contains("no class stood out"), "{none}");
+        assert!(none.contains("the easiest, class 2, from 98%"), "{none}");
+    }
+
+    #[test]
+    fn warnings_are_listed_escaped_and_absent_when_there_are_none() {
+        assert_eq!(warnings_list(&[]), "");
+        let list = warnings_list(&["accuracy fell <5 points> & more".to_string()]);
+        assert!(list.contains("<h2>Warnings</h2>"), "{list}");
+        assert!(
+            list.contains("<li>accuracy fell &lt;5 points&gt; &amp; more</li>"),
+            "{list}"
+        );
+    }
 
     #[test]
     fn escapes_markup() {

@@ -23,6 +23,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use config::{device_name, parse_device, ServerConfig, WorkerSettings};
@@ -58,6 +59,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             count_responses,
         ))
+        .layer(RequestBodyTimeoutLayer::new(state.config.body_idle_timeout))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -186,9 +188,25 @@ impl Application {
             self.shutdown.clone(),
         ));
         let shutdown = self.shutdown.clone();
-        let served = axum::serve(self.listener, router(state.clone()))
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
+        let serving = std::future::IntoFuture::into_future(
+            axum::serve(self.listener, router(state.clone()))
+                .with_graceful_shutdown(async move { shutdown.cancelled().await }),
+        );
+        // Graceful shutdown waits for every open connection, and a client can keep one
+        // open as long as it likes: after the grace period the rest are dropped.
+        let grace = state.config.shutdown_grace;
+        let shutdown = self.shutdown.clone();
+        let cut_off = async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        let served = tokio::select! {
+            served = serving => served,
+            () = cut_off => {
+                tracing::warn!(?grace, "connections still open after the shutdown grace period; closing them");
+                Ok(())
+            }
+        };
         self.shutdown.cancel();
         while tasks.join_next().await.is_some() {}
         state.store.close().await;

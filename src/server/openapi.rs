@@ -81,6 +81,7 @@ pub fn openapi() -> Value {
                     "200": blob_created("an identical blob was already stored; this upload was dropped"),
                     "400": problem("the body is empty, cut short or not valid multipart",
                         &["empty_upload", "incomplete_body", "malformed_multipart"]),
+                    "408": problem("the body sent nothing for longer than the server waits", &["request_timeout"]),
                     "413": problem("the file exceeds the server's size limit", &["payload_too_large"]),
                     "422": problem("the multipart body holds no file", &["missing_field"]) } } },
             "/v1/blobs/{sha256}": { "get": {
@@ -136,7 +137,7 @@ pub fn openapi() -> Value {
                 "parameters": [ job_id ],
                 "responses": { "200": json_body("the report", "Report"), "400": bad_path, "404": not_found, "409": not_ready } } },
             "/v1/jobs/{id}/report.html": { "get": {
-                "summary": "The report as a page: verdict, before/after metrics, per-layer salience plots (inline SVG), configuration, hashes",
+                "summary": "The report as a page: summary (method, shortcut search, ASR and clean accuracy before and after), warnings, metrics, inputs with hashes, configuration, per-layer salience plots (inline SVG)",
                 "parameters": [ job_id ],
                 "responses": {
                     "200": { "description": "the page", "content": { "text/html": { "schema": { "type": "string" } } } },
@@ -177,6 +178,7 @@ pub fn openapi() -> Value {
                         &["malformed_multipart", "unknown_field", "duplicate_field", "invalid_field", "empty_upload",
                           "incomplete_body", "invalid_query", "invalid_idempotency_key"]),
                     "409": problem("this Idempotency-Key was used before with a different request", &["idempotency_key_reused"]),
+                    "408": problem("the body sent nothing for longer than the server waits", &["request_timeout"]),
                     "413": problem("a file exceeds the server's size limit", &["payload_too_large"]),
                     "422": problem("a missing file, a bad target label or config, or a device no slot has",
                         &["missing_field", "invalid_request", "invalid_config", "unknown_blob", "device_unavailable"]) } } }

@@ -8,7 +8,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +23,18 @@ use crate::store::{Claimed, JobState, Store, StoreError};
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// Lines of the child's stderr kept to explain a crash.
 const STDERR_TAIL: usize = 20;
+/// How often the reaper looks for chunks of uploads abandoned by a process that died.
+const STAGING_SWEEP_EVERY: Duration = Duration::from_secs(3600);
+/// An upload this old and unfinished is abandoned: no upload takes a day.
+const STAGING_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// Longest line read from the child's stdout or stderr; the rest of a longer one is
+/// skipped. A hostile model steers that output (TorchScript `print`), and the server
+/// holds each line in memory.
+const MAX_CHILD_LINE: usize = 64 * 1024;
+/// Longest progress phase name stored, in characters.
+const MAX_PHASE_CHARS: usize = 64;
+/// Longest error message stored, in characters.
+const MAX_MESSAGE_CHARS: usize = 4096;
 
 #[derive(Clone)]
 pub struct Worker {
@@ -121,10 +133,13 @@ impl Worker {
                 message: format!("preparing the job: {e}"),
             },
         };
-        let state = self.record(&claimed, outcome).await?;
+        let recorded = self.record(&claimed, outcome).await;
+        // The work folder holds copies of every input: it goes even when the outcome
+        // could not be recorded (the lease then runs out and the reaper re-queues).
         if !self.settings.keep_work_dirs {
             let _ = tokio::fs::remove_dir_all(&dir).await;
         }
+        let state = recorded?;
         tracing::info!(worker = %self.id, job = %job_id, ?state, "job ended");
         Ok(Some(state))
     }
@@ -133,7 +148,9 @@ impl Worker {
         let store = &self.store;
         let (state, owned) = match outcome {
             Outcome::Succeeded { report, artifact } => {
-                let blob = store.put_file(&artifact).await?;
+                let blob = self
+                    .holding_lease(claimed, store.put_file(&artifact))
+                    .await?;
                 (
                     JobState::Succeeded,
                     store
@@ -144,7 +161,12 @@ impl Worker {
             Outcome::Failed { code, message } => (
                 JobState::Failed,
                 store
-                    .finish_unsuccessful(claimed, JobState::Failed, &code, &message)
+                    .finish_unsuccessful(
+                        claimed,
+                        JobState::Failed,
+                        &storable(&code, MAX_PHASE_CHARS),
+                        &storable(&message, MAX_MESSAGE_CHARS),
+                    )
                     .await?,
             ),
             Outcome::Cancelled => (
@@ -176,6 +198,33 @@ impl Worker {
         Ok(if owned { state } else { JobState::Running })
     }
 
+    /// Runs `work` while renewing the job's lease every heartbeat. For the parts of an
+    /// attempt outside the child (copying the inputs out of the store, storing the
+    /// artifact), which on files of a few GiB can outlast a lease.
+    async fn holding_lease<T>(
+        &self,
+        claimed: &Claimed,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let lease_ms = self.settings.lease.as_millis() as i64;
+        let renew = async {
+            let mut beat = tokio::time::interval(self.settings.heartbeat);
+            beat.tick().await;
+            loop {
+                beat.tick().await;
+                // A lost lease shows at the next step that needs it (the child's first
+                // heartbeat, or recording the outcome), which then stops.
+                if let Err(e) = self.store.heartbeat(claimed, lease_ms).await {
+                    tracing::warn!(job = %claimed.job.id, "heartbeat: {e}");
+                }
+            }
+        };
+        tokio::select! {
+            out = work => out,
+            _ = renew => unreachable!("renewing the lease never ends"),
+        }
+    }
+
     async fn execute(
         &self,
         claimed: &Claimed,
@@ -204,17 +253,25 @@ impl Worker {
         // The slot's device wins: a job that asked for a device was only claimable by a
         // slot on it, and one that did not runs wherever it was claimed.
         config.device = self.device.clone();
-        let spec = JobSpec {
-            model: fetch(job.model_sha256.clone(), "model.pt").await?,
-            clean: fetch(job.clean_sha256.clone(), "clean.bundle").await?,
-            test: match &job.test_sha256 {
+        let inputs = async {
+            let model = fetch(job.model_sha256.clone(), "model.pt").await?;
+            let clean = fetch(job.clean_sha256.clone(), "clean.bundle").await?;
+            let test = match &job.test_sha256 {
                 Some(sha) => Some(fetch(sha.clone(), "test.bundle").await?),
                 None => None,
-            },
-            poison: match &job.poison_sha256 {
+            };
+            let poison = match &job.poison_sha256 {
                 Some(sha) => Some(fetch(sha.clone(), "poison.bundle").await?),
                 None => None,
-            },
+            };
+            Ok::<_, String>((model, clean, test, poison))
+        };
+        let (model, clean, test, poison) = self.holding_lease(claimed, inputs).await?;
+        let spec = JobSpec {
+            model,
+            clean,
+            test,
+            poison,
             target_label: job.target_label,
             config,
             artifact: dir.join("purified.pt"),
@@ -237,7 +294,11 @@ impl Worker {
         spec_path: &Path,
         shutdown: &CancellationToken,
     ) -> Result<Outcome, String> {
-        let mut child = Command::new(&self.settings.exe)
+        let mut command = Command::new(&self.settings.exe);
+        for name in secret_variables(std::env::vars_os().map(|(name, _)| name)) {
+            command.env_remove(name);
+        }
+        let mut child = command
             .arg("job")
             .arg("--spec")
             .arg(spec_path)
@@ -248,13 +309,13 @@ impl Worker {
             .spawn()
             .map_err(|e| format!("starting {}: {e}", self.settings.exe.display()))?;
         let mut stdin = child.stdin.take();
-        let mut stdout = child.stdout.take().map(|s| BufReader::new(s).lines());
+        let mut stdout = child.stdout.take().map(child_lines);
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         let stderr_reader = child.stderr.take().map(|stderr| {
             let tail = stderr_tail.clone();
             tokio::spawn(async move {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
+                let mut lines = child_lines(stderr);
+                while let Some(line) = next_child_line(&mut lines).await {
                     let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
                     if tail.len() == STDERR_TAIL {
                         tail.pop_front();
@@ -280,8 +341,10 @@ impl Worker {
         let status = loop {
             let event = tokio::select! {
                 status = child.wait() => Event::Exited(status),
-                line = async { stdout.as_mut().expect("guarded").next_line().await }, if stdout.is_some() => {
-                    Event::Line(line.ok().flatten())
+                // select! builds every branch's future, disabled or not: the `expect`
+                // must wait inside the future, which only runs when `stdout` is there.
+                line = async { next_child_line(stdout.as_mut().expect("guarded")).await }, if stdout.is_some() => {
+                    Event::Line(line)
                 }
                 _ = heartbeat.tick() => Event::Heartbeat,
                 _ = shutdown.cancelled() => Event::Shutdown,
@@ -293,9 +356,10 @@ impl Worker {
                 }
                 Event::Line(None) => stdout = None,
                 Event::Line(Some(line)) => {
-                    let Ok(progress) = serde_json::from_str::<ProgressLine>(&line) else {
+                    let Ok(mut progress) = serde_json::from_str::<ProgressLine>(&line) else {
                         continue;
                     };
+                    progress.phase = storable(&progress.phase, MAX_PHASE_CHARS);
                     let due = match &last_progress {
                         Some((phase, at)) => {
                             *phase != progress.phase || at.elapsed() >= PROGRESS_EVERY
@@ -382,6 +446,82 @@ impl Worker {
     }
 }
 
+/// The child's stdout or stderr, read line by line with a bound on each line.
+struct ChildLines<R> {
+    reader: BufReader<R>,
+    /// The line being read. Kept here, not in the reading future, so that a read
+    /// cancelled by `select!` loses nothing.
+    partial: Vec<u8>,
+    /// Whether `partial` holds a line's start, even an empty one (`\n` alone).
+    started: bool,
+}
+
+fn child_lines<R: AsyncRead + Unpin>(output: R) -> ChildLines<R> {
+    ChildLines {
+        reader: BufReader::new(output),
+        partial: Vec::new(),
+        started: false,
+    }
+}
+
+/// The next line without its newline, as lossy UTF-8, cut to [`MAX_CHILD_LINE`] bytes
+/// (the rest of a longer line is read and dropped); `None` at the end of the output or
+/// on a read error. Safe to cancel.
+async fn next_child_line<R: AsyncRead + Unpin>(lines: &mut ChildLines<R>) -> Option<String> {
+    loop {
+        let available = match lines.reader.fill_buf().await {
+            Ok(bytes) => bytes,
+            Err(_) => return None,
+        };
+        if available.is_empty() {
+            let last = std::mem::take(&mut lines.partial);
+            return std::mem::take(&mut lines.started)
+                .then(|| String::from_utf8_lossy(&last).into_owned());
+        }
+        lines.started = true;
+        let newline = available.iter().position(|&b| b == b'\n');
+        let content = &available[..newline.unwrap_or(available.len())];
+        let room = MAX_CHILD_LINE.saturating_sub(lines.partial.len());
+        lines
+            .partial
+            .extend_from_slice(&content[..content.len().min(room)]);
+        let used = newline.map_or(available.len(), |at| at + 1);
+        lines.reader.consume(used);
+        if newline.is_some() {
+            lines.started = false;
+            let line = std::mem::take(&mut lines.partial);
+            return Some(String::from_utf8_lossy(&line).into_owned());
+        }
+    }
+}
+
+/// The environment variables a job's child must not inherit: the database's address and
+/// credentials (`DATABASE_URL`, libpq's `PG*`) and the settings file that may name them.
+/// The child runs a model that is untrusted code and needs none of them.
+fn secret_variables(names: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    names
+        .filter(|name| {
+            let name = name.to_string_lossy();
+            name == "DATABASE_URL" || name == "BDSCAN_CONFIG" || name.starts_with("PG")
+        })
+        .collect()
+}
+
+/// Text that came from the scan process (which a hostile model can steer, through a
+/// TorchScript `raise` or `print`) made fit to store: NUL, which PostgreSQL's text
+/// columns refuse, replaced by U+FFFD, and cut to `max_chars` characters.
+fn storable(text: &str, max_chars: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max_chars)
+        .map(|c| if c == '\0' { '\u{FFFD}' } else { c })
+        .collect();
+    if text.chars().nth(max_chars).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 fn crash_message(status: ExitStatus, stderr_tail: &str) -> String {
     #[cfg(unix)]
     let how = {
@@ -421,7 +561,19 @@ pub async fn run_reaper(
     shutdown: CancellationToken,
 ) {
     let backoff_ms = settings.retry_backoff.as_millis() as i64;
+    let mut last_staging_sweep: Option<Instant> = None;
     loop {
+        if last_staging_sweep.is_none_or(|at| at.elapsed() >= STAGING_SWEEP_EVERY) {
+            last_staging_sweep = Some(Instant::now());
+            match store
+                .sweep_stale_staging(STAGING_MAX_AGE.as_millis() as i64)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(chunks = n, "removed chunks of abandoned uploads"),
+                Err(e) => tracing::error!("sweeping abandoned uploads: {e}"),
+            }
+        }
         match store.reap_expired(backoff_ms).await {
             Ok(reaped) => {
                 let n = reaped.requeued.len() + reaped.failed.len() + reaped.cancelled.len();
@@ -471,5 +623,68 @@ pub async fn relay_queue_notifications(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_child_inherits_no_database_credentials() {
+        let names = [
+            "DATABASE_URL",
+            "PGPASSWORD",
+            "PGPASSFILE",
+            "BDSCAN_CONFIG",
+            "PATH",
+            "LD_LIBRARY_PATH",
+            "RUST_LOG",
+            "BDSCAN_JOB_THREADS",
+        ]
+        .map(std::ffi::OsString::from);
+        let removed = secret_variables(names.into_iter());
+        assert_eq!(
+            removed,
+            ["DATABASE_URL", "PGPASSWORD", "PGPASSFILE", "BDSCAN_CONFIG"]
+                .map(std::ffi::OsString::from)
+        );
+    }
+
+    #[test]
+    fn stored_text_has_no_nul_and_a_bounded_length() {
+        assert_eq!(storable("a\0b", 10), "a\u{FFFD}b");
+        assert_eq!(storable("abcdef", 3), "abc…");
+        assert_eq!(storable("abc", 3), "abc");
+    }
+
+    #[tokio::test]
+    async fn child_lines_are_bounded_and_survive_cancellation() {
+        let long = "x".repeat(MAX_CHILD_LINE + 500);
+        let output = format!("first\n{long}\n\nlast");
+        let mut lines = child_lines(output.as_bytes());
+        assert_eq!(next_child_line(&mut lines).await.as_deref(), Some("first"));
+        let cut = next_child_line(&mut lines).await.unwrap();
+        assert_eq!(cut.len(), MAX_CHILD_LINE);
+        assert_eq!(next_child_line(&mut lines).await.as_deref(), Some(""));
+        assert_eq!(next_child_line(&mut lines).await.as_deref(), Some("last"));
+        assert_eq!(next_child_line(&mut lines).await, None);
+
+        // A read cancelled half-way through a line loses none of it.
+        let (mut writer, reader) = tokio::io::duplex(64);
+        let mut lines = child_lines(reader);
+        tokio::io::AsyncWriteExt::write_all(&mut writer, b"hal")
+            .await
+            .unwrap();
+        let cancelled = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            next_child_line(&mut lines),
+        )
+        .await;
+        assert!(cancelled.is_err());
+        tokio::io::AsyncWriteExt::write_all(&mut writer, b"f\n")
+            .await
+            .unwrap();
+        assert_eq!(next_child_line(&mut lines).await.as_deref(), Some("half"));
     }
 }

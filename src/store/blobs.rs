@@ -26,8 +26,10 @@ pub struct BlobInfo {
     pub created: Option<bool>,
 }
 
-/// An upload in progress. Call [`BlobUpload::finish`] or [`BlobUpload::abort`]; an
-/// upload that is dropped leaves staging chunks behind that [`Store::sweep_staging`] removes.
+/// An upload in progress. Call [`BlobUpload::finish`] or [`BlobUpload::abort`]. One
+/// dropped without either (its request's connection closed, so the server dropped the
+/// handler mid-upload) removes its staging chunks in a background task; chunks of a
+/// process that died mid-upload are what [`Store::sweep_staging`] removes.
 pub struct BlobUpload {
     store: Store,
     staging_key: String,
@@ -35,17 +37,22 @@ pub struct BlobUpload {
     pending: Vec<u8>,
     next_seq: i64,
     stored_bytes: u64,
+    /// Finished or aborted: nothing left for `drop` to clean up.
+    settled: bool,
 }
 
 impl Store {
     pub fn begin_upload(&self) -> BlobUpload {
         BlobUpload {
             store: self.clone(),
-            staging_key: format!("upload:{}", uuid::Uuid::new_v4()),
+            // The start time in the key lets any replica tell an abandoned upload from
+            // one still streaming in (`sweep_stale_staging`).
+            staging_key: format!("upload:{}:{}", now_ms(), uuid::Uuid::new_v4()),
             hasher: Sha256::new(),
             pending: Vec::with_capacity(CHUNK_BYTES),
             next_seq: 0,
             stored_bytes: 0,
+            settled: false,
         }
     }
 
@@ -178,6 +185,37 @@ impl Store {
         }
     }
 
+    /// Removes chunks of uploads that started more than `max_age_ms` ago and never
+    /// finished: what a process that died mid-upload left behind. Safe while other
+    /// replicas upload (PostgreSQL), as long as no upload takes that long; keys without
+    /// a start time (written before keys had one) count as stale. Returns the chunks
+    /// removed.
+    pub async fn sweep_stale_staging(&self, max_age_ms: i64) -> Result<u64, StoreError> {
+        let keys: Vec<String> =
+            sqlx::query("SELECT DISTINCT blob_key FROM blob_chunks WHERE blob_key LIKE 'upload:%'")
+                .fetch_all(self.pool())
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+        let cutoff = now_ms() - max_age_ms;
+        let mut removed = 0;
+        for key in keys {
+            let started = key
+                .strip_prefix("upload:")
+                .and_then(|rest| rest.split_once(':'))
+                .and_then(|(ms, _)| ms.parse::<i64>().ok());
+            if started.is_none_or(|ms| ms < cutoff) {
+                removed += sqlx::query("DELETE FROM blob_chunks WHERE blob_key = $1")
+                    .bind(&key)
+                    .execute(self.pool())
+                    .await?
+                    .rows_affected();
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes chunks of uploads that never finished (a dropped connection, a crash).
     pub async fn sweep_staging(&self) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM blob_chunks WHERE blob_key LIKE 'upload:%'")
@@ -259,6 +297,7 @@ impl BlobUpload {
                 .await?;
         }
         tx.commit().await?;
+        self.settled = true;
         Ok(BlobInfo {
             sha256,
             size_bytes: size,
@@ -267,13 +306,32 @@ impl BlobUpload {
     }
 
     /// Drops what was stored so far.
-    pub async fn abort(self) {
-        let result = sqlx::query("DELETE FROM blob_chunks WHERE blob_key = $1")
-            .bind(&self.staging_key)
-            .execute(self.store.pool())
-            .await;
-        if let Err(e) = result {
-            tracing::warn!(key = %self.staging_key, "could not remove an aborted upload: {e}");
+    pub async fn abort(mut self) {
+        self.settled = true;
+        remove_staging(&self.store, &self.staging_key).await;
+    }
+}
+
+impl Drop for BlobUpload {
+    fn drop(&mut self) {
+        if self.settled || self.next_seq == 0 {
+            return;
         }
+        // Outside a runtime (nothing here drops one there) the chunks wait for a sweep.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let store = self.store.clone();
+            let key = std::mem::take(&mut self.staging_key);
+            runtime.spawn(async move { remove_staging(&store, &key).await });
+        }
+    }
+}
+
+async fn remove_staging(store: &Store, staging_key: &str) {
+    let result = sqlx::query("DELETE FROM blob_chunks WHERE blob_key = $1")
+        .bind(staging_key)
+        .execute(store.pool())
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(key = %staging_key, "could not remove an unfinished upload: {e}");
     }
 }

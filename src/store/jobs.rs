@@ -458,6 +458,16 @@ impl Store {
     /// Cancels a queued job at once, or asks the worker of a running one to stop.
     /// Returns the job as it now stands, `None` if there is no such job.
     pub async fn request_cancel(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        // Flag first, then cancel what is queued. The other order lost a cancellation
+        // when the reaper re-queued the running job between the two statements; in this
+        // one such a job is cancelled by the second, and a queued job a worker claims in
+        // between carries the flag to that worker.
+        sqlx::query(
+            "UPDATE jobs SET cancel_requested = 1 WHERE id = $1 AND state IN ('queued', 'running')",
+        )
+        .bind(id)
+        .execute(self.pool())
+        .await?;
         sqlx::query(
             "UPDATE jobs SET state = 'cancelled', error_code = 'cancelled', error = 'cancelled before it started', \
              finished_at = $1 WHERE id = $2 AND state = 'queued'",
@@ -466,10 +476,6 @@ impl Store {
         .bind(id)
         .execute(self.pool())
         .await?;
-        sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = $1 AND state = 'running'")
-            .bind(id)
-            .execute(self.pool())
-            .await?;
         self.job(id).await
     }
 
@@ -534,34 +540,31 @@ impl Store {
     /// artifact) that nothing else references any more. `Ok(None)`: there is no
     /// finished job with this id (none at all, or it is still queued or running).
     pub async fn purge_job(&self, id: &str) -> Result<Option<Purged>, StoreError> {
+        // Every statement writes: on SQLite a transaction that reads first and writes
+        // later fails at once (SQLITE_BUSY_SNAPSHOT, no busy wait) when another
+        // connection commits in between, as heartbeats and uploads constantly do.
         let mut tx = self.pool().begin().await?;
+        let artifact: Option<String> = sqlx::query(
+            "DELETE FROM reports WHERE job_id = $1 AND EXISTS (SELECT 1 FROM jobs WHERE id = $1 \
+             AND state IN ('succeeded', 'failed', 'cancelled')) RETURNING artifact_sha256",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| r.get(0));
         let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND state IN ('succeeded', 'failed', 'cancelled')"
+            "DELETE FROM jobs WHERE id = $1 AND state IN ('succeeded', 'failed', 'cancelled') \
+             RETURNING {JOB_COLUMNS}"
         );
         let Some(job) = sqlx::query_as::<_, Job>(&sql)
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?
         else {
+            // No such finished job (or another request purged it first): dropping the
+            // transaction rolls back.
             return Ok(None);
         };
-        let artifact: Option<String> =
-            sqlx::query("DELETE FROM reports WHERE job_id = $1 RETURNING artifact_sha256")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|r| r.get(0));
-        let deleted = sqlx::query(
-            "DELETE FROM jobs WHERE id = $1 AND state IN ('succeeded', 'failed', 'cancelled')",
-        )
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if deleted != 1 {
-            // Another request purged it between our read and delete.
-            return Ok(None);
-        }
         tx.commit().await?;
         let mut candidates = vec![job.model_sha256, job.clean_sha256];
         candidates.extend(job.test_sha256);

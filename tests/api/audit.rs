@@ -172,6 +172,29 @@ async fn one_shot_audit(db: Db) {
         page.contains("Pattern unlearning on: on the clean training split"),
         "report page lacks the pattern probe's decision"
     );
+    assert!(page.contains("<h2>Summary</h2>") && page.contains("Shortcut search: "));
+    assert!(
+        page.contains(&format!(
+            "Attack success rate on the poison bundle (target class {}): ",
+            files.target
+        )),
+        "report page lacks the ASR summary"
+    );
+    for role in ["model", "clean", "test", "poison"] {
+        let sha = report["inputs"][role]["sha256"].as_str().unwrap();
+        assert!(
+            page.contains(sha),
+            "report page lacks the {role} input's hash"
+        );
+    }
+    assert!(
+        page.contains("&quot;method&quot;: &quot;benign_salience&quot;"),
+        "report page lacks the configuration"
+    );
+    for warning in report["warnings"].as_array().unwrap() {
+        let text = bdscan::server::html::escape(warning.as_str().unwrap());
+        assert!(page.contains(&text), "report page lacks the warning {text}");
+    }
 
     let metrics = app
         .client

@@ -133,3 +133,250 @@ async fn bad_uploads_get_4xx_problems_and_leave_nothing_behind() {
     assert_eq!(left, 0, "aborted uploads must not leave chunks");
     app.stop().await;
 }
+
+/// Chunks an upload staged so far, by any upload.
+async fn staged_chunks(app: &crate::helpers::TestApp) -> i64 {
+    sqlx::query("SELECT COUNT(*) FROM blob_chunks WHERE blob_key LIKE 'upload:%'")
+        .fetch_one(app.store().pool())
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_dropped_unfinished_removes_its_staged_chunks() {
+    // What happens when a client's connection closes mid-upload and the server drops
+    // the request's handler: the upload is neither finished nor aborted.
+    let app = spawn_app(Options::default()).await;
+    let mut upload = app.store().begin_upload();
+    upload.write(&sample_bytes()).await.unwrap();
+    assert_eq!(staged_chunks(&app).await, 2);
+    drop(upload);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while staged_chunks(&app).await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "staged chunks left behind"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // A finished upload keeps its chunks, under its hash.
+    let mut upload = app.store().begin_upload();
+    upload.write(&sample_bytes()).await.unwrap();
+    let blob = upload.finish().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let kept: i64 = sqlx::query("SELECT COUNT(*) FROM blob_chunks WHERE blob_key = $1")
+        .bind(&blob.sha256)
+        .fetch_one(app.store().pool())
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 3);
+    app.stop().await;
+}
+
+/// Chunks staged by uploads that have not finished.
+async fn staged_in(store: &bdscan::store::Store) -> i64 {
+    sqlx::query("SELECT COUNT(*) FROM blob_chunks WHERE blob_key LIKE 'upload:%'")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A bare store (no server, so no reaper sweeping on its own).
+async fn the_stale_staging_sweep_removes_only_abandoned_uploads(store: bdscan::store::Store) {
+    // Left by a process that died two days ago, and by one from before staging keys
+    // carried their start time.
+    for key in [
+        format!("upload:{}:dead", bdscan::store::now_ms() - 2 * 86_400_000),
+        "upload:0b9c6a4e-old-format".to_string(),
+    ] {
+        sqlx::query(
+            "INSERT INTO blob_chunks (blob_key, seq, byte_offset, data) VALUES ($1, 0, 0, $2)",
+        )
+        .bind(key)
+        .bind(vec![1u8; 10])
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+    // One streaming in now.
+    let mut live = store.begin_upload();
+    live.write(&sample_bytes()).await.unwrap();
+    assert_eq!(staged_in(&store).await, 4);
+    assert_eq!(store.sweep_stale_staging(86_400_000).await.unwrap(), 2);
+    assert_eq!(staged_in(&store).await, 2);
+    let blob = live.finish().await.unwrap();
+    assert_eq!(blob.size_bytes, sample_bytes().len() as u64);
+    assert_eq!(staged_in(&store).await, 0);
+}
+
+#[tokio::test]
+async fn the_stale_staging_sweep_removes_only_abandoned_uploads_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = bdscan::store::Store::connect(&bdscan::store::Store::sqlite_url(dir.path()))
+        .await
+        .unwrap();
+    the_stale_staging_sweep_removes_only_abandoned_uploads(store).await;
+}
+
+#[tokio::test]
+async fn the_stale_staging_sweep_removes_only_abandoned_uploads_postgres() {
+    let Some(url) = crate::helpers::postgres_url(
+        "the_stale_staging_sweep_removes_only_abandoned_uploads_postgres",
+    ) else {
+        return;
+    };
+    let database = crate::helpers::fresh_postgres_database(&url).await;
+    let store = bdscan::store::Store::connect(&database.url).await.unwrap();
+    the_stale_staging_sweep_removes_only_abandoned_uploads(store.clone()).await;
+    store.pool().close().await;
+}
+
+#[tokio::test]
+async fn a_refused_scan_form_leaves_none_of_its_uploads_behind() {
+    let app = spawn_app(Options::default()).await;
+    let blobs = || async {
+        sqlx::query("SELECT COUNT(*) FROM blobs")
+            .fetch_one(app.store().pool())
+            .await
+            .unwrap()
+            .get::<i64, _>(0)
+    };
+    // A file that was already stored before the request stays.
+    let kept = app.upload(b"stored before".to_vec()).await;
+    let form = || {
+        Form::new()
+            .part(
+                "model",
+                Part::bytes(b"stored before".to_vec()).file_name("m.pt"),
+            )
+            .part("clean", Part::bytes(vec![7u8; 3000]).file_name("c.npz"))
+    };
+    let cases = [
+        (
+            form().text("colour", "red"),
+            StatusCode::BAD_REQUEST,
+            "unknown_field",
+        ),
+        (
+            form().text("config", "{}").text("config", "{}"),
+            StatusCode::BAD_REQUEST,
+            "duplicate_field",
+        ),
+        (
+            form().text("target_label", "1").text("target_label", "2"),
+            StatusCode::BAD_REQUEST,
+            "duplicate_field",
+        ),
+        (
+            form().text("config", "{\"purify_epochs\": -1}"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_config",
+        ),
+    ];
+    for (form, status, code) in cases {
+        let response = app
+            .client
+            .post(app.url("/v1/scans"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(response, status, code).await;
+        assert_eq!(blobs().await, 1, "after a refused `{code}` form");
+    }
+    assert_eq!(
+        app.get_json(&format!("/v1/blobs/{kept}")).await.0,
+        StatusCode::OK
+    );
+    app.stop().await;
+}
+
+/// A connection to the app that has sent the headers of a `bytes`-long upload and
+/// `sent` bytes of it.
+async fn start_upload(
+    app: &crate::helpers::TestApp,
+    content_type: &str,
+    head: &[u8],
+    bytes: usize,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut socket = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let headers = format!(
+        "POST /v1/blobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {bytes}\r\n\r\n"
+    );
+    socket.write_all(headers.as_bytes()).await.unwrap();
+    socket.write_all(head).await.unwrap();
+    socket
+}
+
+/// Waits until `want` chunks are staged.
+async fn until_staged(app: &crate::helpers::TestApp, want: i64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while staged_chunks(app).await != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never {want} staged chunks"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_is_cut_off_with_408_and_leaves_nothing_behind() {
+    use tokio::io::AsyncReadExt;
+    let app = spawn_app(Options {
+        body_idle_timeout: std::time::Duration::from_millis(700),
+        ..Options::default()
+    })
+    .await;
+    let first_chunk = vec![5u8; bdscan::store::CHUNK_BYTES + 10];
+    let mut multipart_head =
+        b"--X\r\nContent-Disposition: form-data; name=\"file\"; filename=\"m.pt\"\r\n\r\n".to_vec();
+    multipart_head.extend_from_slice(&first_chunk);
+    for (content_type, head) in [
+        ("application/octet-stream", first_chunk.clone()),
+        ("multipart/form-data; boundary=X", multipart_head),
+    ] {
+        // A fifth of the body arrives, one chunk is staged, then nothing more.
+        let mut socket = start_upload(&app, content_type, &head, 5 * head.len()).await;
+        until_staged(&app, 1).await;
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(20), socket.read(&mut answer))
+            .await
+            .expect("the server answers a stalled upload")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+        assert!(
+            answer.starts_with("HTTP/1.1 408"),
+            "{content_type}: {answer}"
+        );
+        assert!(answer.contains("request_timeout"), "{answer}");
+        until_staged(&app, 0).await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_ever_on_an_open_upload() {
+    let app = spawn_app(Options {
+        shutdown_grace: std::time::Duration::from_secs(1),
+        ..Options::default()
+    })
+    .await;
+    let head = vec![5u8; bdscan::store::CHUNK_BYTES + 10];
+    let _socket = start_upload(&app, "application/octet-stream", &head, 5 * head.len()).await;
+    until_staged(&app, 1).await;
+    // The upload still has 59 seconds before its body times out.
+    let (_, took) = app.stop_timed().await;
+    assert!(
+        took >= std::time::Duration::from_secs(1) && took < std::time::Duration::from_secs(10),
+        "stopped after {took:?}"
+    );
+}

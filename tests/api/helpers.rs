@@ -155,6 +155,8 @@ pub struct Options {
     /// The program run for each job (default: the bdscan binary).
     pub exe: Option<PathBuf>,
     pub poll_interval: Duration,
+    pub body_idle_timeout: Duration,
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Options {
@@ -165,6 +167,8 @@ impl Default for Options {
             max_blob_bytes: 64 << 20,
             exe: None,
             poll_interval: Duration::from_millis(100),
+            body_idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(20),
         }
     }
 }
@@ -198,6 +202,8 @@ pub async fn spawn_app(options: Options) -> TestApp {
     }
     config.workers = options.workers;
     config.max_blob_bytes = options.max_blob_bytes;
+    config.body_idle_timeout = options.body_idle_timeout;
+    config.shutdown_grace = options.shutdown_grace;
     let w = &mut config.worker;
     w.lease = Duration::from_secs(5);
     w.heartbeat = Duration::from_millis(200);
@@ -300,13 +306,20 @@ impl TestApp {
 
     /// Stops the app and waits for it, then drops its PostgreSQL database; the returned
     /// folder still holds its files (and its SQLite database).
-    pub async fn stop(mut self) -> Option<tempfile::TempDir> {
+    pub async fn stop(self) -> Option<tempfile::TempDir> {
+        self.stop_timed().await.0
+    }
+
+    /// `stop`, and how long the server took to stop (30 s if it did not).
+    pub async fn stop_timed(mut self) -> (Option<tempfile::TempDir>, Duration) {
+        let started = std::time::Instant::now();
         self.shutdown.cancel();
         if let Some(server) = self.server.take() {
             let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
         }
+        let took = started.elapsed();
         self.database.take();
-        self.dir.take()
+        (self.dir.take(), took)
     }
 }
 

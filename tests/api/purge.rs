@@ -158,3 +158,52 @@ async fn deleting_jobs_frees_blobs_nothing_else_uses_postgres() {
         deleting_jobs_frees_blobs_nothing_else_uses(Db::Postgres(url)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_finished_jobs_while_other_writes_commit_never_fails() {
+    // On SQLite a transaction that read before it wrote failed at once (500) whenever
+    // another connection committed in between; a running service commits heartbeats,
+    // progress and upload chunks all the time.
+    let app = spawn_app(Options::default()).await;
+    let store = app.store().clone();
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        let id = crate::helpers::queue_job(&store, 1).await;
+        let claimed = store.claim_job("w", 60_000).await.unwrap().expect("claims");
+        assert!(store
+            .finish_unsuccessful(&claimed, bdscan::store::JobState::Failed, "internal", "x")
+            .await
+            .unwrap());
+        ids.push(id);
+    }
+    // Another writer, committing as fast as it can: a job of its own kept running.
+    let busy_id = crate::helpers::queue_job(&store, 1).await;
+    let busy = store
+        .claim_job("busy", 60_000)
+        .await
+        .unwrap()
+        .expect("claims");
+    assert_eq!(busy.job.id, busy_id);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = tokio::spawn({
+        let (store, stop) = (store.clone(), stop.clone());
+        async move {
+            let mut step = 0;
+            while !stop.is_cancelled() {
+                step += 1;
+                store
+                    .record_progress(&busy, "busy", step, 1_000_000)
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    let deletes = ids.iter().map(|id| delete(&app, id));
+    for response in futures_util::future::join_all(deletes).await {
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    }
+    stop.cancel();
+    writer.await.unwrap();
+    assert_eq!(count_rows(&app, "jobs").await, 1);
+    app.stop().await;
+}

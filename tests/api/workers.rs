@@ -126,6 +126,66 @@ async fn a_crashing_scan_process_fails_its_job_and_the_server_keeps_serving() {
     app.stop().await;
 }
 
+/// A scan process whose output a hostile model steered: an over-long stdout line, a
+/// progress phase and an error message with NUL in them (a safetensors tensor can be
+/// named so, and the error names what it found), which PostgreSQL's text columns refuse.
+async fn hostile_child_output_is_stored_safely(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("hostile-bdscan");
+    std::fs::write(
+        &exe,
+        r#"#!/bin/sh
+work=$(dirname "$3")
+head -c 300000 /dev/zero | tr '\0' 'x'
+echo
+printf '{"phase":"load\\u0000ing","step":1,"total":2}\n'
+sleep 0.5
+printf '{"code":"invalid_input","message":"no images tensor; found [\\"a\\u0000b\\"]"}' > "$work/error.json"
+exit 2
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let app = spawn_app(Options {
+        db,
+        exe: Some(exe),
+        ..Options::default()
+    })
+    .await;
+    let blob = app.upload(b"model".to_vec()).await;
+    let job: Value = app
+        .create_job(&json!({ "model": blob, "clean": blob }))
+        .await;
+    let id = job["id"].as_str().unwrap();
+    let (state, job) = run_next_job(&app, "w", id).await;
+    assert_eq!(state, Some(JobState::Failed), "{job}");
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "invalid_input", "{job}");
+    assert_eq!(
+        job["error"]["message"], "no images tensor; found [\"a\u{FFFD}b\"]",
+        "{job}"
+    );
+    assert_eq!(job["progress"]["phase"], "load\u{FFFD}ing", "{job}");
+    // The work folder with the job's input copies is gone.
+    let left: Vec<_> = std::fs::read_dir(&app.state.config.worker.work_dir)
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_child_output_is_stored_safely_sqlite() {
+    hostile_child_output_is_stored_safely(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_child_output_is_stored_safely_postgres() {
+    if let Some(url) = postgres_url("hostile_child_output_is_stored_safely_postgres") {
+        hostile_child_output_is_stored_safely(Db::Postgres(url)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_files_fail_the_job_as_invalid_input() {
     let app = spawn_app(Options::default()).await;

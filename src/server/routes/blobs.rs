@@ -78,7 +78,11 @@ async fn info(
 }
 
 fn body_error(err: axum::Error) -> ApiError {
-    // A body cut short (client gone, length limit) is the client's problem, not ours.
+    // A body cut short (client gone, stalled, length limit) is the client's problem,
+    // not ours.
+    if crate::server::error::body_stalled(&err) {
+        return crate::server::error::stalled_body();
+    }
     let text = err.to_string();
     if text.contains("length limit") {
         ApiError::TooLarge(text)

@@ -16,6 +16,7 @@ use super::jobs::{idempotency_key, job_response, submit_job, JobRequest};
 use crate::server::config::ServerConfig;
 use crate::server::error::AppQuery;
 use crate::server::{ApiError, AppState};
+use crate::store::Job;
 
 /// The longest a client may ask to wait.
 const MAX_WAIT_SECS: u64 = 600;
@@ -47,6 +48,51 @@ async fn scan(
     let key = idempotency_key(&headers)?;
     let mut multipart =
         multipart.map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))?;
+    // Blobs this request stored for the first time: a request that then fails leaves
+    // them to no job, so they go with it.
+    let mut stored_here = Vec::new();
+    let submitted = submit_form(&state, &mut multipart, key, &mut stored_here).await;
+    let mut job = match submitted {
+        Ok(job) => job,
+        Err(e) => {
+            for sha in &stored_here {
+                if let Err(free) = state.store.free_blob_if_unreferenced(sha).await {
+                    tracing::warn!(blob = %sha, "freeing an upload of a refused scan: {free}");
+                }
+            }
+            return Err(e);
+        }
+    };
+    let wait = Duration::from_secs(query.wait.unwrap_or(0).min(MAX_WAIT_SECS));
+    let deadline = tokio::time::Instant::now() + wait;
+    // Ends at the deadline, or at once when the service shuts down (a 202 then).
+    while !job.state.is_terminal() && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            _ = tokio::time::sleep(WAIT_POLL) => {}
+            _ = state.shutdown.cancelled() => break,
+        }
+        job = state
+            .store
+            .job(&job.id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("job {}", job.id)))?;
+    }
+    let status = if job.state.is_terminal() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok(job_response(status, &job))
+}
+
+/// Reads the form, storing its files as they stream in (recording in `stored_here` the
+/// blobs that were new), and submits the job it describes.
+async fn submit_form(
+    state: &AppState,
+    multipart: &mut Multipart,
+    key: Option<String>,
+    stored_here: &mut Vec<String>,
+) -> Result<Job, ApiError> {
     let mut files: [Option<String>; 4] = Default::default();
     let mut target_label = None;
     let mut config = None;
@@ -55,14 +101,16 @@ async fn scan(
         let slot = ["model", "clean", "test", "poison"]
             .iter()
             .position(|n| *n == name);
+        let given_twice =
+            || ApiError::bad_request("duplicate_field", format!("`{name}` given twice"));
         if let Some(slot) = slot {
             if files[slot].is_some() {
-                return Err(ApiError::bad_request(
-                    "duplicate_field",
-                    format!("`{name}` given twice"),
-                ));
+                return Err(given_twice());
             }
-            let blob = store_upload(&state, field_stream(field), &format!("`{name}`")).await?;
+            let blob = store_upload(state, field_stream(field), &format!("`{name}`")).await?;
+            if blob.created == Some(true) {
+                stored_here.push(blob.sha256.clone());
+            }
             files[slot] = Some(blob.sha256);
             continue;
         }
@@ -80,12 +128,18 @@ async fn scan(
         })?;
         match name.as_str() {
             "target_label" => {
+                if target_label.is_some() {
+                    return Err(given_twice());
+                }
                 let label = text.trim().parse::<i64>().map_err(|_| {
                     ApiError::unprocessable("invalid_request", format!("`target_label` must be an integer, got `{}`", text.trim()))
                 })?;
                 target_label = Some(label);
             }
             "config" => {
+                if config.is_some() {
+                    return Err(given_twice());
+                }
                 let value: serde_json::Value = serde_json::from_str(&text)
                     .map_err(|e| ApiError::unprocessable("invalid_config", format!("config is not JSON: {e}")))?;
                 config = Some(value);
@@ -111,25 +165,6 @@ async fn scan(
         config,
         max_attempts: None,
     };
-    let (mut job, _) = submit_job(&state, request, key).await?;
-    let wait = Duration::from_secs(query.wait.unwrap_or(0).min(MAX_WAIT_SECS));
-    let deadline = tokio::time::Instant::now() + wait;
-    // Ends at the deadline, or at once when the service shuts down (a 202 then).
-    while !job.state.is_terminal() && tokio::time::Instant::now() < deadline {
-        tokio::select! {
-            _ = tokio::time::sleep(WAIT_POLL) => {}
-            _ = state.shutdown.cancelled() => break,
-        }
-        job = state
-            .store
-            .job(&job.id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("job {}", job.id)))?;
-    }
-    let status = if job.state.is_terminal() {
-        StatusCode::OK
-    } else {
-        StatusCode::ACCEPTED
-    };
-    Ok(job_response(status, &job))
+    let (job, _) = submit_job(state, request, key).await?;
+    Ok(job)
 }
