@@ -288,19 +288,33 @@ fn a_failed_scan_leaves_no_artifact_or_report_behind() {
 
 /// Scripts a 4→3→2 MLP whose `forward` does `variant` (Python, run with the .venv torch).
 fn odd_model(dir: &Path, name: &str, variant: &str) -> std::path::PathBuf {
+    odd_model_with(dir, name, "pass", variant, "")
+}
+
+/// `odd_model`, with `init` run at the end of `__init__` and `methods` added to the class.
+fn odd_model_with(
+    dir: &Path,
+    name: &str,
+    init: &str,
+    variant: &str,
+    methods: &str,
+) -> std::path::PathBuf {
     let script = format!(
         r#"
 import sys, torch
 from torch import nn
+from typing import Dict
 class M(nn.Module):
     def __init__(self):
         super().__init__()
         self.hidden = nn.Linear(4, 3)
         self.out = nn.Linear(3, 2)
         self.unused = nn.Linear(4, 4)
+        {init}
     def forward(self, x):
         x = x.to(torch.float32).flatten(1)
         {variant}
+{methods}
 torch.manual_seed(0)
 torch.jit.script(M()).save(sys.argv[1])
 "#
@@ -374,6 +388,105 @@ fn models_that_break_differentiation_are_refused_or_scanned_but_never_crash() {
         let outcome = scan(dir.path(), model, &clean, &args);
         assert_eq!(outcome.code, 0, "{method} {model:?}: {}", outcome.stderr);
     }
+}
+
+#[test]
+fn models_and_bundles_a_scan_cannot_use_are_refused_at_load_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let write_clean = |name: &str, label_of: fn(i64) -> i64| {
+        let path = dir.path().join(name);
+        let pixels: Vec<u8> = (0..40 * 4).map(|i| (i * 37 % 251) as u8).collect();
+        let images = RawTensor::new("images", TensorDtype::U8, vec![40, 1, 2, 2], pixels).unwrap();
+        let values: Vec<i64> = (0..40).map(label_of).collect();
+        write_safetensors(&path, &[("images", &images), ("labels", &labels(&values))]);
+        path
+    };
+    let clean = write_clean("clean.safetensors", |i| i % 2);
+    let plain = "return self.out(torch.relu(self.hidden(x)))";
+    // Each of these ran for a while and then failed as an internal error, or as a
+    // divergence blamed on the learning rate.
+    let cases = [
+        (
+            odd_model(dir.path(), "squeezed", &format!("{plain}.squeeze()")),
+            "fails on a batch of one image",
+        ),
+        (
+            odd_model(
+                dir.path(),
+                "batch_of_two",
+                &format!("x = x.view(2, -1)\n        {plain}"),
+            ),
+            "fails on a batch of one image",
+        ),
+        (
+            odd_model_with(
+                dir.path(),
+                "nan_unused_weight",
+                "self.unused.weight.data[0, 0] = float('nan')",
+                plain,
+                "",
+            ),
+            "parameter `unused.weight` holds NaN or infinite values",
+        ),
+        (
+            odd_model_with(
+                dir.path(),
+                "empty_layer",
+                "self.empty = nn.Linear(0, 4)",
+                plain,
+                "",
+            ),
+            "parameter `empty.weight` has shape [4, 0], which holds no values",
+        ),
+    ];
+    for (model, reason) in &cases {
+        assert_input_error(&scan(dir.path(), model, &clean, &[]), reason);
+    }
+    // NaN only in training mode, which ANP's mask search runs the model in: a
+    // divergence the caller can act on, as for every other method, not an internal error.
+    let nan_in_training = odd_model(
+        dir.path(),
+        "nan_in_training",
+        &format!("if self.training:\n            x = x * float('nan')\n        {plain}"),
+    );
+    let quick_anp = dir.path().join("quick_anp.json");
+    std::fs::write(&quick_anp, r#"{"anp": {"iterations": 2}}"#).unwrap();
+    assert_input_error(
+        &scan(
+            dir.path(),
+            &nan_in_training,
+            &clean,
+            &["--method", "anp", "--config", quick_anp.to_str().unwrap()],
+        ),
+        "ANP's mask search loss stopped being a number at iteration 1",
+    );
+    // NaN activations flattened the `activation` ranking without a word.
+    let nan_activations = odd_model_with(
+        dir.path(),
+        "nan_activations",
+        "pass",
+        plain,
+        r#"
+    @torch.jit.export
+    def activations(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        h = torch.relu(self.hidden(x.to(torch.float32).flatten(1)))
+        return {"hidden": h * float('nan')}"#,
+    );
+    assert_input_error(
+        &scan(
+            dir.path(),
+            &nan_activations,
+            &clean,
+            &["--method", "activation"],
+        ),
+        "its `activations` entry `hidden` holds NaN or infinite values",
+    );
+    let one_class = write_clean("one_class.safetensors", |_| 1);
+    let fine = odd_model(dir.path(), "fine", plain);
+    assert_input_error(
+        &scan(dir.path(), &fine, &one_class, &[]),
+        "every sample is of class 1",
+    );
 }
 
 #[test]

@@ -78,6 +78,12 @@ pub struct ServeArgs {
     /// Runs of a job before a lost lease fails it (clients may set their own per job) [default: 3].
     #[arg(long, env = "BDSCAN_MAX_ATTEMPTS")]
     pub max_attempts: Option<i64>,
+    /// Most bytes the store may hold in all; an upload past it gets 507 [default: no limit].
+    #[arg(long, env = "BDSCAN_MAX_STORE_BYTES")]
+    pub max_store_bytes: Option<u64>,
+    /// Most jobs waiting in the queue; a new job past it gets 503 [default: no limit].
+    #[arg(long, env = "BDSCAN_MAX_QUEUED_JOBS")]
+    pub max_queued_jobs: Option<u64>,
 }
 
 impl ServeArgs {
@@ -93,6 +99,8 @@ impl ServeArgs {
             job_threads: self.job_threads,
             lease_secs: self.lease_secs,
             max_attempts: self.max_attempts,
+            max_store_bytes: self.max_store_bytes,
+            max_queued_jobs: self.max_queued_jobs,
         }
     }
 }

@@ -330,8 +330,12 @@ pub fn learn_masks(
             Ok(())
         })?;
         if !natural.loss.is_finite() {
-            return Err(EngineError::Internal(format!(
-                "ANP mask search diverged at iteration {}",
+            // The same situation as a purification whose loss stops being a number: the
+            // model (here in training mode, which the load checks do not run) and the
+            // settings together do not train; the caller's to change.
+            return Err(EngineError::Diverged(format!(
+                "ANP's mask search loss stopped being a number at iteration {} \
+                 (lower anp.eps or anp.mask_lr, or check the model in training mode)",
                 iteration + 1
             )));
         }

@@ -52,6 +52,17 @@ pub fn channel_lipschitz_bounds(
                             "model: method `clp` needs `{module}.running_var` in the archive"
                         ))
                     })?;
+                // A module that only looks like BatchNorm (a weight, a bias and a buffer
+                // of that name) can hold anything there.
+                let fits = var.size() == [size[0]] || var.size() == [1];
+                if !fits || var.f_ge(0.0)?.f_all()?.f_int64_value(&[])? == 0 {
+                    return Err(EngineError::InvalidInput(format!(
+                        "model: `{module}.running_var` must be {} non-negative variances \
+                         for method `clp`; it has shape {:?}",
+                        size[0],
+                        var.size()
+                    )));
+                }
                 model.params[gamma]
                     .tensor
                     .detach()

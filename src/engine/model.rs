@@ -50,6 +50,20 @@ impl ScanModel {
                     "model: parameter `{name}` is not floating point"
                 )));
             }
+            // Caught here, such a model would otherwise end with a divergence blamed on
+            // the learning rate (non-finite values), or an internal error (no values
+            // to group into neurons).
+            if tensor.numel() == 0 {
+                return Err(EngineError::InvalidInput(format!(
+                    "model: parameter `{name}` has shape {:?}, which holds no values",
+                    tensor.size()
+                )));
+            }
+            if tensor.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+                return Err(EngineError::InvalidInput(format!(
+                    "model: parameter `{name}` holds NaN or infinite values"
+                )));
+            }
             params.push(NamedParam {
                 name,
                 tensor: tensor.set_requires_grad(true),
@@ -68,6 +82,20 @@ impl ScanModel {
             num_classes: 0,
         };
         model.num_classes = model.probe(sample)?;
+        // A split's last batch can hold a single image: a model that cannot take one
+        // (a batch size written into its code, a `squeeze` that drops the batch axis)
+        // would fail there, as an internal error, after minutes of work.
+        let one = model.probe(&sample.narrow(0, 0, 1)).map_err(|e| {
+            EngineError::InvalidInput(format!(
+                "model: must accept any batch size, and fails on a batch of one image: {e}"
+            ))
+        })?;
+        if one != model.num_classes {
+            return Err(EngineError::InvalidInput(format!(
+                "model: gives {one} logits for a batch of one image but {} for two",
+                model.num_classes
+            )));
+        }
         model.channels_last = device == Device::Cpu && model.channels_last_agrees(sample);
         let shapes: Vec<(String, Vec<i64>)> = model
             .params
@@ -236,9 +264,17 @@ impl ScanModel {
                 return Err(missing("its keys must be strings and its values tensors"));
             };
             let size = t.size();
-            if size.len() != 2 || size[0] != n {
+            if size.len() != 2 || size[0] != n || !t.is_floating_point() {
                 return Err(missing(&format!(
-                    "entry `{name}` has shape {size:?}, expected {n}×C"
+                    "entry `{name}` has shape {size:?} of {:?}, expected {n}×C floats",
+                    t.kind()
+                )));
+            }
+            // A NaN here would silently flatten the layer's ranking (its mean is NaN) and
+            // leave its scores unreadable in the report.
+            if t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+                return Err(EngineError::InvalidInput(format!(
+                    "model: its `activations` entry `{name}` holds NaN or infinite values"
                 )));
             }
             layers.push((name, t));

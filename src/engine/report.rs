@@ -123,10 +123,14 @@ pub struct LayerReport {
     /// of loss) for `benign_salience`; mean clean activation for `activation` and `fp`;
     /// the learned mask for `anp`; the channel Lipschitz bound for `clp`; zeros for
     /// `ft`. The name is kept for the schema's sake; `config.method` says which.
+    #[serde(deserialize_with = "nan_as_null::many")]
     pub benign_salience: Vec<f64>,
     /// Those scores divided by the layer's mean (what our ranking uses).
+    #[serde(deserialize_with = "nan_as_null::many")]
     pub normalized_salience: Vec<f64>,
+    #[serde(deserialize_with = "nan_as_null::many")]
     pub norm_before: Vec<f64>,
+    #[serde(deserialize_with = "nan_as_null::many")]
     pub norm_after: Vec<f64>,
     /// Indices of flagged neurons.
     pub flagged: Vec<usize>,
@@ -156,7 +160,9 @@ pub struct MetricsPair {
 pub struct EpochTrace {
     pub phase: String,
     pub epoch: usize,
+    #[serde(deserialize_with = "nan_as_null::one")]
     pub train_loss: f64,
+    #[serde(deserialize_with = "nan_as_null::one")]
     pub held_out_acc: f64,
     /// Clean accuracy on the test bundle when one is given (on at most `trace_samples` of
     /// its images, every label in proportion); never used to steer the scan.
@@ -170,10 +176,27 @@ pub struct EpochTrace {
     #[serde(default)]
     pub patch_success: Option<f64>,
     /// L2 norm of the suspect entries relative to their norm before purification.
+    #[serde(deserialize_with = "nan_as_null::one")]
     pub suspect_norm_ratio: f64,
     /// Measured on the poison bundle when one is given (at most `trace_samples` of its
     /// images, every true label in proportion); never used to steer the scan.
     pub asr: Option<f64>,
+}
+
+/// serde_json writes a NaN or infinite float as `null` (JSON has no such numbers); these
+/// read `null` back as NaN, so a stored report holding one (a model whose weights
+/// overflow a norm, say) still loads, for its page and for comparison.
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn one<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+
+    pub fn many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        let values = Vec::<Option<f64>>::deserialize(d)?;
+        Ok(values.into_iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+    }
 }
 
 impl ScanReport {
@@ -189,5 +212,43 @@ impl ScanReport {
             artifact,
             ..self.clone()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_layer_with_non_finite_scores_survives_a_json_round_trip() {
+        let layer = LayerReport {
+            name: "features.0".into(),
+            weight_shape: vec![2, 1, 3, 3],
+            grouped_parameters: vec![],
+            is_classifier: false,
+            width: 2,
+            benign_salience: vec![f64::NAN, 1.0],
+            normalized_salience: vec![f64::INFINITY, 0.5],
+            norm_before: vec![1.0, f64::NEG_INFINITY],
+            norm_after: vec![0.0, 1.0],
+            flagged: vec![0],
+            pruned: vec![],
+            suspect_weights: 0,
+            pruned_weights: 0,
+        };
+        let json = serde_json::to_string(&layer).unwrap();
+        assert!(json.contains("[null,1.0]"), "{json}");
+        let back: LayerReport = serde_json::from_str(&json).unwrap();
+        assert!(back.benign_salience[0].is_nan() && back.benign_salience[1] == 1.0);
+        assert!(back.normalized_salience[0].is_nan() && back.norm_before[1].is_nan());
+        assert_eq!(back.norm_after, layer.norm_after);
+
+        let epoch: EpochTrace = serde_json::from_str(
+            r#"{"phase":"purify","epoch":1,"train_loss":null,"held_out_acc":0.9,
+                "test_acc":null,"shortcut_success":null,"suspect_norm_ratio":null,"asr":null}"#,
+        )
+        .unwrap();
+        assert!(epoch.train_loss.is_nan() && epoch.suspect_norm_ratio.is_nan());
+        assert!(epoch.patch_success.is_none());
     }
 }

@@ -127,6 +127,7 @@ pub fn run_scan(
     let mut model = ScanModel::load(&inputs.model, device, &clean.images.narrow(0, 0, 2))?;
     let num_classes = model.num_classes;
     check_against_model(&model, "clean", &clean_bundle, &clean, batch)?;
+    let coverage_warning = class_coverage(&clean_bundle.labels, num_classes)?;
     let test_set = match &test {
         Some((bundle, _)) => {
             let set = SampleSet::from_bundle(bundle, device)?;
@@ -263,16 +264,19 @@ pub fn run_scan(
             held_out_after * 100.0
         ));
     }
+    warnings.extend(coverage_warning);
     let nothing_flagged = layers.iter().all(|l| l.flagged.is_empty());
+    let no_suspects = nothing_flagged && layers.iter().all(|l| l.suspect_weights == 0);
     match config.method {
-        Method::BenignSalience | Method::Activation
-            if defended.selection.neuron_fraction == 0.0
-                && defended.selection.weight_fraction == 0.0 =>
-        {
-            warnings.push(
+        Method::BenignSalience | Method::Activation if no_suspects => {
+            warnings.push(if layers.iter().all(|l| l.is_classifier) {
+                "no suspects: the model has no hidden layer to scan (its only layer with \
+                 weights is the classifier)"
+                    .into()
+            } else {
                 "no suspects: even the smallest candidate removal exceeded the accuracy budget"
-                    .into(),
-            )
+                    .into()
+            })
         }
         Method::Fp | Method::Anp | Method::Clp if nothing_flagged => warnings.push(format!(
             "method `{}` pruned no neurons",
@@ -388,6 +392,39 @@ fn read_bundle(path: &Path, role: &str) -> Result<(Bundle, BundleDigest), Engine
         dtype: bundle.dtype().to_string(),
     };
     Ok((bundle, digest))
+}
+
+/// Refuses a clean bundle of one class, and warns about one that lacks some of the
+/// model's classes: purification trains on the clean bundle and checks itself on its
+/// held-out part, so a class missing there can lose all its accuracy unseen.
+fn class_coverage(labels: &[i64], num_classes: i64) -> Result<Option<String>, EngineError> {
+    let mut present = labels.to_vec();
+    present.sort_unstable();
+    present.dedup();
+    if let [only] = present[..] {
+        return Err(EngineError::InvalidInput(format!(
+            "clean bundle: every sample is of class {only}; a scan trains on the clean \
+             samples and checks itself on them, so they must cover the classes the model \
+             predicts"
+        )));
+    }
+    let missing: Vec<i64> = (0..num_classes)
+        .filter(|k| present.binary_search(k).is_err())
+        .collect();
+    const SHOWN: usize = 20;
+    Ok((!missing.is_empty()).then(|| {
+        let mut shown: Vec<String> = missing.iter().take(SHOWN).map(i64::to_string).collect();
+        if missing.len() > SHOWN {
+            shown.push("…".into());
+        }
+        format!(
+            "the clean bundle has no samples of {} of the model's {num_classes} classes \
+             ([{}]): purification never trains on them and the held-out accuracy cannot \
+             show what they lose",
+            missing.len(),
+            shown.join(", ")
+        )
+    }))
 }
 
 /// Labels must name the model's classes and the model must accept the images, giving
@@ -1217,4 +1254,27 @@ fn layer_reports(
         });
     }
     Ok(reports)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_clean_bundle_must_cover_two_classes_and_is_warned_about_missing_ones() {
+        let err = super::class_coverage(&[3, 3, 3], 10)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("every sample is of class 3"), "{err}");
+        assert_eq!(super::class_coverage(&[0, 1, 1, 0], 2).unwrap(), None);
+        let warning = super::class_coverage(&[0, 2, 2], 4).unwrap().unwrap();
+        assert!(
+            warning.contains("no samples of 2 of the model's 4 classes ([1, 3])"),
+            "{warning}"
+        );
+        let many = super::class_coverage(&[0, 1], 100).unwrap().unwrap();
+        assert!(
+            many.contains("no samples of 98 of the model's 100 classes ([2, 3,"),
+            "{many}"
+        );
+        assert!(many.contains("21, …])"), "{many}");
+    }
 }

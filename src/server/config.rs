@@ -21,6 +21,10 @@ pub struct ServerConfig {
     pub devices: Vec<Device>,
     /// Largest accepted blob (per file of a multipart scan).
     pub max_blob_bytes: u64,
+    /// Most bytes the store may hold (stored blobs and uploads arriving); `None`: no limit.
+    pub max_store_bytes: Option<u64>,
+    /// Most jobs that may wait in the queue; `None`: no limit.
+    pub max_queued_jobs: Option<u64>,
     /// A request body that sends nothing for this long is cut off (a stalled or
     /// deliberately trickling client would otherwise hold its upload open for ever).
     pub body_idle_timeout: Duration,
@@ -60,6 +64,8 @@ impl ServerConfig {
             workers: 1,
             devices: Vec::new(),
             max_blob_bytes: 1 << 30,
+            max_store_bytes: None,
+            max_queued_jobs: None,
             body_idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(20),
             worker: WorkerSettings {
@@ -131,6 +137,8 @@ impl std::fmt::Debug for ServerConfig {
             .field("workers", &self.workers)
             .field("devices", &self.devices)
             .field("max_blob_bytes", &self.max_blob_bytes)
+            .field("max_store_bytes", &self.max_store_bytes)
+            .field("max_queued_jobs", &self.max_queued_jobs)
             .field("body_idle_timeout", &self.body_idle_timeout)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("worker", &self.worker)

@@ -25,6 +25,12 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("{0}")]
     TooLarge(String),
+    /// The store holds as much as it may (`max_store_bytes`).
+    #[error("{0}")]
+    StoreFull(String),
+    /// As many jobs wait as may (`max_queued_jobs`).
+    #[error("{0}")]
+    QueueFull(String),
     /// The request body stopped arriving for longer than the idle timeout.
     #[error("{0}")]
     RequestTimeout(String),
@@ -70,6 +76,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::StoreFull(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::QueueFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -87,6 +95,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::RequestTimeout(_) => "request_timeout",
+            ApiError::StoreFull(_) => "store_full",
+            ApiError::QueueFull(_) => "queue_full",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ApiError::Unavailable(_) => "unavailable",
@@ -118,6 +128,12 @@ impl IntoResponse for ApiError {
             if let Ok(value) = format!("bytes */{size}").parse() {
                 response.headers_mut().insert(header::CONTENT_RANGE, value);
             }
+        }
+        if let ApiError::QueueFull(_) = self {
+            // Jobs take tens of seconds to minutes each.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("30"));
         }
         response
     }

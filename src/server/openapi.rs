@@ -83,7 +83,8 @@ pub fn openapi() -> Value {
                         &["empty_upload", "incomplete_body", "malformed_multipart"]),
                     "408": problem("the body sent nothing for longer than the server waits", &["request_timeout"]),
                     "413": problem("the file exceeds the server's size limit", &["payload_too_large"]),
-                    "422": problem("the multipart body holds no file", &["missing_field"]) } } },
+                    "422": problem("the multipart body holds no file", &["missing_field"]),
+                    "507": problem("the store holds as much as the server allows (max_store_bytes)", &["store_full"]) } } },
             "/v1/blobs/{sha256}": { "get": {
                 "summary": "A stored blob's size",
                 "parameters": [ { "name": "sha256", "in": "path", "required": true,
@@ -107,7 +108,8 @@ pub fn openapi() -> Value {
                         "413": problem("the body exceeds the 2 MB JSON limit", &["payload_too_large"]),
                         "415": problem("the body is not declared as JSON", &["unsupported_media_type"]),
                         "422": problem("the request cannot be run as given",
-                            &["invalid_blob_id", "unknown_blob", "invalid_config", "invalid_request", "device_unavailable"]) } },
+                            &["invalid_blob_id", "unknown_blob", "invalid_config", "invalid_request", "device_unavailable"]),
+                        "503": problem("as many jobs wait as the server allows (max_queued_jobs); Retry-After says when to try again", &["queue_full"]) } },
                 "get": {
                     "summary": "List jobs, newest first, with cursor pagination",
                     "parameters": [
@@ -181,7 +183,9 @@ pub fn openapi() -> Value {
                     "408": problem("the body sent nothing for longer than the server waits", &["request_timeout"]),
                     "413": problem("a file exceeds the server's size limit", &["payload_too_large"]),
                     "422": problem("a missing file, a bad target label or config, or a device no slot has",
-                        &["missing_field", "invalid_request", "invalid_config", "unknown_blob", "device_unavailable"]) } } }
+                        &["missing_field", "invalid_request", "invalid_config", "unknown_blob", "device_unavailable"]),
+                    "503": problem("as many jobs wait as the server allows (max_queued_jobs); Retry-After says when to try again", &["queue_full"]),
+                    "507": problem("the store holds as much as the server allows (max_store_bytes)", &["store_full"]) } } }
         },
         "components": {
             "parameters": {

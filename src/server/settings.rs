@@ -40,6 +40,12 @@ pub struct ServeSettings {
     pub lease_secs: Option<u64>,
     #[serde(alias = "max-attempts")]
     pub max_attempts: Option<i64>,
+    /// Most bytes the store may hold in all (stored and arriving files); unset: no limit.
+    #[serde(alias = "max-store-bytes")]
+    pub max_store_bytes: Option<u64>,
+    /// Most jobs that may wait in the queue; unset: no limit.
+    #[serde(alias = "max-queued-jobs")]
+    pub max_queued_jobs: Option<u64>,
 }
 
 impl ServeSettings {
@@ -66,6 +72,8 @@ impl ServeSettings {
             job_threads: self.job_threads.or(lower.job_threads),
             lease_secs: self.lease_secs.or(lower.lease_secs),
             max_attempts: self.max_attempts.or(lower.max_attempts),
+            max_store_bytes: self.max_store_bytes.or(lower.max_store_bytes),
+            max_queued_jobs: self.max_queued_jobs.or(lower.max_queued_jobs),
         }
     }
 
@@ -103,6 +111,8 @@ impl ServeSettings {
         };
         config.devices = devices;
         config.max_blob_bytes = self.max_blob_bytes.unwrap_or(DEFAULT_MAX_BLOB_BYTES);
+        config.max_store_bytes = self.max_store_bytes;
+        config.max_queued_jobs = self.max_queued_jobs;
         // Divide the CPU between job slots so concurrent scans do not fight over cores.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let slots = config.slot_devices().len();
@@ -145,6 +155,8 @@ impl std::fmt::Debug for ServeSettings {
             .field("job_threads", &self.job_threads)
             .field("lease_secs", &self.lease_secs)
             .field("max_attempts", &self.max_attempts)
+            .field("max_store_bytes", &self.max_store_bytes)
+            .field("max_queued_jobs", &self.max_queued_jobs)
             .finish()
     }
 }
@@ -169,10 +181,13 @@ mod tests {
             ..Default::default()
         };
         let file = ServeSettings::from_toml(
-            "workers = 7\nlease_secs = 90\nmax-blob-bytes = 1000\ndata_dir = \"/srv/bdscan\"\n",
+            "workers = 7\nlease_secs = 90\nmax-blob-bytes = 1000\ndata_dir = \"/srv/bdscan\"\n\
+             max_store_bytes = 5000\nmax-queued-jobs = 12\n",
         )
         .unwrap();
         let config = flags.or(env).or(file).into_config(exe()).unwrap();
+        assert_eq!(config.max_store_bytes, Some(5000));
+        assert_eq!(config.max_queued_jobs, Some(12));
         assert_eq!(config.workers, 3, "flag over env over file");
         assert_eq!(
             config.worker.lease,

@@ -185,6 +185,20 @@ impl Store {
         }
     }
 
+    /// Bytes the store holds: every stored blob, and the chunks of uploads arriving.
+    pub async fn stored_bytes(&self) -> Result<u64, StoreError> {
+        // CAST: PostgreSQL sums BIGINTs as NUMERIC, which the `Any` driver cannot read.
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE((SELECT SUM(size_bytes) FROM blobs), 0) AS BIGINT), \
+             CAST(COALESCE((SELECT SUM(LENGTH(data)) FROM blob_chunks \
+             WHERE blob_key LIKE 'upload:%'), 0) AS BIGINT)",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        let (stored, arriving): (i64, i64) = (row.get(0), row.get(1));
+        Ok((stored.max(0) + arriving.max(0)) as u64)
+    }
+
     /// Removes chunks of uploads that started more than `max_age_ms` ago and never
     /// finished: what a process that died mid-upload left behind. Safe while other
     /// replicas upload (PostgreSQL), as long as no upload takes that long; keys without

@@ -455,6 +455,14 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// How many jobs wait in the queue.
+    pub async fn queued_jobs(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")
+            .fetch_one(self.pool())
+            .await?;
+        Ok(row.get::<i64, _>(0).max(0) as u64)
+    }
+
     /// Cancels a queued job at once, or asks the worker of a running one to stop.
     /// Returns the job as it now stands, `None` if there is no such job.
     pub async fn request_cancel(&self, id: &str) -> Result<Option<Job>, StoreError> {

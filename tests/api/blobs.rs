@@ -380,3 +380,59 @@ async fn shutdown_does_not_wait_for_ever_on_an_open_upload() {
         "stopped after {took:?}"
     );
 }
+
+#[tokio::test]
+async fn uploads_past_the_store_limit_get_507_and_leave_nothing_sqlite() {
+    uploads_past_the_store_limit_get_507_and_leave_nothing(crate::helpers::Db::Sqlite).await;
+}
+
+#[tokio::test]
+async fn uploads_past_the_store_limit_get_507_and_leave_nothing_postgres() {
+    if let Some(url) =
+        crate::helpers::postgres_url("uploads_past_the_store_limit_get_507_and_leave_nothing")
+    {
+        uploads_past_the_store_limit_get_507_and_leave_nothing(crate::helpers::Db::Postgres(url))
+            .await;
+    }
+}
+
+async fn uploads_past_the_store_limit_get_507_and_leave_nothing(db: crate::helpers::Db) {
+    let app = spawn_app(Options {
+        db,
+        max_store_bytes: Some(3 << 20),
+        ..Options::default()
+    })
+    .await;
+    let post = |bytes: Vec<u8>| app.client.post(app.url("/v1/blobs")).body(bytes).send();
+    assert_eq!(
+        post(vec![1u8; 2 << 20]).await.unwrap().status(),
+        StatusCode::CREATED
+    );
+    // 2 MiB more would make 4 of the 3 allowed: refused part-way, nothing kept.
+    assert_problem(
+        post(vec![2u8; 2 << 20]).await.unwrap(),
+        StatusCode::INSUFFICIENT_STORAGE,
+        "store_full",
+    )
+    .await;
+    assert_eq!(staged_chunks(&app).await, 0);
+    // What still fits is taken; then nothing more.
+    assert_eq!(
+        post(vec![3u8; 1 << 20]).await.unwrap().status(),
+        StatusCode::CREATED
+    );
+    assert_problem(
+        post(vec![4u8; 10]).await.unwrap(),
+        StatusCode::INSUFFICIENT_STORAGE,
+        "store_full",
+    )
+    .await;
+    let stored: i64 = sqlx::query("SELECT COUNT(*) FROM blobs")
+        .fetch_one(app.store().pool())
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 2);
+    assert_eq!(app.store().stored_bytes().await.unwrap(), 3 << 20);
+    app.stop().await;
+}

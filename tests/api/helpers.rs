@@ -157,6 +157,8 @@ pub struct Options {
     pub poll_interval: Duration,
     pub body_idle_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub max_store_bytes: Option<u64>,
+    pub max_queued_jobs: Option<u64>,
 }
 
 impl Default for Options {
@@ -169,6 +171,8 @@ impl Default for Options {
             poll_interval: Duration::from_millis(100),
             body_idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(20),
+            max_store_bytes: None,
+            max_queued_jobs: None,
         }
     }
 }
@@ -204,6 +208,8 @@ pub async fn spawn_app(options: Options) -> TestApp {
     config.max_blob_bytes = options.max_blob_bytes;
     config.body_idle_timeout = options.body_idle_timeout;
     config.shutdown_grace = options.shutdown_grace;
+    config.max_store_bytes = options.max_store_bytes;
+    config.max_queued_jobs = options.max_queued_jobs;
     let w = &mut config.worker;
     w.lease = Duration::from_secs(5);
     w.heartbeat = Duration::from_millis(200);

@@ -313,3 +313,36 @@ async fn jobs_list_by_state_with_cursor_pagination_and_queued_jobs_cancel_at_onc
     assert_eq!(all["jobs"].as_array().unwrap().len(), 4);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_queue_refuses_new_jobs_with_503_until_one_leaves_it() {
+    let app = spawn_app(Options {
+        max_queued_jobs: Some(2),
+        ..Options::default()
+    })
+    .await;
+    let blob = app.upload(b"model bytes".to_vec()).await;
+    let submit = |seed: u64| {
+        app.client
+            .post(app.url("/v1/jobs"))
+            .json(&json!({ "model": blob, "clean": blob, "config": { "seed": seed } }))
+            .send()
+    };
+    let first: Value = submit(1).await.unwrap().json().await.unwrap();
+    assert_eq!(submit(2).await.unwrap().status(), StatusCode::ACCEPTED);
+    let refused = submit(3).await.unwrap();
+    assert_eq!(refused.headers()["retry-after"], "30");
+    assert_problem(refused, StatusCode::SERVICE_UNAVAILABLE, "queue_full").await;
+    // Cancelling a queued job frees its place.
+    let cancelled = app
+        .client
+        .delete(app.url(&format!("/v1/jobs/{}", first["id"].as_str().unwrap())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), StatusCode::OK);
+    assert_eq!(submit(3).await.unwrap().status(), StatusCode::ACCEPTED);
+    let (_, list) = app.get_json("/v1/jobs?state=queued").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 2);
+    app.stop().await;
+}

@@ -114,6 +114,21 @@ where
     S: Stream<Item = Result<Bytes, ApiError>>,
 {
     let limit = state.config.max_blob_bytes;
+    // What the store may still take, as of this upload's start: concurrent uploads can
+    // overshoot it together by at most what they bring between their starts.
+    let room = match state.config.max_store_bytes {
+        Some(max) => Some(max.saturating_sub(state.store.stored_bytes().await?)),
+        None => None,
+    };
+    let store_full = || {
+        ApiError::StoreFull(format!(
+            "{what} does not fit: the store holds as much as this server allows \
+             (max_store_bytes); delete finished jobs to free space"
+        ))
+    };
+    if room == Some(0) {
+        return Err(store_full());
+    }
     let mut upload = state.store.begin_upload();
     let mut body = std::pin::pin!(body);
     let failure = loop {
@@ -125,6 +140,9 @@ where
                     break Some(ApiError::TooLarge(format!(
                         "{what} exceeds the limit of {limit} bytes"
                     )));
+                }
+                if room.is_some_and(|room| upload.bytes_so_far() + bytes.len() as u64 > room) {
+                    break Some(store_full());
                 }
                 if let Err(e) = upload.write(&bytes).await {
                     break Some(e.into());

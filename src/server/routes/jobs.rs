@@ -116,6 +116,15 @@ pub async fn submit_job(
         });
     }
     let device = requested_device(state, request.config.as_ref())?;
+    if let Some(max) = state.config.max_queued_jobs {
+        // A replay of an Idempotency-Key is refused too while the queue is full; the
+        // client's retry then finds its job.
+        if state.store.queued_jobs().await? >= max {
+            return Err(ApiError::QueueFull(format!(
+                "{max} jobs are already waiting (max_queued_jobs); try again later"
+            )));
+        }
+    }
     let config_json = serde_json::to_string(&config).map_err(ApiError::internal)?;
     let fingerprint = key.as_ref().map(|_| {
         let canonical =
