@@ -179,7 +179,11 @@ fn view_extent(r: &TensorRef, file_bytes: u64) -> Result<(u64, u64), EngineError
             last = last.checked_add(reach).ok_or_else(refuse)?;
         }
     }
-    let reached = if numel == 0 { 0 } else { last + 1 };
+    let reached = if numel == 0 {
+        0
+    } else {
+        last.checked_add(1).ok_or_else(refuse)?
+    };
     // torch.jit.save stores entries uncompressed, so no honest view holds or reaches
     // more float32 values than the archive file has bytes for.
     if numel.max(reached).saturating_mul(4) > file_bytes {
@@ -694,6 +698,7 @@ mod tests {
             view(-1, vec![2], vec![1]),
             view(0, vec![-2], vec![1]),
             view(0, vec![2, 2], vec![1]),
+            view(i64::MAX, vec![2, 2], vec![i64::MAX, 1]),
         ] {
             assert!(view_extent(&hostile, 1 << 20).is_err(), "{hostile:?}");
         }

@@ -269,12 +269,17 @@ pub fn run_scan(
     let no_suspects = nothing_flagged && layers.iter().all(|l| l.suspect_weights == 0);
     match config.method {
         Method::BenignSalience | Method::Activation if no_suspects => {
+            let selection = &defended.selection;
             warnings.push(if layers.iter().all(|l| l.is_classifier) {
                 "no suspects: the model has no hidden layer to scan (its only layer with \
                  weights is the classifier)"
                     .into()
-            } else {
+            } else if selection.neuron_fraction == 0.0 && selection.weight_fraction == 0.0 {
                 "no suspects: even the smallest candidate removal exceeded the accuracy budget"
+                    .into()
+            } else {
+                "no suspects: the fractions the accuracy budget allowed select no neuron or \
+                 weight of layers this small"
                     .into()
             })
         }

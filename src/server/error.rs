@@ -153,6 +153,9 @@ impl From<StoreError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
+        if body_stalled(&rejection) {
+            return stalled_body();
+        }
         // A body over the limit is rejected as a failed read; say what it really is.
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             return ApiError::TooLarge(rejection.body_text());

@@ -104,6 +104,7 @@ pub fn openapi() -> Value {
                         "200": job("this Idempotency-Key was used before with the same request: that job"),
                         "400": problem("malformed JSON, unknown or mistyped fields, or a bad Idempotency-Key",
                             &["malformed_json", "invalid_request", "invalid_idempotency_key"]),
+                        "408": problem("the body sent nothing for longer than the server waits", &["request_timeout"]),
                         "409": problem("this Idempotency-Key was used before with a different request", &["idempotency_key_reused"]),
                         "413": problem("the body exceeds the 2 MB JSON limit", &["payload_too_large"]),
                         "415": problem("the body is not declared as JSON", &["unsupported_media_type"]),

@@ -294,14 +294,8 @@ impl Worker {
         spec_path: &Path,
         shutdown: &CancellationToken,
     ) -> Result<Outcome, String> {
-        let mut command = Command::new(&self.settings.exe);
-        for name in secret_variables(std::env::vars_os().map(|(name, _)| name)) {
-            command.env_remove(name);
-        }
-        let mut child = command
-            .arg("job")
-            .arg("--spec")
-            .arg(spec_path)
+        let parent_variables = std::env::vars_os().map(|(name, _)| name);
+        let mut child = job_command(&self.settings.exe, spec_path, parent_variables)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -495,6 +489,21 @@ async fn next_child_line<R: AsyncRead + Unpin>(lines: &mut ChildLines<R>) -> Opt
     }
 }
 
+/// The command that runs a job's child: `exe job --spec SPEC`, without the secrets
+/// among `parent_variables` (the names of this process's environment).
+fn job_command(
+    exe: &Path,
+    spec_path: &Path,
+    parent_variables: impl Iterator<Item = std::ffi::OsString>,
+) -> Command {
+    let mut command = Command::new(exe);
+    command.arg("job").arg("--spec").arg(spec_path);
+    for name in secret_variables(parent_variables) {
+        command.env_remove(name);
+    }
+    command
+}
+
 /// The environment variables a job's child must not inherit: the database's address and
 /// credentials (`DATABASE_URL`, libpq's `PG*`) and the settings file that may name them.
 /// The child runs a model that is untrusted code and needs none of them.
@@ -643,12 +652,24 @@ mod tests {
             "BDSCAN_JOB_THREADS",
         ]
         .map(std::ffi::OsString::from);
-        let removed = secret_variables(names.into_iter());
-        assert_eq!(
-            removed,
-            ["DATABASE_URL", "PGPASSWORD", "PGPASSFILE", "BDSCAN_CONFIG"]
-                .map(std::ffi::OsString::from)
+        let command = job_command(
+            Path::new("/bin/bdscan"),
+            Path::new("/tmp/spec.json"),
+            names.into_iter(),
         );
+        let std = command.as_std();
+        let removed: Vec<_> = std
+            .get_envs()
+            .filter(|(_, value)| value.is_none())
+            .map(|(name, _)| name.to_os_string())
+            .collect();
+        let mut expected = ["DATABASE_URL", "PGPASSWORD", "PGPASSFILE", "BDSCAN_CONFIG"]
+            .map(std::ffi::OsString::from);
+        expected.sort();
+        assert_eq!(removed, expected, "removed from the child's environment");
+        assert_eq!(std.get_envs().count(), 4, "and nothing else touched");
+        let args: Vec<_> = std.get_args().collect();
+        assert_eq!(args, ["job", "--spec", "/tmp/spec.json"]);
     }
 
     #[test]

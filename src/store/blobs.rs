@@ -201,9 +201,10 @@ impl Store {
 
     /// Removes chunks of uploads that started more than `max_age_ms` ago and never
     /// finished: what a process that died mid-upload left behind. Safe while other
-    /// replicas upload (PostgreSQL), as long as no upload takes that long; keys without
-    /// a start time (written before keys had one) count as stale. Returns the chunks
-    /// removed.
+    /// replicas upload (PostgreSQL): an upload still arriving after that long loses its
+    /// chunks and fails when it finishes, and keys without a start time (written by
+    /// earlier versions, which a rolling upgrade may still run) are left alone. Returns
+    /// the chunks removed.
     pub async fn sweep_stale_staging(&self, max_age_ms: i64) -> Result<u64, StoreError> {
         let keys: Vec<String> =
             sqlx::query("SELECT DISTINCT blob_key FROM blob_chunks WHERE blob_key LIKE 'upload:%'")
@@ -219,7 +220,7 @@ impl Store {
                 .strip_prefix("upload:")
                 .and_then(|rest| rest.split_once(':'))
                 .and_then(|(ms, _)| ms.parse::<i64>().ok());
-            if started.is_none_or(|ms| ms < cutoff) {
+            if started.is_some_and(|ms| ms < cutoff) {
                 removed += sqlx::query("DELETE FROM blob_chunks WHERE blob_key = $1")
                     .bind(&key)
                     .execute(self.pool())
@@ -299,11 +300,25 @@ impl BlobUpload {
         .rows_affected()
             == 1;
         if inserted {
-            sqlx::query("UPDATE blob_chunks SET blob_key = $1 WHERE blob_key = $2")
+            let moved = sqlx::query("UPDATE blob_chunks SET blob_key = $1 WHERE blob_key = $2")
                 .bind(&sha256)
                 .bind(&self.staging_key)
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected();
+            // Chunks can go missing (an upload swept as abandoned while it still trickled
+            // in): a blob stored without them would sit under the file's true hash and
+            // be what every later upload of the same bytes deduplicates to. Dropping the
+            // transaction rolls the blob back; the staged chunks go with the upload.
+            if moved != self.next_seq as u64 {
+                return Err(StoreError::Corrupt(
+                    self.staging_key.clone(),
+                    format!(
+                        "{moved} of the upload's {} stored chunks are left; send it again",
+                        self.next_seq
+                    ),
+                ));
+            }
         } else {
             sqlx::query("DELETE FROM blob_chunks WHERE blob_key = $1")
                 .bind(&self.staging_key)

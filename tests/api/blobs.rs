@@ -187,8 +187,8 @@ async fn staged_in(store: &bdscan::store::Store) -> i64 {
 
 /// A bare store (no server, so no reaper sweeping on its own).
 async fn the_stale_staging_sweep_removes_only_abandoned_uploads(store: bdscan::store::Store) {
-    // Left by a process that died two days ago, and by one from before staging keys
-    // carried their start time.
+    // Left by a process that died two days ago; and one without a start time, which an
+    // earlier version (during a rolling upgrade, still uploading) writes.
     for key in [
         format!("upload:{}:dead", bdscan::store::now_ms() - 2 * 86_400_000),
         "upload:0b9c6a4e-old-format".to_string(),
@@ -206,11 +206,33 @@ async fn the_stale_staging_sweep_removes_only_abandoned_uploads(store: bdscan::s
     let mut live = store.begin_upload();
     live.write(&sample_bytes()).await.unwrap();
     assert_eq!(staged_in(&store).await, 4);
-    assert_eq!(store.sweep_stale_staging(86_400_000).await.unwrap(), 2);
-    assert_eq!(staged_in(&store).await, 2);
+    assert_eq!(store.sweep_stale_staging(86_400_000).await.unwrap(), 1);
+    assert_eq!(staged_in(&store).await, 3);
     let blob = live.finish().await.unwrap();
     assert_eq!(blob.size_bytes, sample_bytes().len() as u64);
-    assert_eq!(staged_in(&store).await, 0);
+    assert_eq!(staged_in(&store).await, 1);
+
+    // An upload whose chunks were swept while it still arrived fails when it finishes,
+    // rather than storing an incomplete blob under the file's hash.
+    let mut slow = store.begin_upload();
+    let mut other_bytes = sample_bytes();
+    other_bytes.reverse();
+    slow.write(&other_bytes).await.unwrap();
+    sqlx::query("DELETE FROM blob_chunks WHERE blob_key LIKE 'upload:%' AND blob_key NOT LIKE 'upload:0b9c%' AND seq = 0")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let err = slow.finish().await.unwrap_err().to_string();
+    assert!(
+        err.contains("2 of the upload's 3 stored chunks are left"),
+        "{err}"
+    );
+    let blobs: i64 = sqlx::query("SELECT COUNT(*) FROM blobs")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(blobs, 1, "only the first upload's blob");
 }
 
 #[tokio::test]
@@ -360,6 +382,24 @@ async fn a_stalled_upload_is_cut_off_with_408_and_leaves_nothing_behind() {
         assert!(answer.contains("request_timeout"), "{answer}");
         until_staged(&app, 0).await;
     }
+    // A JSON body that stalls gets the same answer, not `malformed_json`.
+    let mut socket = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut socket,
+        b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"model\": ",
+    )
+    .await
+    .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(20), socket.read(&mut answer))
+        .await
+        .expect("the server answers a stalled JSON body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     app.stop().await;
 }
 
