@@ -28,6 +28,10 @@ pub struct ServerConfig {
     /// A request body that sends nothing for this long is cut off (a stalled or
     /// deliberately trickling client would otherwise hold its upload open for ever).
     pub body_idle_timeout: Duration,
+    /// A connection that has not sent a request's headers this long after it opened
+    /// (or after its previous request) is closed: the slow-headers attack, one
+    /// connection held open per few bytes.
+    pub header_read_timeout: Duration,
     /// After shutdown begins, how long open connections (an upload still streaming
     /// in) may take to finish before they are closed.
     pub shutdown_grace: Duration,
@@ -67,6 +71,7 @@ impl ServerConfig {
             max_store_bytes: None,
             max_queued_jobs: None,
             body_idle_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(20),
             worker: WorkerSettings {
                 exe,
@@ -140,6 +145,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_store_bytes", &self.max_store_bytes)
             .field("max_queued_jobs", &self.max_queued_jobs)
             .field("body_idle_timeout", &self.body_idle_timeout)
+            .field("header_read_timeout", &self.header_read_timeout)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("worker", &self.worker)
             .finish()

@@ -187,29 +187,86 @@ impl Application {
             state.metrics.clone(),
             self.shutdown.clone(),
         ));
-        let shutdown = self.shutdown.clone();
-        let serving = std::future::IntoFuture::into_future(
-            axum::serve(self.listener, router(state.clone()))
-                .with_graceful_shutdown(async move { shutdown.cancelled().await }),
-        );
-        // Graceful shutdown waits for every open connection, and a client can keep one
-        // open as long as it likes: after the grace period the rest are dropped.
-        let grace = state.config.shutdown_grace;
-        let shutdown = self.shutdown.clone();
-        let cut_off = async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-        };
-        let served = tokio::select! {
-            served = serving => served,
-            () = cut_off => {
-                tracing::warn!(?grace, "connections still open after the shutdown grace period; closing them");
-                Ok(())
-            }
-        };
+        serve_http1(
+            self.listener,
+            router(state.clone()),
+            self.shutdown.clone(),
+            &state.config,
+        )
+        .await;
         self.shutdown.cancel();
         while tasks.join_next().await.is_some() {}
         state.store.close().await;
-        served
+        Ok(())
+    }
+}
+
+/// Serves HTTP/1.1 on `listener` until `shutdown`; then open connections finish their
+/// requests (idle ones close at once) for up to `config.shutdown_grace`, and the rest
+/// are closed. What `axum::serve` does, plus the two limits it cannot set: a
+/// header-read timeout, without which a client holds a connection for ever by sending
+/// its headers a byte at a time (or never), and a bound on how long shutdown waits for
+/// connections a client keeps open.
+async fn serve_http1(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+    config: &ServerConfig,
+) {
+    let (closing, closing_watch) = tokio::sync::watch::channel(());
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: back off instead of spinning.
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout);
+        let mut closing_watch = closing_watch.clone();
+        connections.spawn(async move {
+            let connection =
+                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = closing_watch.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+        // Finished connections' tasks, so the set does not grow with every one served.
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = closing.send(());
+    let grace = config.shutdown_grace;
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            ?grace,
+            open = connections.len(),
+            "connections still open after the shutdown grace period; closing them"
+        );
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
     }
 }

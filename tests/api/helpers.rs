@@ -159,6 +159,7 @@ pub struct Options {
     pub shutdown_grace: Duration,
     pub max_store_bytes: Option<u64>,
     pub max_queued_jobs: Option<u64>,
+    pub header_read_timeout: Duration,
 }
 
 impl Default for Options {
@@ -173,6 +174,7 @@ impl Default for Options {
             shutdown_grace: Duration::from_secs(20),
             max_store_bytes: None,
             max_queued_jobs: None,
+            header_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -210,6 +212,7 @@ pub async fn spawn_app(options: Options) -> TestApp {
     config.shutdown_grace = options.shutdown_grace;
     config.max_store_bytes = options.max_store_bytes;
     config.max_queued_jobs = options.max_queued_jobs;
+    config.header_read_timeout = options.header_read_timeout;
     let w = &mut config.worker;
     w.lease = Duration::from_secs(5);
     w.heartbeat = Duration::from_millis(200);

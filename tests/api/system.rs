@@ -214,3 +214,33 @@ async fn openapi_documents_every_route_with_exactly_its_methods() {
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_finishes_its_headers_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app(Options {
+        header_read_timeout: std::time::Duration::from_millis(500),
+        ..Options::default()
+    })
+    .await;
+    let address = app.base.trim_start_matches("http://").to_string();
+    // Half a request line, then nothing: held open for ever without the timeout.
+    let mut slow = tokio::net::TcpStream::connect(&address).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: 1")
+        .await
+        .unwrap();
+    let mut buffer = [0u8; 1024];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match slow.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection was still open after 10 s");
+    // A client that sends its request in time is served as before.
+    assert_eq!(app.get_json("/healthz").await.0, StatusCode::OK);
+    app.stop().await;
+}
