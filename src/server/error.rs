@@ -139,6 +139,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// SQLite's SQLITE_BUSY (5) or SQLITE_LOCKED (6), primary or extended codes: a write
+/// that waited out the busy timeout behind others. Load, not a fault: the client may
+/// retry.
+fn database_busy(e: &dyn sqlx::error::DatabaseError) -> bool {
+    e.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+        && e.code()
+            .and_then(|code| code.parse::<i64>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+}
+
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
@@ -146,6 +156,13 @@ impl From<StoreError> for ApiError {
                 ApiError::Unavailable("the database is busy".into())
             }
             StoreError::Contended(why) => ApiError::Unavailable(why),
+            StoreError::Database(sqlx::Error::Database(e)) if database_busy(e.as_ref()) => {
+                ApiError::Unavailable(
+                    "the database stayed locked by other writes for longer than the server \
+                     waits (many large uploads at once on SQLite); try again"
+                        .into(),
+                )
+            }
             other => ApiError::internal(other),
         }
     }

@@ -476,3 +476,46 @@ async fn uploads_past_the_store_limit_get_507_and_leave_nothing(db: crate::helpe
     assert_eq!(app.store().stored_bytes().await.unwrap(), 3 << 20);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_sqlite_write_locked_out_by_others_is_503_not_500() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let url = bdscan::store::Store::sqlite_url(dir.path());
+    // Creates the database and its tables.
+    let store = bdscan::store::Store::connect(&url).await.unwrap();
+    // One connection holds the write lock; another gives up on it at once, as a write
+    // does once the busy timeout has passed under many large uploads.
+    let mut holder = sqlx::AnyConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let mut writer = sqlx::AnyConnection::connect(&url).await.unwrap();
+    sqlx::query("PRAGMA busy_timeout = 0")
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    let locked = sqlx::query(
+        "INSERT INTO blob_chunks (blob_key, seq, byte_offset, data) VALUES ('upload:x', 0, 0, x'00')",
+    )
+    .execute(&mut writer)
+    .await
+    .unwrap_err();
+    let answer = bdscan::server::ApiError::from(bdscan::store::StoreError::from(locked));
+    assert_eq!(
+        answer.status_code(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{answer}"
+    );
+    assert_eq!(answer.code(), "unavailable");
+    // Any other database failure is still ours: 500.
+    let missing = sqlx::query("SELECT * FROM no_such_table")
+        .execute(&mut writer)
+        .await
+        .unwrap_err();
+    let answer = bdscan::server::ApiError::from(bdscan::store::StoreError::from(missing));
+    assert_eq!(answer.status_code(), StatusCode::INTERNAL_SERVER_ERROR);
+    drop(holder);
+    store.close().await;
+}
