@@ -59,7 +59,7 @@ impl ScanModel {
                     tensor.size()
                 )));
             }
-            if tensor.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+            if !all_finite(&tensor)? {
                 return Err(EngineError::InvalidInput(format!(
                     "model: parameter `{name}` holds NaN or infinite values"
                 )));
@@ -272,7 +272,7 @@ impl ScanModel {
             }
             // A NaN here would silently flatten the layer's ranking (its mean is NaN) and
             // leave its scores unreadable in the report.
-            if t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+            if !all_finite(&t)? {
                 return Err(EngineError::InvalidInput(format!(
                     "model: its `activations` entry `{name}` holds NaN or infinite values"
                 )));
@@ -440,6 +440,11 @@ fn channels_last(images: &Tensor) -> Result<Tensor, EngineError> {
 
 /// `grad` where autograd produced one, else zeros shaped like `like`: libtorch leaves a
 /// gradient undefined for whatever the differentiated loss did not depend on.
+/// Whether every value of `t` is a finite number.
+pub fn all_finite(t: &Tensor) -> Result<bool, EngineError> {
+    Ok(t.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0)
+}
+
 pub fn defined_or_zeros(grad: Tensor, like: &Tensor) -> Tensor {
     if grad.defined() {
         grad

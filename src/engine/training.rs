@@ -10,7 +10,7 @@ use tch::{Kind, Tensor};
 
 use super::data::{epoch_batches, random_shift, SampleSet};
 use super::error::EngineError;
-use super::model::ScanModel;
+use super::model::{all_finite, ScanModel};
 use super::patterns::PatternUnlearn;
 use super::progress::{Monitor, Phase};
 use super::unlearn::{Search, UnlearnPlan};
@@ -357,7 +357,7 @@ fn add_gradients(model: &mut ScanModel, taken: &[Option<Tensor>]) -> Result<(), 
 fn weights_are_finite(model: &ScanModel) -> Result<bool, EngineError> {
     tch::no_grad(|| {
         for p in &model.params {
-            if p.tensor.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+            if !all_finite(&p.tensor)? {
                 return Ok(false);
             }
         }

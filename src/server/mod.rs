@@ -215,6 +215,10 @@ async fn serve_http1(
 ) {
     let (closing, closing_watch) = tokio::sync::watch::channel(());
     let mut connections = tokio::task::JoinSet::new();
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout);
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -230,14 +234,9 @@ async fn serve_http1(
         };
         let _ = stream.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout);
+        let connection = http1.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let mut closing_watch = closing_watch.clone();
         connections.spawn(async move {
-            let connection =
-                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             let mut connection = std::pin::pin!(connection);
             let result = tokio::select! {
                 result = connection.as_mut() => result,
