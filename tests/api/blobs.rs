@@ -134,13 +134,9 @@ async fn bad_uploads_get_4xx_problems_and_leave_nothing_behind() {
     app.stop().await;
 }
 
-/// Chunks an upload staged so far, by any upload.
+/// Chunks staged by uploads that have not finished.
 async fn staged_chunks(app: &crate::helpers::TestApp) -> i64 {
-    sqlx::query("SELECT COUNT(*) FROM blob_chunks WHERE blob_key LIKE 'upload:%'")
-        .fetch_one(app.store().pool())
-        .await
-        .unwrap()
-        .get(0)
+    staged_in(app.store()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,7 +172,6 @@ async fn an_upload_dropped_unfinished_removes_its_staged_chunks() {
     app.stop().await;
 }
 
-/// Chunks staged by uploads that have not finished.
 async fn staged_in(store: &bdscan::store::Store) -> i64 {
     sqlx::query("SELECT COUNT(*) FROM blob_chunks WHERE blob_key LIKE 'upload:%'")
         .fetch_one(store.pool())
@@ -325,17 +320,23 @@ async fn start_upload(
     head: &[u8],
     bytes: usize,
 ) -> tokio::net::TcpStream {
-    use tokio::io::AsyncWriteExt;
-    let mut socket = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
-        .await
-        .unwrap();
     let headers = format!(
         "POST /v1/blobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n\
          Content-Length: {bytes}\r\n\r\n"
     );
-    socket.write_all(headers.as_bytes()).await.unwrap();
-    socket.write_all(head).await.unwrap();
-    socket
+    app.raw_connection(&[headers.as_bytes(), head].concat())
+        .await
+}
+
+/// The first bytes the server sends back on `socket`, within 20 s.
+async fn first_answer(socket: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(20), socket.read(&mut answer))
+        .await
+        .expect("the server answers")
+        .unwrap();
+    String::from_utf8_lossy(&answer[..n]).to_string()
 }
 
 /// Waits until `want` chunks are staged.
@@ -352,7 +353,6 @@ async fn until_staged(app: &crate::helpers::TestApp, want: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_upload_is_cut_off_with_408_and_leaves_nothing_behind() {
-    use tokio::io::AsyncReadExt;
     let app = spawn_app(Options {
         body_idle_timeout: std::time::Duration::from_millis(700),
         ..Options::default()
@@ -369,12 +369,7 @@ async fn a_stalled_upload_is_cut_off_with_408_and_leaves_nothing_behind() {
         // A fifth of the body arrives, one chunk is staged, then nothing more.
         let mut socket = start_upload(&app, content_type, &head, 5 * head.len()).await;
         until_staged(&app, 1).await;
-        let mut answer = vec![0u8; 4096];
-        let n = tokio::time::timeout(std::time::Duration::from_secs(20), socket.read(&mut answer))
-            .await
-            .expect("the server answers a stalled upload")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+        let answer = first_answer(&mut socket).await;
         assert!(
             answer.starts_with("HTTP/1.1 408"),
             "{content_type}: {answer}"
@@ -383,22 +378,13 @@ async fn a_stalled_upload_is_cut_off_with_408_and_leaves_nothing_behind() {
         until_staged(&app, 0).await;
     }
     // A JSON body that stalls gets the same answer, not `malformed_json`.
-    let mut socket = tokio::net::TcpStream::connect(app.base.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    tokio::io::AsyncWriteExt::write_all(
-        &mut socket,
-        b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-          Content-Length: 100\r\n\r\n{\"model\": ",
-    )
-    .await
-    .unwrap();
-    let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(20), socket.read(&mut answer))
-        .await
-        .expect("the server answers a stalled JSON body")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    let mut socket = app
+        .raw_connection(
+            b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"model\": ",
+        )
+        .await;
+    let answer = first_answer(&mut socket).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     app.stop().await;
 }

@@ -242,6 +242,16 @@ impl TestApp {
         format!("{}{path}", self.base)
     }
 
+    /// A TCP connection to the app that has sent `bytes` (a request, or part of one).
+    pub async fn raw_connection(&self, bytes: &[u8]) -> tokio::net::TcpStream {
+        use tokio::io::AsyncWriteExt;
+        let mut socket = tokio::net::TcpStream::connect(self.base.trim_start_matches("http://"))
+            .await
+            .expect("connects");
+        socket.write_all(bytes).await.expect("sends");
+        socket
+    }
+
     pub fn store(&self) -> &Store {
         &self.state.store
     }

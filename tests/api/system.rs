@@ -217,18 +217,16 @@ async fn openapi_documents_every_route_with_exactly_its_methods() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_never_finishes_its_headers_is_closed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let app = spawn_app(Options {
         header_read_timeout: std::time::Duration::from_millis(500),
         ..Options::default()
     })
     .await;
-    let address = app.base.trim_start_matches("http://").to_string();
     // Half a request line, then nothing: held open for ever without the timeout.
-    let mut slow = tokio::net::TcpStream::connect(&address).await.unwrap();
-    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: 1")
-        .await
-        .unwrap();
+    let mut slow = app
+        .raw_connection(b"GET /healthz HTTP/1.1\r\nHost: 1")
+        .await;
     let mut buffer = [0u8; 1024];
     let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         loop {

@@ -13,6 +13,15 @@ use crate::helpers::{
     audit_form, demo_files, postgres_url, quick_config, spawn_app, Db, Options, TestApp,
 };
 
+/// An executable shell `script` at `dir/name`, run in place of the bdscan binary as each
+/// job's child (`job --spec SPEC`).
+fn fake_child(dir: &std::path::Path, name: &str, script: &str) -> std::path::PathBuf {
+    let exe = dir.join(name);
+    std::fs::write(&exe, script).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    exe
+}
+
 async fn submit_demo_job(app: &TestApp, config: &Value) -> String {
     let files = demo_files().await;
     let response = app
@@ -82,13 +91,11 @@ async fn cancelling_a_running_job_stops_its_process() {
 async fn a_crashing_scan_process_fails_its_job_and_the_server_keeps_serving() {
     // Stands in for libtorch dying inside the child: the process ends by SIGSEGV.
     let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("segfaulting-bdscan");
-    std::fs::write(
-        &exe,
+    let exe = fake_child(
+        dir.path(),
+        "segfaulting-bdscan",
         "#!/bin/sh\necho 'about to crash' >&2\nkill -SEGV $$\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let app = spawn_app(Options {
         workers: 1,
         exe: Some(exe),
@@ -131,9 +138,9 @@ async fn a_crashing_scan_process_fails_its_job_and_the_server_keeps_serving() {
 /// named so, and the error names what it found), which PostgreSQL's text columns refuse.
 async fn hostile_child_output_is_stored_safely(db: Db) {
     let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("hostile-bdscan");
-    std::fs::write(
-        &exe,
+    let exe = fake_child(
+        dir.path(),
+        "hostile-bdscan",
         r#"#!/bin/sh
 work=$(dirname "$3")
 head -c 300000 /dev/zero | tr '\0' 'x'
@@ -143,9 +150,7 @@ sleep 0.5
 printf '{"code":"invalid_input","message":"no images tensor; found [\\"a\\u0000b\\"]"}' > "$work/error.json"
 exit 2
 "#,
-    )
-    .unwrap();
-    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let app = spawn_app(Options {
         db,
         exe: Some(exe),
@@ -342,15 +347,13 @@ async fn a_pool_of_workers_runs_every_job_exactly_once() {
     // A stand-in scan process that logs which job it ran and writes a token result.
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("runs.log");
-    let exe = dir.path().join("logging-bdscan");
     let script = format!(
         "#!/bin/sh\npython3 - \"$3\" <<'PY'\nimport json, os, sys, time\nspec = json.load(open(sys.argv[1]))\n\
          with open({log:?}, 'a') as log: log.write(os.path.basename(os.path.dirname(sys.argv[1])) + '\\n')\n\
          time.sleep(0.2)\nopen(spec['artifact'], 'wb').write(b'artifact')\nopen(spec['report'], 'w').write('{{}}')\nPY\n",
         log = log.display().to_string()
     );
-    std::fs::write(&exe, script).unwrap();
-    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = fake_child(dir.path(), "logging-bdscan", &script);
     let app = spawn_app(Options {
         workers: 3,
         exe: Some(exe),
