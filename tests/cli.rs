@@ -438,6 +438,20 @@ fn models_and_bundles_a_scan_cannot_use_are_refused_at_load_saying_why() {
             ),
             "parameter `empty.weight` has shape [4, 0], which holds no values",
         ),
+        // The model's own error, not libtorch's "The following operation failed in the
+        // TorchScript interpreter." that precedes it.
+        (
+            odd_model(
+                dir.path(),
+                "raises",
+                &format!(
+                    "if x.size(0) < 1000:\n            \
+                     raise ValueError(\"give me batches of 1000\")\n        {plain}"
+                ),
+            ),
+            "the model rejects these images (shape [2, 1, 2, 2], dtype uint8): \
+             builtins.ValueError: give me batches of 1000",
+        ),
     ];
     for (model, reason) in &cases {
         assert_input_error(&scan(dir.path(), model, &clean, &[]), reason);

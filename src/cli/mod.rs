@@ -84,6 +84,17 @@ pub struct ServeArgs {
     /// Most jobs waiting in the queue; a new job past it gets 503 [default: no limit].
     #[arg(long, env = "BDSCAN_MAX_QUEUED_JOBS")]
     pub max_queued_jobs: Option<u64>,
+    /// Most connections open at once; past it new ones wait to be accepted [default: 512].
+    #[arg(long, env = "BDSCAN_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most memory, in bytes, a job on a CPU slot may allocate (RLIMIT_DATA); past it the
+    /// job fails with `memory_limit` [default: no limit].
+    #[arg(long, env = "BDSCAN_JOB_MEMORY_LIMIT")]
+    pub job_memory_limit: Option<u64>,
+    /// Seconds one attempt at a job may run; past it the job fails with `timed_out`
+    /// [default: no limit].
+    #[arg(long, env = "BDSCAN_JOB_TIMEOUT_SECS")]
+    pub job_timeout_secs: Option<u64>,
 }
 
 impl ServeArgs {
@@ -101,6 +112,9 @@ impl ServeArgs {
             max_attempts: self.max_attempts,
             max_store_bytes: self.max_store_bytes,
             max_queued_jobs: self.max_queued_jobs,
+            max_connections: self.max_connections,
+            job_memory_limit: self.job_memory_limit,
+            job_timeout_secs: self.job_timeout_secs,
         }
     }
 }

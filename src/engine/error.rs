@@ -36,20 +36,75 @@ impl EngineError {
 impl From<tch::TchError> for EngineError {
     /// Failures inside libtorch after the inputs were validated are ours to explain.
     fn from(err: tch::TchError) -> Self {
-        EngineError::Internal(format!("libtorch: {}", first_line(&err.to_string())))
+        EngineError::Internal(format!("libtorch: {}", cause_line(&err.to_string())))
     }
 }
 
-/// libtorch errors carry a multi-line C++ backtrace; the first line says what happened.
-pub fn first_line(message: &str) -> &str {
-    message
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or(message)
+/// The line of a libtorch error that says what went wrong. Errors carry a multi-line
+/// C++ backtrace after their first line, and one raised inside a model's TorchScript
+/// starts with "The following operation failed in the TorchScript interpreter." and a
+/// traceback, and only its last Python-style line (`RuntimeError: …`, or the model's own
+/// `raise`) names the cause: that line is the one to report, not the first.
+pub fn cause_line(message: &str) -> &str {
+    let mut lines = message.lines().map(str::trim).filter(|l| !l.is_empty());
+    let Some(first) = lines.next() else {
+        return message;
+    };
+    if !first.contains("failed in the TorchScript interpreter") {
+        return first;
+    }
+    lines.rfind(|line| is_exception_line(line)).unwrap_or(first)
+}
+
+/// `RuntimeError: …`, `builtins.ValueError: …`, `Exception: …`: a dotted name ending in
+/// Error or Exception, then a colon.
+fn is_exception_line(line: &str) -> bool {
+    let Some((name, _)) = line.split_once(':') else {
+        return false;
+    };
+    (name.ends_with("Error") || name.ends_with("Exception"))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
 }
 
 /// Wraps a bundle problem with which bundle it was, for a one-line message.
 pub fn bundle_error(role: &str, err: BundleError) -> EngineError {
     EngineError::InvalidInput(format!("{role} bundle: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cause_line;
+
+    #[test]
+    fn a_torchscript_failure_is_reported_by_its_cause_not_its_preamble() {
+        let interpreter = "The following operation failed in the TorchScript interpreter.\n\
+            Traceback of TorchScript, serialized code (most recent call last):\n  \
+            File \"code/__torch__.py\", line 11, in forward\n    \
+            hog = torch.ones([8589934592], dtype=0)\n          ~~~~~~~~~~ <--- HERE\n\n\
+            RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate \
+            8589934592 bytes.\nException raised from alloc_cpu at alloc_cpu.cpp:127\n\
+            frame #0: c10::Error::Error(c10::SourceLocation, std::string) + 0x9c\n";
+        assert_eq!(
+            cause_line(interpreter),
+            "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate \
+             8589934592 bytes."
+        );
+        let raised = "The following operation failed in the TorchScript interpreter.\n\
+            Traceback of TorchScript (most recent call last):\n  File \"m.py\", line 3\n\
+            builtins.ValueError: no: refused\n";
+        assert_eq!(cause_line(raised), "builtins.ValueError: no: refused");
+        // Without an exception line the preamble is all there is.
+        let bare = "The following operation failed in the TorchScript interpreter.\nframe #0: x\n";
+        assert_eq!(
+            cause_line(bare),
+            "The following operation failed in the TorchScript interpreter."
+        );
+        // Any other error: its first line, the backtrace dropped.
+        assert_eq!(
+            cause_line("\n shape mismatch: [2] vs [3]\nException raised from x\nframe #0: y"),
+            "shape mismatch: [2] vs [3]"
+        );
+    }
 }

@@ -15,7 +15,7 @@ use tch::{CModule, Device, Kind, Tensor};
 
 use super::bundle::{BundleError, TensorDtype};
 use super::data::SampleSet;
-use super::error::{first_line, EngineError};
+use super::error::{cause_line, EngineError};
 use super::layers::{group_layers, LayerGroup};
 
 pub struct NamedParam {
@@ -38,7 +38,7 @@ impl ScanModel {
         let mut module = CModule::load_on_device(path, device).map_err(|e| {
             EngineError::InvalidInput(format!(
                 "model: not a loadable TorchScript archive: {}",
-                first_line(&e.to_string())
+                cause_line(&e.to_string())
             ))
         })?;
         module.f_set_eval()?;
@@ -132,7 +132,7 @@ impl ScanModel {
         let logits = self
             .module
             .forward_ts(&[images])
-            .map_err(|e| rejected(first_line(&e.to_string()).to_string()))?;
+            .map_err(|e| rejected(cause_line(&e.to_string()).to_string()))?;
         let size = logits.size();
         if size.len() != 2 || size[0] != n || size[1] < 2 || !logits.is_floating_point() {
             return Err(rejected(format!(
@@ -253,7 +253,7 @@ impl ScanModel {
             self.module
                 .method_is("activations", &[tch::IValue::Tensor(fed)])
         })
-        .map_err(|e| missing(first_line(&e.to_string())))?;
+        .map_err(|e| missing(cause_line(&e.to_string())))?;
         let tch::IValue::GenericDict(entries) = out else {
             return Err(missing("it did not return a dict"));
         };

@@ -22,6 +22,9 @@ pub const EXIT_INPUT: u8 = 2;
 pub const EXIT_INTERNAL: u8 = 3;
 pub const EXIT_CANCELLED: u8 = 4;
 
+/// The job error code of a scan that needed more memory than `job_memory_limit`.
+pub const MEMORY_LIMIT_CODE: &str = "memory_limit";
+
 /// Everything the child needs, written by the worker as JSON.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobSpec {
@@ -31,6 +34,10 @@ pub struct JobSpec {
     pub poison: Option<PathBuf>,
     pub target_label: Option<i64>,
     pub config: ScanConfig,
+    /// Most private writable memory the child may map (RLIMIT_DATA), set before it
+    /// reads anything; `None`: the limit it inherited.
+    #[serde(default)]
+    pub memory_limit: Option<u64>,
     /// Where to write the purified model, the report and (on failure) the error.
     pub artifact: PathBuf,
     pub report: PathBuf,
@@ -62,6 +69,12 @@ pub fn run_job_process(spec_path: &Path) -> u8 {
             return EXIT_INTERNAL;
         }
     };
+    if let Some(limit) = spec.memory_limit {
+        if let Err(e) = limit_data_memory(limit) {
+            eprintln!("error: setting the job's memory limit: {e}");
+            return EXIT_INTERNAL;
+        }
+    }
     if let Some(threads) = spec.config.threads {
         tch::set_num_threads(threads as i32);
     }
@@ -107,6 +120,18 @@ pub fn run_job_process(spec_path: &Path) -> u8 {
     });
     let (exit, error) = match outcome {
         Ok(()) => return EXIT_OK,
+        // Checked first: libtorch's refusal can surface as any kind of error (the model
+        // rejecting the probe images, an internal failure in training).
+        Err(e) if spec.memory_limit.is_some() && is_out_of_memory(&e.to_string()) => (
+            EXIT_INPUT,
+            ChildError {
+                code: MEMORY_LIMIT_CODE.into(),
+                message: memory_limit_message(
+                    spec.memory_limit.unwrap_or_default(),
+                    &e.to_string(),
+                ),
+            },
+        ),
         Err(EngineError::Cancelled) => (
             EXIT_CANCELLED,
             ChildError {
@@ -140,4 +165,35 @@ pub fn run_job_process(spec_path: &Path) -> u8 {
         let _ = std::fs::write(&spec.error, json);
     }
     exit
+}
+
+/// Caps the private writable memory this process may map (heap, anonymous `mmap`s,
+/// thread stacks: RLIMIT_DATA), so that a model allocating without end gets an
+/// allocation error, which the scan reports, instead of driving the machine into the
+/// kernel's OOM killer. Read-only mappings (libtorch's code) do not count, unlike under
+/// RLIMIT_AS.
+fn limit_data_memory(bytes: u64) -> std::io::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: bytes as libc::rlim_t,
+        rlim_max: bytes as libc::rlim_t,
+    };
+    // SAFETY: setrlimit reads the struct it is given and nothing else.
+    if unsafe { libc::setrlimit(libc::RLIMIT_DATA, &limit) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Whether an error is libtorch's CPU allocator refusing memory.
+fn is_out_of_memory(message: &str) -> bool {
+    message.contains("can't allocate memory") || message.contains("not enough memory")
+}
+
+/// What a job that ran out of its memory limit reports: the limit, then what failed.
+pub fn memory_limit_message(limit: u64, failure: &str) -> String {
+    format!(
+        "the scan needed more memory than this server allows a job (job_memory_limit \
+         = {limit} bytes): {failure}"
+    )
 }

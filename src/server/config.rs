@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use tch::Device;
 
+/// Well under the usual 1,024 open files a process may have, which the database
+/// connections, job pipes and files also draw on.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
 #[derive(Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
@@ -35,6 +39,10 @@ pub struct ServerConfig {
     /// After shutdown begins, how long open connections (an upload still streaming
     /// in) may take to finish before they are closed.
     pub shutdown_grace: Duration,
+    /// Most connections open at once. Past it the server stops accepting until one
+    /// closes (new ones wait in the kernel's backlog): uploads, `?wait` requests and
+    /// idle keep-alive connections each hold one, and each holds a file descriptor.
+    pub max_connections: usize,
     pub worker: WorkerSettings,
 }
 
@@ -57,6 +65,13 @@ pub struct WorkerSettings {
     pub default_max_attempts: i64,
     /// Keep jobs' scratch folders after they finish (debugging).
     pub keep_work_dirs: bool,
+    /// Most private writable memory (RLIMIT_DATA) a job's child on a CPU slot may map,
+    /// in bytes; `None`: no limit. CUDA slots are not limited (see `memory_limit_for`).
+    pub job_memory_limit: Option<u64>,
+    /// How long one attempt at a job may run before it is stopped and fails with
+    /// `timed_out` (a model that loops for ever would hold its slot for good); `None`:
+    /// no limit.
+    pub job_timeout: Option<Duration>,
 }
 
 impl ServerConfig {
@@ -73,6 +88,7 @@ impl ServerConfig {
             body_idle_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(20),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             worker: WorkerSettings {
                 exe,
                 work_dir: data_dir.join("work"),
@@ -85,6 +101,8 @@ impl ServerConfig {
                 job_threads: None,
                 default_max_attempts: 3,
                 keep_work_dirs: false,
+                job_memory_limit: None,
+                job_timeout: None,
             },
             data_dir,
         }
@@ -119,6 +137,9 @@ impl ServerConfig {
                 w.heartbeat, w.lease
             ));
         }
+        if self.max_connections == 0 {
+            return Err("max_connections must be at least 1".into());
+        }
         if self.max_blob_bytes == 0 {
             return Err("max_blob_bytes must be positive".into());
         }
@@ -147,6 +168,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("body_idle_timeout", &self.body_idle_timeout)
             .field("header_read_timeout", &self.header_read_timeout)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("max_connections", &self.max_connections)
             .field("worker", &self.worker)
             .finish()
     }

@@ -156,6 +156,7 @@ impl From<StoreError> for ApiError {
                 ApiError::Unavailable("the database is busy".into())
             }
             StoreError::Contended(why) => ApiError::Unavailable(why),
+            StoreError::UploadIncomplete(why) => ApiError::RequestTimeout(why),
             StoreError::Database(sqlx::Error::Database(e)) if database_busy(e.as_ref()) => {
                 ApiError::Unavailable(
                     "the database stayed locked by other writes for longer than the server \

@@ -26,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-pub use config::{device_name, parse_device, ServerConfig, WorkerSettings};
+pub use config::{
+    device_name, parse_device, ServerConfig, WorkerSettings, DEFAULT_MAX_CONNECTIONS,
+};
 pub use error::ApiError;
 use metrics::Metrics;
 pub use settings::ServeSettings;
@@ -203,10 +205,10 @@ impl Application {
 
 /// Serves HTTP/1.1 on `listener` until `shutdown`; then open connections finish their
 /// requests (idle ones close at once) for up to `config.shutdown_grace`, and the rest
-/// are closed. What `axum::serve` does, plus the two limits it cannot set: a
-/// header-read timeout, without which a client holds a connection for ever by sending
-/// its headers a byte at a time (or never), and a bound on how long shutdown waits for
-/// connections a client keeps open.
+/// are closed. What `axum::serve` does, plus the limits it cannot set: a header-read
+/// timeout, without which a client holds a connection for ever by sending its headers a
+/// byte at a time (or never), a bound on how long shutdown waits for connections a
+/// client keeps open, and on how many connections are open at once.
 async fn serve_http1(
     listener: TcpListener,
     app: Router,
@@ -220,6 +222,15 @@ async fn serve_http1(
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(config.header_read_timeout);
     loop {
+        // At the cap, wait for a connection to end before accepting the next: the ones
+        // past it wait in the kernel's backlog rather than each taking a descriptor and
+        // a task here.
+        if connections.len() >= config.max_connections {
+            tokio::select! {
+                _ = connections.join_next() => continue,
+                () = shutdown.cancelled() => break,
+            }
+        }
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,

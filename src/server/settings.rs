@@ -19,6 +19,8 @@ pub const DEFAULT_LEASE_SECS: u64 = 30;
 /// Longest lease a worker may be configured with (one day).
 pub const MAX_LEASE_SECS: u64 = 86_400;
 pub const DEFAULT_MAX_ATTEMPTS: i64 = 3;
+/// The smallest `job_memory_limit` accepted: libtorch and a small model's scan fit.
+pub const MIN_JOB_MEMORY_LIMIT: u64 = 1 << 30;
 
 /// One layer of settings. The keys are the flags' names (`data_dir` or `data-dir`).
 #[derive(Default, Clone, PartialEq, Deserialize)]
@@ -46,6 +48,17 @@ pub struct ServeSettings {
     /// Most jobs that may wait in the queue; unset: no limit.
     #[serde(alias = "max-queued-jobs")]
     pub max_queued_jobs: Option<u64>,
+    /// Most connections open at once; unset: `DEFAULT_MAX_CONNECTIONS`.
+    #[serde(alias = "max-connections")]
+    pub max_connections: Option<usize>,
+    /// Most private writable memory a job's process on a CPU slot may map, in bytes;
+    /// unset: no limit.
+    #[serde(alias = "job-memory-limit")]
+    pub job_memory_limit: Option<u64>,
+    /// Seconds one attempt at a job may run before it fails with `timed_out`; unset: no
+    /// limit.
+    #[serde(alias = "job-timeout-secs")]
+    pub job_timeout_secs: Option<u64>,
 }
 
 impl ServeSettings {
@@ -74,6 +87,9 @@ impl ServeSettings {
             max_attempts: self.max_attempts.or(lower.max_attempts),
             max_store_bytes: self.max_store_bytes.or(lower.max_store_bytes),
             max_queued_jobs: self.max_queued_jobs.or(lower.max_queued_jobs),
+            max_connections: self.max_connections.or(lower.max_connections),
+            job_memory_limit: self.job_memory_limit.or(lower.job_memory_limit),
+            job_timeout_secs: self.job_timeout_secs.or(lower.job_timeout_secs),
         }
     }
 
@@ -113,6 +129,23 @@ impl ServeSettings {
         config.max_blob_bytes = self.max_blob_bytes.unwrap_or(DEFAULT_MAX_BLOB_BYTES);
         config.max_store_bytes = self.max_store_bytes;
         config.max_queued_jobs = self.max_queued_jobs;
+        if let Some(max) = self.max_connections {
+            config.max_connections = max;
+        }
+        // Below a few hundred MiB not even libtorch's own start-up fits: every job
+        // would fail, so the server refuses to start instead.
+        if let Some(limit) = self.job_memory_limit {
+            if limit < MIN_JOB_MEMORY_LIMIT {
+                return Err(format!(
+                    "job_memory_limit must be at least {MIN_JOB_MEMORY_LIMIT} bytes (1 GiB)"
+                ));
+            }
+        }
+        config.worker.job_memory_limit = self.job_memory_limit;
+        if self.job_timeout_secs == Some(0) {
+            return Err("job_timeout_secs must be at least 1".into());
+        }
+        config.worker.job_timeout = self.job_timeout_secs.map(Duration::from_secs);
         // Divide the CPU between job slots so concurrent scans do not fight over cores.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let slots = config.slot_devices().len();
@@ -157,6 +190,9 @@ impl std::fmt::Debug for ServeSettings {
             .field("max_attempts", &self.max_attempts)
             .field("max_store_bytes", &self.max_store_bytes)
             .field("max_queued_jobs", &self.max_queued_jobs)
+            .field("max_connections", &self.max_connections)
+            .field("job_memory_limit", &self.job_memory_limit)
+            .field("job_timeout_secs", &self.job_timeout_secs)
             .finish()
     }
 }
@@ -182,12 +218,16 @@ mod tests {
         };
         let file = ServeSettings::from_toml(
             "workers = 7\nlease_secs = 90\nmax-blob-bytes = 1000\ndata_dir = \"/srv/bdscan\"\n\
-             max_store_bytes = 5000\nmax-queued-jobs = 12\n",
+             max_store_bytes = 5000\nmax-queued-jobs = 12\nmax_connections = 64\n\
+             job-memory-limit = 8589934592\njob_timeout_secs = 3600\n",
         )
         .unwrap();
         let config = flags.or(env).or(file).into_config(exe()).unwrap();
         assert_eq!(config.max_store_bytes, Some(5000));
         assert_eq!(config.max_queued_jobs, Some(12));
+        assert_eq!(config.max_connections, 64);
+        assert_eq!(config.worker.job_memory_limit, Some(8 << 30));
+        assert_eq!(config.worker.job_timeout, Some(Duration::from_secs(3600)));
         assert_eq!(config.workers, 3, "flag over env over file");
         assert_eq!(
             config.worker.lease,
@@ -254,6 +294,21 @@ mod tests {
     }
 
     #[test]
+    fn limits_no_job_or_connection_could_live_under_are_refused_at_startup() {
+        for (toml, key) in [
+            ("max_connections = 0\n", "max_connections"),
+            ("job_memory_limit = 1000000\n", "job_memory_limit"),
+            ("job_timeout_secs = 0\n", "job_timeout_secs"),
+        ] {
+            let error = ServeSettings::from_toml(toml)
+                .unwrap()
+                .into_config(exe())
+                .unwrap_err();
+            assert!(error.contains(key), "{error}");
+        }
+    }
+
+    #[test]
     fn zero_job_threads_is_refused_at_startup() {
         let error = ServeSettings::from_toml("job_threads = 0\n")
             .unwrap()
@@ -273,6 +328,7 @@ mod tests {
             Some(vec!["cpu".to_string(), "cuda:0".to_string()])
         );
         assert_eq!(example.max_attempts, Some(3));
+        assert_eq!(example.job_memory_limit, Some(16 << 30));
     }
 
     #[test]

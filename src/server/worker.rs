@@ -13,7 +13,9 @@ use tokio::process::Command;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::child::{ChildError, JobSpec, ProgressLine, EXIT_CANCELLED};
+use super::child::{
+    memory_limit_message, ChildError, JobSpec, ProgressLine, EXIT_CANCELLED, MEMORY_LIMIT_CODE,
+};
 use super::config::WorkerSettings;
 use super::metrics::Metrics;
 use crate::engine::ScanConfig;
@@ -89,9 +91,22 @@ impl Worker {
         &self.device
     }
 
+    /// The memory limit of this slot's jobs: `job_memory_limit` on a CPU slot, none on a
+    /// CUDA one. The CUDA runtime maps host memory of its own (pinned buffers, its
+    /// libraries' data) that a limit sized for the scan would cut short, and no CUDA
+    /// machine was at hand to find a limit that works there.
+    fn memory_limit(&self) -> Option<u64> {
+        (self.device == "cpu")
+            .then_some(self.settings.job_memory_limit)
+            .flatten()
+    }
+
     /// Runs until `shutdown`, waking on `wake` or every poll interval.
     pub async fn run(self, shutdown: CancellationToken, wake: Arc<Notify>) {
         tracing::info!(worker = %self.id, device = %self.device, "worker started");
+        if self.settings.job_memory_limit.is_some() && self.memory_limit().is_none() {
+            tracing::warn!(worker = %self.id, device = %self.device, "job_memory_limit applies to CPU slots only: jobs on this one are not limited");
+        }
         while !shutdown.is_cancelled() {
             match self.run_once(&shutdown).await {
                 Ok(Some(_)) => continue,
@@ -274,6 +289,7 @@ impl Worker {
             poison,
             target_label: job.target_label,
             config,
+            memory_limit: self.memory_limit(),
             artifact: dir.join("purified.pt"),
             report: dir.join("report.json"),
             error: dir.join("error.json"),
@@ -324,6 +340,8 @@ impl Worker {
         let mut last_progress: Option<(String, Instant)> = None;
         let mut kill_at: Option<tokio::time::Instant> = None;
         let mut cancelling = false;
+        let time_limit = self.settings.job_timeout;
+        let stop_at = time_limit.map(|limit| tokio::time::Instant::now() + limit);
 
         enum Event {
             Exited(std::io::Result<ExitStatus>),
@@ -331,6 +349,7 @@ impl Worker {
             Heartbeat,
             Shutdown,
             KillNow,
+            OutOfTime,
         }
         let status = loop {
             let event = tokio::select! {
@@ -343,6 +362,7 @@ impl Worker {
                 _ = heartbeat.tick() => Event::Heartbeat,
                 _ = shutdown.cancelled() => Event::Shutdown,
                 _ = tokio::time::sleep_until(kill_at.unwrap_or_else(tokio::time::Instant::now)), if kill_at.is_some() => Event::KillNow,
+                _ = tokio::time::sleep_until(stop_at.unwrap_or_else(tokio::time::Instant::now)), if stop_at.is_some() && !cancelling => Event::OutOfTime,
             };
             match event {
                 Event::Exited(status) => {
@@ -395,6 +415,21 @@ impl Worker {
                     let _ = child.kill().await;
                     return Ok(Outcome::Cancelled);
                 }
+                Event::OutOfTime => {
+                    let _ = child.kill().await;
+                    let phase = match &last_progress {
+                        Some((phase, _)) => format!(" during `{phase}`"),
+                        None => String::new(),
+                    };
+                    return Ok(Outcome::Failed {
+                        code: "timed_out".into(),
+                        message: format!(
+                            "the scan ran longer than this server allows a job \
+                             (job_timeout_secs = {}) and was stopped{phase}",
+                            time_limit.unwrap_or_default().as_secs()
+                        ),
+                    });
+                }
             }
         };
         drop(stdin);
@@ -433,10 +468,17 @@ impl Worker {
             .cloned()
             .collect::<Vec<_>>()
             .join("\n");
-        Ok(Outcome::Failed {
-            code: "worker_crashed".into(),
-            message: crash_message(status, &tail),
-        })
+        let message = crash_message(status, &tail);
+        match spec.memory_limit {
+            Some(limit) if crash_is_out_of_memory(&tail) => Ok(Outcome::Failed {
+                code: MEMORY_LIMIT_CODE.into(),
+                message: memory_limit_message(limit, &message),
+            }),
+            _ => Ok(Outcome::Failed {
+                code: "worker_crashed".into(),
+                message,
+            }),
+        }
     }
 }
 
@@ -549,6 +591,12 @@ fn crash_message(status: ExitStatus, stderr_tail: &str) -> String {
         message.push_str(stderr_tail.trim());
     }
     message
+}
+
+/// Whether a crashed child's last words say an allocation failed: Rust aborts with
+/// "memory allocation of N bytes failed", C++ with an uncaught `std::bad_alloc`.
+fn crash_is_out_of_memory(stderr_tail: &str) -> bool {
+    stderr_tail.contains("memory allocation of") || stderr_tail.contains("std::bad_alloc")
 }
 
 fn signal_name(signal: i32) -> &'static str {

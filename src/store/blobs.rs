@@ -311,13 +311,11 @@ impl BlobUpload {
             // be what every later upload of the same bytes deduplicates to. Dropping the
             // transaction rolls the blob back; the staged chunks go with the upload.
             if moved != self.next_seq as u64 {
-                return Err(StoreError::Corrupt(
-                    self.staging_key.clone(),
-                    format!(
-                        "{moved} of the upload's {} stored chunks are left; send it again",
-                        self.next_seq
-                    ),
-                ));
+                return Err(StoreError::UploadIncomplete(format!(
+                    "{moved} of the upload's {} stored chunks are left (an upload still \
+                     arriving a day after it started is removed as abandoned); send it again",
+                    self.next_seq
+                )));
             }
         } else {
             sqlx::query("DELETE FROM blob_chunks WHERE blob_key = $1")

@@ -35,6 +35,10 @@ pub enum StoreError {
     BlobNotFound(String),
     #[error("blob {0} is damaged: {1}")]
     Corrupt(String, String),
+    /// An upload lost staged chunks before it finished: it arrived for so long that
+    /// the sweep of abandoned uploads took it for one. Sending it again succeeds.
+    #[error("{0}")]
+    UploadIncomplete(String),
     /// Concurrent requests kept changing what this one depends on; retrying may succeed.
     #[error("{0}")]
     Contended(String),

@@ -4,7 +4,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
-use crate::helpers::{assert_problem, spawn_app, Options};
+use crate::helpers::{assert_problem, first_answer, spawn_app, Options};
 
 /// Not a multiple of the chunk size, so the last chunk is short.
 fn sample_bytes() -> Vec<u8> {
@@ -217,11 +217,15 @@ async fn the_stale_staging_sweep_removes_only_abandoned_uploads(store: bdscan::s
         .execute(store.pool())
         .await
         .unwrap();
-    let err = slow.finish().await.unwrap_err().to_string();
+    let err = slow.finish().await.unwrap_err();
+    let message = err.to_string();
     assert!(
-        err.contains("2 of the upload's 3 stored chunks are left"),
-        "{err}"
+        message.contains("2 of the upload's 3 stored chunks are left"),
+        "{message}"
     );
+    // The client's to retry, as for a stalled body: 408, not 500.
+    let response = axum::response::IntoResponse::into_response(bdscan::server::ApiError::from(err));
+    assert_eq!(response.status(), reqwest::StatusCode::REQUEST_TIMEOUT);
     let blobs: i64 = sqlx::query("SELECT COUNT(*) FROM blobs")
         .fetch_one(store.pool())
         .await
@@ -326,17 +330,6 @@ async fn start_upload(
     );
     app.raw_connection(&[headers.as_bytes(), head].concat())
         .await
-}
-
-/// The first bytes the server sends back on `socket`, within 20 s.
-async fn first_answer(socket: &mut tokio::net::TcpStream) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(20), socket.read(&mut answer))
-        .await
-        .expect("the server answers")
-        .unwrap();
-    String::from_utf8_lossy(&answer[..n]).to_string()
 }
 
 /// Waits until `want` chunks are staged.

@@ -160,6 +160,9 @@ pub struct Options {
     pub max_store_bytes: Option<u64>,
     pub max_queued_jobs: Option<u64>,
     pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub job_memory_limit: Option<u64>,
+    pub job_timeout: Option<Duration>,
 }
 
 impl Default for Options {
@@ -175,6 +178,9 @@ impl Default for Options {
             max_store_bytes: None,
             max_queued_jobs: None,
             header_read_timeout: Duration::from_secs(30),
+            max_connections: bdscan::server::DEFAULT_MAX_CONNECTIONS,
+            job_memory_limit: None,
+            job_timeout: None,
         }
     }
 }
@@ -213,7 +219,10 @@ pub async fn spawn_app(options: Options) -> TestApp {
     config.max_store_bytes = options.max_store_bytes;
     config.max_queued_jobs = options.max_queued_jobs;
     config.header_read_timeout = options.header_read_timeout;
+    config.max_connections = options.max_connections;
     let w = &mut config.worker;
+    w.job_memory_limit = options.job_memory_limit;
+    w.job_timeout = options.job_timeout;
     w.lease = Duration::from_secs(5);
     w.heartbeat = Duration::from_millis(200);
     w.poll_interval = options.poll_interval;
@@ -456,4 +465,15 @@ pub async fn queue_job(store: &Store, max_attempts: i64) -> String {
         bdscan::store::CreateOutcome::Created(job) => job.id,
         other => panic!("unexpected {other:?}"),
     }
+}
+
+/// The first bytes the server sends back on `socket`, within 20 s.
+pub async fn first_answer(socket: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(20), socket.read(&mut answer))
+        .await
+        .expect("the server answers")
+        .unwrap();
+    String::from_utf8_lossy(&answer[..n]).to_string()
 }

@@ -3,6 +3,8 @@
 
 mod audit;
 mod blobs;
+#[path = "../common/mod.rs"]
+mod common;
 mod devices;
 mod helpers;
 mod jobs;

@@ -5,7 +5,7 @@ use bdscan::server::openapi::METHODS;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{assert_problem, spawn_app, Options};
+use crate::helpers::{assert_problem, first_answer, spawn_app, Options};
 
 #[tokio::test]
 async fn health_readiness_metrics_and_openapi_answer() {
@@ -240,5 +240,36 @@ async fn a_connection_that_never_finishes_its_headers_is_closed() {
     assert!(closed.is_ok(), "the connection was still open after 10 s");
     // A client that sends its request in time is served as before.
     assert_eq!(app.get_json("/healthz").await.0, StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_a_new_connection_waits_until_one_closes() {
+    use tokio::io::AsyncReadExt;
+    let app = spawn_app(Options {
+        max_connections: 2,
+        ..Options::default()
+    })
+    .await;
+    // Two connections that send nothing (the header timeout is 30 s) fill the server.
+    let first = app.raw_connection(b"").await;
+    let _second = app.raw_connection(b"").await;
+    let mut third = app
+        .raw_connection(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut buffer = [0u8; 256];
+    let early = tokio::time::timeout(
+        std::time::Duration::from_millis(700),
+        third.read(&mut buffer),
+    )
+    .await;
+    assert!(
+        early.is_err(),
+        "a third connection was served while two were open: {early:?}"
+    );
+    // One closes; the waiting connection is accepted and answered.
+    drop(first);
+    let answer = first_answer(&mut third).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     app.stop().await;
 }

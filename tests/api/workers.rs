@@ -48,6 +48,16 @@ async fn run_next_job(app: &TestApp, worker: &str, id: &str) -> (Option<JobState
     (state, job)
 }
 
+/// Uploads `bytes` as both model and clean bundle, makes a job of them and runs it in
+/// worker `w`: for scan processes that fail before reading their inputs, or ought to.
+async fn run_job_over(app: &TestApp, bytes: &[u8]) -> (Option<JobState>, Value) {
+    let blob = app.upload(bytes.to_vec()).await;
+    let job: Value = app
+        .create_job(&json!({ "model": blob, "clean": blob }))
+        .await;
+    run_next_job(app, "w", job["id"].as_str().unwrap()).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_running_job_stops_its_process() {
     let app = spawn_app(Options {
@@ -194,12 +204,112 @@ async fn hostile_child_output_is_stored_safely_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_files_fail_the_job_as_invalid_input() {
     let app = spawn_app(Options::default()).await;
-    let blob = app.upload(b"this is not TorchScript".to_vec()).await;
-    let body = json!({ "model": blob, "clean": blob });
-    let job: Value = app.create_job(&body).await;
-    let (state, job) = run_next_job(&app, "w", job["id"].as_str().unwrap()).await;
+    let (state, job) = run_job_over(&app, b"this is not TorchScript").await;
     assert_eq!(state, Some(JobState::Failed));
     assert_eq!(job["error"]["code"], "invalid_input", "{job}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_allocates_past_the_job_memory_limit_fails_its_job_as_memory_limit() {
+    // 6 GiB in `forward`: without the limit this machine would hand it over (or a
+    // smaller one would reach for its OOM killer); under a 2 GiB limit libtorch's
+    // allocator is refused and the scan reports it.
+    let dir = tempfile::tempdir().unwrap();
+    let hog = crate::common::scripted_model(
+        dir.path(),
+        "hog",
+        r#"
+import sys, torch
+from torch import nn
+class Hog(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(784, 16)
+        self.out = nn.Linear(16, 10)
+    def forward(self, x):
+        hoard = torch.ones(6 << 30, dtype=torch.uint8)
+        logits = self.out(torch.relu(self.hidden(x.to(torch.float32).flatten(1))))
+        return logits + hoard[0].to(torch.float32)
+torch.jit.script(Hog()).save(sys.argv[1])
+"#,
+    );
+    let limit = 2u64 << 30;
+    let app = spawn_app(Options {
+        job_memory_limit: Some(limit),
+        ..Options::default()
+    })
+    .await;
+    let model = app.upload(std::fs::read(&hog).unwrap()).await;
+    let clean = app
+        .upload(std::fs::read(demo_files().await.clean).unwrap())
+        .await;
+    let job: Value = app
+        .create_job(&json!({ "model": model, "clean": clean }))
+        .await;
+    let (state, job) = run_next_job(&app, "w", job["id"].as_str().unwrap()).await;
+    assert_eq!(state, Some(JobState::Failed));
+    assert_eq!(job["error"]["code"], "memory_limit", "{job}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("job_memory_limit = {limit} bytes"))
+            && message.contains("can't allocate memory"),
+        "{message}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_that_aborts_on_a_failed_allocation_under_the_limit_is_memory_limit() {
+    // Rust's own allocation failure (a bundle buffer, say) aborts the process; its last
+    // words name it.
+    let dir = tempfile::tempdir().unwrap();
+    let exe = fake_child(
+        dir.path(),
+        "aborting-bdscan",
+        "#!/bin/sh\necho 'memory allocation of 3221225472 bytes failed' >&2\nkill -ABRT $$\n",
+    );
+    for (limit, code) in [(Some(4u64 << 30), "memory_limit"), (None, "worker_crashed")] {
+        let app = spawn_app(Options {
+            exe: Some(exe.clone()),
+            job_memory_limit: limit,
+            ..Options::default()
+        })
+        .await;
+        let (_, job) = run_job_over(&app, b"model").await;
+        assert_eq!(job["error"]["code"], code, "{job}");
+        let message = job["error"]["message"].as_str().unwrap();
+        assert!(message.contains("signal 6"), "{message}");
+        app.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_runs_past_the_time_limit_is_stopped_and_fails_as_timed_out() {
+    // Stands in for a model whose `forward` loops for ever: it reports one step, then
+    // never another.
+    let dir = tempfile::tempdir().unwrap();
+    let exe = fake_child(
+        dir.path(),
+        "looping-bdscan",
+        "#!/bin/sh\necho '{\"phase\":\"purify\",\"step\":1,\"total\":40}'\nexec sleep 600\n",
+    );
+    let app = spawn_app(Options {
+        exe: Some(exe),
+        job_timeout: Some(Duration::from_secs(2)),
+        ..Options::default()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let (state, job) = run_job_over(&app, b"model").await;
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(state, Some(JobState::Failed));
+    assert_eq!(job["error"]["code"], "timed_out", "{job}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("job_timeout_secs = 2") && message.contains("during `purify`"),
+        "{message}"
+    );
     app.stop().await;
 }
 
