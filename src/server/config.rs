@@ -43,6 +43,9 @@ pub struct ServerConfig {
     /// closes (new ones wait in the kernel's backlog): uploads, `?wait` requests and
     /// idle keep-alive connections each hold one, and each holds a file descriptor.
     pub max_connections: usize,
+    /// The bearer token every `/v1` resource request must carry; `None`: the API is
+    /// open (see `auth`).
+    pub api_token: Option<String>,
     pub worker: WorkerSettings,
 }
 
@@ -89,6 +92,7 @@ impl ServerConfig {
             header_read_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(20),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            api_token: None,
             worker: WorkerSettings {
                 exe,
                 work_dir: data_dir.join("work"),
@@ -137,6 +141,13 @@ impl ServerConfig {
                 w.heartbeat, w.lease
             ));
         }
+        if let Some(problem) = self
+            .api_token
+            .as_deref()
+            .and_then(super::auth::token_problem)
+        {
+            return Err(problem);
+        }
         if self.max_connections == 0 {
             return Err("max_connections must be at least 1".into());
         }
@@ -169,6 +180,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("header_read_timeout", &self.header_read_timeout)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("max_connections", &self.max_connections)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<set>"))
             .field("worker", &self.worker)
             .finish()
     }

@@ -13,6 +13,9 @@ use crate::store::StoreError;
 pub enum ApiError {
     #[error("{what} not found")]
     NotFound { what: String },
+    /// No bearer token, or not the server's (`api_token`).
+    #[error("{0}")]
+    Unauthorized(String),
     /// The request is malformed (syntax, framing, unknown fields).
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
@@ -70,6 +73,7 @@ impl ApiError {
     pub fn status_code(&self) -> StatusCode {
         match self {
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
@@ -89,6 +93,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::NotFound { .. } => "not_found",
+            ApiError::Unauthorized(_) => "unauthorized",
             ApiError::BadRequest { code, .. }
             | ApiError::Unprocessable { code, .. }
             | ApiError::Conflict { code, .. } => code,
@@ -128,6 +133,12 @@ impl IntoResponse for ApiError {
             if let Ok(value) = format!("bytes */{size}").parse() {
                 response.headers_mut().insert(header::CONTENT_RANGE, value);
             }
+        }
+        if let ApiError::Unauthorized(_) = self {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"bdscan\""),
+            );
         }
         if let ApiError::QueueFull(_) = self {
             // Jobs take tens of seconds to minutes each.

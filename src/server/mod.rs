@@ -5,6 +5,7 @@
 //! - [`worker`]: claiming jobs and supervising their child process;
 //! - [`child`]: the child process itself (`bdscan job --spec FILE`).
 
+pub mod auth;
 pub mod child;
 pub mod config;
 pub mod error;
@@ -50,11 +51,18 @@ pub struct AppState {
 
 /// The root router: every resource's routes plus a problem-document 404.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .merge(routes::system::router())
+    // A route layer: it runs for these routes only, so an unknown path is still 404.
+    let resources = Router::new()
         .merge(routes::blobs::router(&state.config))
         .merge(routes::jobs::router())
         .merge(routes::scans::router(&state.config))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .merge(routes::system::router())
+        .merge(resources)
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn_with_state(

@@ -198,7 +198,12 @@ pub fn openapi() -> Value {
             "headers": {
                 "JobLocation": { "description": "the job's URL, `/v1/jobs/{id}`", "schema": { "type": "string" } }
             },
+            "securitySchemes": {
+                "bearer": { "type": "http", "scheme": "bearer",
+                    "description": "the server's `api_token`, when it has one; then every /v1 route but this document wants it" }
+            },
             "responses": {
+                "Unauthorized": problem("no `Authorization: Bearer` token, or not the server's (only when the server has an api_token)", &["unauthorized"]),
                 "MethodNotAllowed": problem("the path exists but not with this method", &["method_not_allowed"]),
                 "Unavailable": problem("the database is busy or unreachable; retry", &["unavailable"]),
                 "Internal": problem("a failure on the server's side, logged there", &["internal"])
@@ -231,19 +236,31 @@ fn artifact_headers(partial: bool) -> Value {
     headers
 }
 
-/// Every operation may also answer 405 (wrong method), 503 (database busy) and 500.
+/// Every operation may also answer 405 (wrong method), 503 (database busy) and 500;
+/// every `/v1` resource operation 401 too, when the server has an `api_token`.
 fn add_common_responses(document: &mut Value) {
     let Some(paths) = document["paths"].as_object_mut() else {
         return;
     };
-    for item in paths.values_mut() {
+    for (path, item) in paths.iter_mut() {
         let Some(operations) = item.as_object_mut() else {
             continue;
         };
+        let guarded = path.starts_with("/v1/") && path != "/v1/openapi.json";
         for operation in operations.values_mut() {
+            if guarded {
+                // `{}`: no token needed, for a server that has none.
+                operation["security"] = json!([{}, { "bearer": [] }]);
+            }
             let responses = operation["responses"]
                 .as_object_mut()
                 .expect("every operation has responses");
+            if guarded {
+                responses.insert(
+                    "401".into(),
+                    json!({ "$ref": "#/components/responses/Unauthorized" }),
+                );
+            }
             for (status, name) in [
                 ("405", "MethodNotAllowed"),
                 ("500", "Internal"),

@@ -59,6 +59,9 @@ pub struct ServeSettings {
     /// limit.
     #[serde(alias = "job-timeout-secs")]
     pub job_timeout_secs: Option<u64>,
+    /// The bearer token of the API; unset: no authentication.
+    #[serde(alias = "api-token")]
+    pub api_token: Option<String>,
 }
 
 impl ServeSettings {
@@ -90,6 +93,7 @@ impl ServeSettings {
             max_connections: self.max_connections.or(lower.max_connections),
             job_memory_limit: self.job_memory_limit.or(lower.job_memory_limit),
             job_timeout_secs: self.job_timeout_secs.or(lower.job_timeout_secs),
+            api_token: self.api_token.or(lower.api_token),
         }
     }
 
@@ -146,6 +150,7 @@ impl ServeSettings {
             return Err("job_timeout_secs must be at least 1".into());
         }
         config.worker.job_timeout = self.job_timeout_secs.map(Duration::from_secs);
+        config.api_token = self.api_token.filter(|token| !token.is_empty());
         // Divide the CPU between job slots so concurrent scans do not fight over cores.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let slots = config.slot_devices().len();
@@ -193,6 +198,7 @@ impl std::fmt::Debug for ServeSettings {
             .field("max_connections", &self.max_connections)
             .field("job_memory_limit", &self.job_memory_limit)
             .field("job_timeout_secs", &self.job_timeout_secs)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<set>"))
             .finish()
     }
 }
@@ -333,10 +339,24 @@ mod tests {
 
     #[test]
     fn passwords_stay_out_of_debug_output() {
+        let token = "hunter2".repeat(6);
         let settings = ServeSettings {
             database_url: Some("postgres://u:hunter2@db/bdscan".into()),
+            api_token: Some(token.clone()),
             ..Default::default()
         };
         assert!(!format!("{settings:?}").contains("hunter2"));
+        let config = settings.into_config(exe()).unwrap();
+        assert_eq!(config.api_token.as_deref(), Some(token.as_str()));
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_guessable_api_token_is_refused_at_startup() {
+        let error = ServeSettings::from_toml("api_token = \"letmein\"\n")
+            .unwrap()
+            .into_config(exe())
+            .unwrap_err();
+        assert!(error.contains("at least 32 characters"), "{error}");
     }
 }

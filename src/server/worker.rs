@@ -547,13 +547,17 @@ fn job_command(
 }
 
 /// The environment variables a job's child must not inherit: the database's address and
-/// credentials (`DATABASE_URL`, libpq's `PG*`) and the settings file that may name them.
+/// credentials (`DATABASE_URL`, libpq's `PG*`), the API's token and the settings file
+/// that may name them.
 /// The child runs a model that is untrusted code and needs none of them.
 fn secret_variables(names: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     names
         .filter(|name| {
             let name = name.to_string_lossy();
-            name == "DATABASE_URL" || name == "BDSCAN_CONFIG" || name.starts_with("PG")
+            name == "DATABASE_URL"
+                || name == "BDSCAN_CONFIG"
+                || name == "BDSCAN_API_TOKEN"
+                || name.starts_with("PG")
         })
         .collect()
 }
@@ -694,6 +698,7 @@ mod tests {
             "PGPASSWORD",
             "PGPASSFILE",
             "BDSCAN_CONFIG",
+            "BDSCAN_API_TOKEN",
             "PATH",
             "LD_LIBRARY_PATH",
             "RUST_LOG",
@@ -711,11 +716,17 @@ mod tests {
             .filter(|(_, value)| value.is_none())
             .map(|(name, _)| name.to_os_string())
             .collect();
-        let mut expected = ["DATABASE_URL", "PGPASSWORD", "PGPASSFILE", "BDSCAN_CONFIG"]
-            .map(std::ffi::OsString::from);
+        let mut expected = [
+            "DATABASE_URL",
+            "PGPASSWORD",
+            "PGPASSFILE",
+            "BDSCAN_CONFIG",
+            "BDSCAN_API_TOKEN",
+        ]
+        .map(std::ffi::OsString::from);
         expected.sort();
         assert_eq!(removed, expected, "removed from the child's environment");
-        assert_eq!(std.get_envs().count(), 4, "and nothing else touched");
+        assert_eq!(std.get_envs().count(), 5, "and nothing else touched");
         let args: Vec<_> = std.get_args().collect();
         assert_eq!(args, ["job", "--spec", "/tmp/spec.json"]);
     }

@@ -159,6 +159,13 @@ async fn one_shot_audit(db: Db) {
         .await
         .unwrap();
     assert!(header(&page, "content-type").starts_with("text/html"));
+    // No script may run in it, whatever a model named its layers.
+    let policy = header(&page, "content-security-policy");
+    assert!(
+        policy.contains("default-src 'none'") && !policy.contains("script-src"),
+        "{policy}"
+    );
+    assert_eq!(header(&page, "x-content-type-options"), "nosniff");
     let page = page.text().await.unwrap();
     assert!(
         page.contains("<svg") && page.contains(&digest),

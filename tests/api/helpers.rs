@@ -163,6 +163,7 @@ pub struct Options {
     pub max_connections: usize,
     pub job_memory_limit: Option<u64>,
     pub job_timeout: Option<Duration>,
+    pub api_token: Option<String>,
 }
 
 impl Default for Options {
@@ -181,6 +182,7 @@ impl Default for Options {
             max_connections: bdscan::server::DEFAULT_MAX_CONNECTIONS,
             job_memory_limit: None,
             job_timeout: None,
+            api_token: None,
         }
     }
 }
@@ -220,6 +222,7 @@ pub async fn spawn_app(options: Options) -> TestApp {
     config.max_queued_jobs = options.max_queued_jobs;
     config.header_read_timeout = options.header_read_timeout;
     config.max_connections = options.max_connections;
+    config.api_token = options.api_token;
     let w = &mut config.worker;
     w.job_memory_limit = options.job_memory_limit;
     w.job_timeout = options.job_timeout;

@@ -190,6 +190,13 @@ fn serve_refuses_devices_it_cannot_use() {
     assert!(stderr.contains("disagree"), "{stderr}");
 }
 
+#[test]
+fn serve_refuses_a_guessable_api_token_and_never_prints_it() {
+    let stderr = refused_serve(&[], &[("BDSCAN_API_TOKEN", "hunter2")]);
+    assert!(stderr.contains("at least 32 characters"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
 /// The container files cannot be built here (no Docker engine), but the settings they
 /// give `bdscan serve` must be ones it knows, and the config file they ship must load.
 #[test]
@@ -211,8 +218,10 @@ fn container_files_use_settings_that_serve_knows() {
             if name == "BDSCAN_" {
                 continue; // prose: "BDSCAN_* variables"
             }
+            // `[env: NAME]` for a secret, whose value help hides.
             assert!(
-                help.contains(&format!("[env: {name}=")),
+                help.contains(&format!("[env: {name}="))
+                    || help.contains(&format!("[env: {name}]")),
                 "{file} sets {name}, which `bdscan serve` does not read"
             );
             named += 1;

@@ -273,3 +273,66 @@ async fn past_max_connections_a_new_connection_waits_until_one_closes() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn with_an_api_token_every_v1_resource_wants_it_and_probes_stay_open() {
+    let token = "0123456789abcdef".repeat(4);
+    let app = spawn_app(Options {
+        api_token: Some(token.clone()),
+        ..Options::default()
+    })
+    .await;
+    let bearer = format!("Bearer {token}");
+    let basic = format!("Basic {token}");
+    let wrong = format!("Bearer {}", "f".repeat(64));
+    for authorization in [None, Some(wrong.as_str()), Some(basic.as_str())] {
+        let mut upload = app.client.post(app.url("/v1/blobs")).body(vec![7u8; 1000]);
+        let mut list = app.client.get(app.url("/v1/jobs"));
+        if let Some(value) = authorization {
+            upload = upload.header("authorization", value);
+            list = list.header("authorization", value);
+        }
+        for request in [upload, list] {
+            let response = request.send().await.unwrap();
+            assert_eq!(
+                response
+                    .headers()
+                    .get("www-authenticate")
+                    .map(|v| v.to_str().unwrap().to_string()),
+                Some("Bearer realm=\"bdscan\"".to_string())
+            );
+            assert_problem(response, StatusCode::UNAUTHORIZED, "unauthorized").await;
+        }
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM blobs")
+        .fetch_one(app.store().pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "a refused upload stores nothing");
+
+    let response = app
+        .client
+        .post(app.url("/v1/blobs"))
+        .header("authorization", &bearer)
+        .body(vec![7u8; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let response = app
+        .client
+        .get(app.url("/v1/jobs"))
+        .header("authorization", format!("bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "the scheme in any case");
+    // Probes and the API's description need no token; an unknown path is still 404.
+    for path in ["/healthz", "/readyz", "/metrics", "/v1/openapi.json"] {
+        let response = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+    }
+    let response = app.client.get(app.url("/v1/nothing")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    app.stop().await;
+}

@@ -380,13 +380,27 @@ async fn report(
     Ok(([(header::CONTENT_TYPE, "application/json")], report).into_response())
 }
 
+/// What the report page may do in a browser: show its own inline style and SVG, and
+/// nothing else: no script, no fetch, no framing by another site. Every text of the
+/// report is escaped; this holds even if an escape were ever missed, and layer names
+/// come from the uploaded model.
+const REPORT_PAGE_POLICY: &str =
+    "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+
 async fn report_page(
     State(state): State<AppState>,
     AppPath(id): AppPath<String>,
-) -> Result<Html<String>, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
     let (report, _) = finished_report(&state, &id).await?;
     let report: ScanReport = serde_json::from_str(&report).map_err(ApiError::internal)?;
-    Ok(Html(html::report_page(&id, &report)))
+    Ok((
+        [
+            (header::CONTENT_SECURITY_POLICY, REPORT_PAGE_POLICY),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(html::report_page(&id, &report)),
+    ))
 }
 
 async fn artifact(
