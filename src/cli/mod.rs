@@ -46,7 +46,7 @@ pub enum Command {
 
 /// Every setting is a flag, an environment variable and a key of the `--config` file;
 /// a flag beats the environment, which beats the file, which beats the default.
-#[derive(Args, Debug)]
+#[derive(Args)]
 pub struct ServeArgs {
     /// TOML file with any of these settings as keys (`listen`, `data_dir`, `devices`, …).
     #[arg(long, env = "BDSCAN_CONFIG")]
@@ -99,6 +99,17 @@ pub struct ServeArgs {
     /// environment, where `ps` does not show it [default: none, the API is open].
     #[arg(long, env = "BDSCAN_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+}
+
+/// By way of the settings' own Debug, which leaves the API token and the database
+/// password out.
+impl std::fmt::Debug for ServeArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeArgs")
+            .field("config", &self.config)
+            .field("settings", &self.settings())
+            .finish()
+    }
 }
 
 impl ServeArgs {
@@ -424,7 +435,20 @@ fn serve(args: ServeArgs) -> ExitCode {
                 crate::server::StartError::Config(_) => (EXIT_INPUT, e.to_string()),
                 other => (EXIT_INTERNAL, other.to_string()),
             })?;
-        tracing::info!(address = %app.local_addr(), "bdscan serving");
+        let authentication = if app.state().config.api_token.is_some() {
+            "bearer token"
+        } else {
+            "none"
+        };
+        tracing::info!(address = %app.local_addr(), authentication, "bdscan serving");
+        if authentication == "none" && !app.local_addr().ip().is_loopback() {
+            tracing::warn!(
+                address = %app.local_addr(),
+                "no api_token is set: anyone who can reach this address can read, cancel \
+                 and delete every job; set BDSCAN_API_TOKEN or put an authenticating proxy \
+                 in front"
+            );
+        }
         let token = app.shutdown_token();
         tokio::spawn(async move {
             shutdown_signal().await;

@@ -185,9 +185,12 @@ fn limit_data_memory(bytes: u64) -> std::io::Result<()> {
     }
 }
 
-/// Whether an error is libtorch's CPU allocator refusing memory.
-fn is_out_of_memory(message: &str) -> bool {
-    message.contains("can't allocate memory") || message.contains("not enough memory")
+/// Whether an error is an allocation refused: libtorch's CPU allocator, or C++'s
+/// `new` (which TorchScript's interpreter reports as `RuntimeError: std::bad_alloc`).
+pub fn is_out_of_memory(message: &str) -> bool {
+    message.contains("can't allocate memory")
+        || message.contains("not enough memory")
+        || message.contains("std::bad_alloc")
 }
 
 /// What a job that ran out of its memory limit reports: the limit, then what failed.

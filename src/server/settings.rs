@@ -150,7 +150,9 @@ impl ServeSettings {
             return Err("job_timeout_secs must be at least 1".into());
         }
         config.worker.job_timeout = self.job_timeout_secs.map(Duration::from_secs);
-        config.api_token = self.api_token.filter(|token| !token.is_empty());
+        // An empty token (`BDSCAN_API_TOKEN=` in an environment file) is refused like a
+        // short one, not taken for "no token": that would open the API without a word.
+        config.api_token = self.api_token;
         // Divide the CPU between job slots so concurrent scans do not fight over cores.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let slots = config.slot_devices().len();
@@ -352,11 +354,20 @@ mod tests {
     }
 
     #[test]
-    fn a_guessable_api_token_is_refused_at_startup() {
-        let error = ServeSettings::from_toml("api_token = \"letmein\"\n")
-            .unwrap()
-            .into_config(exe())
-            .unwrap_err();
-        assert!(error.contains("at least 32 characters"), "{error}");
+    fn a_guessable_or_empty_api_token_is_refused_at_startup() {
+        let file = ServeSettings::from_toml(&format!("api_token = \"{}\"\n", "k".repeat(40)));
+        for toml in ["api_token = \"letmein\"\n", "api_token = \"\"\n"] {
+            let error = ServeSettings::from_toml(toml)
+                .unwrap()
+                .into_config(exe())
+                .unwrap_err();
+            assert!(error.contains("at least 32 characters"), "{error}");
+        }
+        // An empty variable over a file that has a token does not switch it off.
+        let empty_env = ServeSettings {
+            api_token: Some(String::new()),
+            ..Default::default()
+        };
+        assert!(empty_env.or(file.unwrap()).into_config(exe()).is_err());
     }
 }

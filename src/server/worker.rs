@@ -598,9 +598,11 @@ fn crash_message(status: ExitStatus, stderr_tail: &str) -> String {
 }
 
 /// Whether a crashed child's last words say an allocation failed: Rust aborts with
-/// "memory allocation of N bytes failed", C++ with an uncaught `std::bad_alloc`.
+/// "memory allocation of N bytes failed"; a tch call without `f_` panics with
+/// libtorch's allocator error (exit 101, no error file); C++ ends on an uncaught
+/// `std::bad_alloc`.
 fn crash_is_out_of_memory(stderr_tail: &str) -> bool {
-    stderr_tail.contains("memory allocation of") || stderr_tail.contains("std::bad_alloc")
+    stderr_tail.contains("memory allocation of") || super::child::is_out_of_memory(stderr_tail)
 }
 
 fn signal_name(signal: i32) -> &'static str {

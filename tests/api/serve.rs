@@ -18,7 +18,10 @@ async fn start(mut command: Command) -> (Child, String) {
         let address = lines
             .by_ref()
             .map_while(Result::ok)
-            .find_map(|line| line.split("address=").nth(1).map(|a| a.trim().to_string()))
+            .find_map(|line| {
+                let after = line.split("address=").nth(1)?;
+                after.split_whitespace().next().map(str::to_string)
+            })
             .expect("the server logs its address");
         // Keep draining so the server never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
@@ -65,6 +68,12 @@ fn serve_command() -> Command {
         "BDSCAN_JOB_THREADS",
         "BDSCAN_LEASE_SECS",
         "BDSCAN_MAX_ATTEMPTS",
+        "BDSCAN_MAX_STORE_BYTES",
+        "BDSCAN_MAX_QUEUED_JOBS",
+        "BDSCAN_MAX_CONNECTIONS",
+        "BDSCAN_JOB_MEMORY_LIMIT",
+        "BDSCAN_JOB_TIMEOUT_SECS",
+        "BDSCAN_API_TOKEN",
     ] {
         command.env_remove(key);
     }
@@ -195,6 +204,10 @@ fn serve_refuses_a_guessable_api_token_and_never_prints_it() {
     let stderr = refused_serve(&[], &[("BDSCAN_API_TOKEN", "hunter2")]);
     assert!(stderr.contains("at least 32 characters"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
+    // `BDSCAN_API_TOKEN=` (an environment file with the value left out) would otherwise
+    // have opened the API without a word.
+    let stderr = refused_serve(&[], &[("BDSCAN_API_TOKEN", "")]);
+    assert!(stderr.contains("at least 32 characters"), "{stderr}");
 }
 
 /// The container files cannot be built here (no Docker engine), but the settings they

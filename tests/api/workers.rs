@@ -260,27 +260,46 @@ torch.jit.script(Hog()).save(sys.argv[1])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_child_that_aborts_on_a_failed_allocation_under_the_limit_is_memory_limit() {
-    // Rust's own allocation failure (a bundle buffer, say) aborts the process; its last
-    // words name it.
+async fn a_child_that_dies_of_a_failed_allocation_under_the_limit_is_memory_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = fake_child(
-        dir.path(),
-        "aborting-bdscan",
-        "#!/bin/sh\necho 'memory allocation of 3221225472 bytes failed' >&2\nkill -ABRT $$\n",
-    );
-    for (limit, code) in [(Some(4u64 << 30), "memory_limit"), (None, "worker_crashed")] {
-        let app = spawn_app(Options {
-            exe: Some(exe.clone()),
-            job_memory_limit: limit,
-            ..Options::default()
-        })
-        .await;
-        let (_, job) = run_job_over(&app, b"model").await;
-        assert_eq!(job["error"]["code"], code, "{job}");
-        let message = job["error"]["message"].as_str().unwrap();
-        assert!(message.contains("signal 6"), "{message}");
-        app.stop().await;
+    // Rust's own allocation failure (a bundle buffer, say) aborts the process; a tch
+    // call without `f_` panics on libtorch's allocator error and exits with 101.
+    let children = [
+        (
+            fake_child(
+                dir.path(),
+                "aborting-bdscan",
+                "#!/bin/sh\necho 'memory allocation of 3221225472 bytes failed' >&2\nkill -ABRT $$\n",
+            ),
+            "signal 6",
+        ),
+        (
+            fake_child(
+                dir.path(),
+                "panicking-bdscan",
+                "#!/bin/sh\n\
+                 echo \"thread 'main' panicked at src/engine/data.rs:21:5:\" >&2\n\
+                 echo \"called Result::unwrap() on an Err value: Torch(DefaultCPUAllocator: \
+                 can't allocate memory: you tried to allocate 4096 bytes.)\" >&2\n\
+                 exit 101\n",
+            ),
+            "exited with code 101",
+        ),
+    ];
+    for (exe, how) in &children {
+        for (limit, code) in [(Some(4u64 << 30), "memory_limit"), (None, "worker_crashed")] {
+            let app = spawn_app(Options {
+                exe: Some(exe.clone()),
+                job_memory_limit: limit,
+                ..Options::default()
+            })
+            .await;
+            let (_, job) = run_job_over(&app, b"model").await;
+            assert_eq!(job["error"]["code"], code, "{job}");
+            let message = job["error"]["message"].as_str().unwrap();
+            assert!(message.contains(how), "{message}");
+            app.stop().await;
+        }
     }
 }
 
