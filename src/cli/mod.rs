@@ -95,6 +95,10 @@ pub struct ServeArgs {
     /// [default: no limit].
     #[arg(long, env = "BDSCAN_JOB_TIMEOUT_SECS")]
     pub job_timeout_secs: Option<u64>,
+    /// Seconds a finished job, its report, purified model and unshared inputs are kept
+    /// before they are deleted, at least 60 [default: for ever].
+    #[arg(long, env = "BDSCAN_JOB_RETENTION_SECS")]
+    pub job_retention_secs: Option<u64>,
     /// Bearer token every /v1 request must carry, at least 32 characters; set it in the
     /// environment, where `ps` does not show it [default: none, the API is open].
     #[arg(long, env = "BDSCAN_API_TOKEN", hide_env_values = true)]
@@ -130,6 +134,7 @@ impl ServeArgs {
             max_connections: self.max_connections,
             job_memory_limit: self.job_memory_limit,
             job_timeout_secs: self.job_timeout_secs,
+            job_retention_secs: self.job_retention_secs,
             api_token: self.api_token.clone(),
         }
     }

@@ -75,6 +75,9 @@ pub struct WorkerSettings {
     /// `timed_out` (a model that loops for ever would hold its slot for good); `None`:
     /// no limit.
     pub job_timeout: Option<Duration>,
+    /// How long a finished job (its report, its purified model, and the inputs no
+    /// other job uses) is kept before the reaper deletes it; `None`: for ever.
+    pub job_retention: Option<Duration>,
 }
 
 impl ServerConfig {
@@ -107,6 +110,7 @@ impl ServerConfig {
                 keep_work_dirs: false,
                 job_memory_limit: None,
                 job_timeout: None,
+                job_retention: None,
             },
             data_dir,
         }

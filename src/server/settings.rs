@@ -59,6 +59,9 @@ pub struct ServeSettings {
     /// limit.
     #[serde(alias = "job-timeout-secs")]
     pub job_timeout_secs: Option<u64>,
+    /// Seconds a finished job is kept before it is deleted; unset: for ever.
+    #[serde(alias = "job-retention-secs")]
+    pub job_retention_secs: Option<u64>,
     /// The bearer token of the API; unset: no authentication.
     #[serde(alias = "api-token")]
     pub api_token: Option<String>,
@@ -93,6 +96,7 @@ impl ServeSettings {
             max_connections: self.max_connections.or(lower.max_connections),
             job_memory_limit: self.job_memory_limit.or(lower.job_memory_limit),
             job_timeout_secs: self.job_timeout_secs.or(lower.job_timeout_secs),
+            job_retention_secs: self.job_retention_secs.or(lower.job_retention_secs),
             api_token: self.api_token.or(lower.api_token),
         }
     }
@@ -150,6 +154,11 @@ impl ServeSettings {
             return Err("job_timeout_secs must be at least 1".into());
         }
         config.worker.job_timeout = self.job_timeout_secs.map(Duration::from_secs);
+        // Under a minute, a client polling its job could miss the outcome altogether.
+        if self.job_retention_secs.is_some_and(|secs| secs < 60) {
+            return Err("job_retention_secs must be at least 60".into());
+        }
+        config.worker.job_retention = self.job_retention_secs.map(Duration::from_secs);
         // An empty token (`BDSCAN_API_TOKEN=` in an environment file) is refused like a
         // short one, not taken for "no token": that would open the API without a word.
         config.api_token = self.api_token;
@@ -200,6 +209,7 @@ impl std::fmt::Debug for ServeSettings {
             .field("max_connections", &self.max_connections)
             .field("job_memory_limit", &self.job_memory_limit)
             .field("job_timeout_secs", &self.job_timeout_secs)
+            .field("job_retention_secs", &self.job_retention_secs)
             .field("api_token", &self.api_token.as_ref().map(|_| "<set>"))
             .finish()
     }
@@ -227,7 +237,8 @@ mod tests {
         let file = ServeSettings::from_toml(
             "workers = 7\nlease_secs = 90\nmax-blob-bytes = 1000\ndata_dir = \"/srv/bdscan\"\n\
              max_store_bytes = 5000\nmax-queued-jobs = 12\nmax_connections = 64\n\
-             job-memory-limit = 8589934592\njob_timeout_secs = 3600\n",
+             job-memory-limit = 8589934592\njob_timeout_secs = 3600\n\
+             job_retention_secs = 604800\n",
         )
         .unwrap();
         let config = flags.or(env).or(file).into_config(exe()).unwrap();
@@ -236,6 +247,10 @@ mod tests {
         assert_eq!(config.max_connections, 64);
         assert_eq!(config.worker.job_memory_limit, Some(8 << 30));
         assert_eq!(config.worker.job_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            config.worker.job_retention,
+            Some(Duration::from_secs(604_800))
+        );
         assert_eq!(config.workers, 3, "flag over env over file");
         assert_eq!(
             config.worker.lease,
@@ -307,6 +322,7 @@ mod tests {
             ("max_connections = 0\n", "max_connections"),
             ("job_memory_limit = 1000000\n", "job_memory_limit"),
             ("job_timeout_secs = 0\n", "job_timeout_secs"),
+            ("job_retention_secs = 5\n", "job_retention_secs"),
         ] {
             let error = ServeSettings::from_toml(toml)
                 .unwrap()

@@ -29,6 +29,9 @@ const STDERR_TAIL: usize = 20;
 const STAGING_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 /// An upload this old and unfinished is abandoned: no upload takes a day.
 const STAGING_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// Jobs past their retention deleted per reaper round: a backlog (retention just
+/// turned on over a year of jobs) drains over rounds without one long pause.
+const RETENTION_BATCH: i64 = 100;
 /// Longest line read from the child's stdout or stderr; the rest of a longer one is
 /// skipped. A hostile model steers that output (TorchScript `print`), and the server
 /// holds each line in memory.
@@ -637,6 +640,9 @@ pub async fn run_reaper(
                 Err(e) => tracing::error!("sweeping abandoned uploads: {e}"),
             }
         }
+        if let Some(retention) = settings.job_retention {
+            delete_expired_jobs(&store, retention).await;
+        }
         match store.reap_expired(backoff_ms).await {
             Ok(reaped) => {
                 let n = reaped.requeued.len() + reaped.failed.len() + reaped.cancelled.len();
@@ -653,6 +659,34 @@ pub async fn run_reaper(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(settings.reap_interval) => {}
         }
+    }
+}
+
+/// Deletes the finished jobs older than `retention`, as `DELETE /v1/jobs/{id}` would
+/// (report, purified model, inputs no other job uses), a batch per reaper round. A job
+/// another replica deleted first is skipped.
+async fn delete_expired_jobs(store: &Store, retention: Duration) {
+    let cutoff = crate::store::now_ms() - retention.as_millis() as i64;
+    let ids = match store.finished_before(cutoff, RETENTION_BATCH).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::error!("finding jobs past their retention: {e}");
+            return;
+        }
+    };
+    let (mut jobs, mut blobs) = (0, 0);
+    for id in ids {
+        match store.purge_job(&id).await {
+            Ok(Some(purged)) => {
+                jobs += 1;
+                blobs += purged.freed_blobs.len();
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(job = %id, "deleting a job past its retention: {e}"),
+        }
+    }
+    if jobs > 0 {
+        tracing::info!(jobs, blobs, "deleted finished jobs past their retention");
     }
 }
 

@@ -589,6 +589,24 @@ impl Store {
         Ok(Some(Purged { freed_blobs }))
     }
 
+    /// Up to `limit` finished jobs that finished before `cutoff_ms`, oldest first: what
+    /// the retention sweep deletes.
+    pub async fn finished_before(
+        &self,
+        cutoff_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < $1 \
+             AND state IN ('succeeded', 'failed', 'cancelled') ORDER BY finished_at LIMIT $2",
+        )
+        .bind(cutoff_ms)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
     /// The report JSON and artifact hash of a succeeded job.
     pub async fn report(&self, job_id: &str) -> Result<Option<(String, String)>, StoreError> {
         let row = sqlx::query("SELECT report, artifact_sha256 FROM reports WHERE job_id = $1")

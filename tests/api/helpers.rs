@@ -164,6 +164,7 @@ pub struct Options {
     pub job_memory_limit: Option<u64>,
     pub job_timeout: Option<Duration>,
     pub api_token: Option<String>,
+    pub job_retention: Option<Duration>,
 }
 
 impl Default for Options {
@@ -183,6 +184,7 @@ impl Default for Options {
             job_memory_limit: None,
             job_timeout: None,
             api_token: None,
+            job_retention: None,
         }
     }
 }
@@ -226,6 +228,7 @@ pub async fn spawn_app(options: Options) -> TestApp {
     let w = &mut config.worker;
     w.job_memory_limit = options.job_memory_limit;
     w.job_timeout = options.job_timeout;
+    w.job_retention = options.job_retention;
     w.lease = Duration::from_secs(5);
     w.heartbeat = Duration::from_millis(200);
     w.poll_interval = options.poll_interval;

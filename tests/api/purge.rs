@@ -159,6 +159,75 @@ async fn deleting_jobs_frees_blobs_nothing_else_uses_postgres() {
     }
 }
 
+/// `job_retention`: the reaper deletes finished jobs that old as `DELETE` would, and
+/// leaves unfinished ones and blobs they use alone.
+async fn finished_jobs_past_their_retention_are_deleted_with_their_own_blobs(db: Db) {
+    let app = spawn_app(Options {
+        db,
+        job_retention: Some(Duration::from_secs(2)),
+        ..Options::default()
+    })
+    .await;
+    let shared = app.upload(b"a model two jobs use".to_vec()).await;
+    let own = app
+        .upload(b"the finished job's clean bundle".to_vec())
+        .await;
+    let waiting_clean = app.upload(b"the queued job's clean bundle".to_vec()).await;
+    let finished = app
+        .create_job(&json!({ "model": shared, "clean": own }))
+        .await;
+    let finished = finished["id"].as_str().unwrap().to_string();
+    // Not TorchScript: the job fails at once, which finishes it as well as success would.
+    let state = app
+        .worker("w")
+        .run_once(&tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(state, Some(bdscan::store::JobState::Failed));
+    let (status, _) = app.get_json(&format!("/v1/jobs/{finished}")).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "kept until its retention has passed"
+    );
+    let waiting = app
+        .create_job(&json!({ "model": shared, "clean": waiting_clean }))
+        .await;
+    let waiting = waiting["id"].as_str().unwrap().to_string();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while app.get_json(&format!("/v1/jobs/{finished}")).await.0 != StatusCode::NOT_FOUND {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the finished job outlived its retention by 18 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(blob_status(&app, &own).await, StatusCode::NOT_FOUND);
+    for kept in [&shared, &waiting_clean] {
+        assert_eq!(blob_status(&app, kept).await, StatusCode::OK, "{kept}");
+    }
+    let (status, job) = app.get_json(&format!("/v1/jobs/{waiting}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(job["state"], "queued", "unfinished jobs are never expired");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_past_their_retention_are_deleted_with_their_own_blobs_sqlite() {
+    finished_jobs_past_their_retention_are_deleted_with_their_own_blobs(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_past_their_retention_are_deleted_with_their_own_blobs_postgres() {
+    if let Some(url) =
+        postgres_url("finished_jobs_past_their_retention_are_deleted_with_their_own_blobs_postgres")
+    {
+        finished_jobs_past_their_retention_are_deleted_with_their_own_blobs(Db::Postgres(url))
+            .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_finished_jobs_while_other_writes_commit_never_fails() {
     // On SQLite a transaction that read before it wrote failed at once (500) whenever

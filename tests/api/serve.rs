@@ -73,6 +73,7 @@ fn serve_command() -> Command {
         "BDSCAN_MAX_CONNECTIONS",
         "BDSCAN_JOB_MEMORY_LIMIT",
         "BDSCAN_JOB_TIMEOUT_SECS",
+        "BDSCAN_JOB_RETENTION_SECS",
         "BDSCAN_API_TOKEN",
     ] {
         command.env_remove(key);
