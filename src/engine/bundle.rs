@@ -48,6 +48,9 @@ impl fmt::Display for TensorDtype {
 pub enum BundleError {
     #[error("cannot read bundle: {0}")]
     Unreadable(String),
+    /// An allocation for the bundle's arrays was refused (a job's memory limit).
+    #[error("not enough memory to read {0}")]
+    OutOfMemory(String),
     #[error("not a .safetensors or .npz file: {0}")]
     UnknownFormat(String),
     #[error("malformed bundle: {0}")]
@@ -358,8 +361,10 @@ fn le_i64s(bytes: &[u8]) -> Vec<i64> {
 
 /// Reads and validates a bundle file, telling the format from its first bytes.
 pub fn load_bundle(path: &Path) -> Result<Bundle, BundleError> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| BundleError::Unreadable(format!("{}: {e}", path.display())))?;
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::OutOfMemory => BundleError::OutOfMemory(path.display().to_string()),
+        _ => BundleError::Unreadable(format!("{}: {e}", path.display())),
+    })?;
     parse_bundle_owned(bytes)
 }
 
@@ -526,7 +531,12 @@ fn read_npz(bytes: &[u8]) -> Result<Parsed, BundleError> {
         entry
             .take(left + 1)
             .read_to_end(&mut data)
-            .map_err(|e| BundleError::Malformed(format!("npz entry `{name}`: {e}")))?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::OutOfMemory => {
+                    BundleError::OutOfMemory(format!("npz entry `{name}`"))
+                }
+                _ => BundleError::Malformed(format!("npz entry `{name}`: {e}")),
+            })?;
         if data.len() as u64 > left {
             return Err(too_large());
         }

@@ -17,13 +17,16 @@ pub struct SampleSet {
 impl SampleSet {
     pub fn from_bundle(bundle: &Bundle, device: Device) -> Result<Self, EngineError> {
         let shape: Vec<i64> = bundle.shape.iter().map(|&d| d as i64).collect();
+        // `f_` forms: the pixels are the scan's largest allocation, and one refused (a
+        // bundle past the job's memory limit) must be an error the job reports, not a
+        // panic.
         let images = match &bundle.pixels {
-            Pixels::U8(v) => Tensor::from_slice(v),
-            Pixels::F32(v) => Tensor::from_slice(v),
+            Pixels::U8(v) => Tensor::f_from_slice(v)?,
+            Pixels::F32(v) => Tensor::f_from_slice(v)?,
         };
         Ok(SampleSet {
             images: images.f_reshape(&shape)?.f_to_device(device)?,
-            labels: Tensor::from_slice(&bundle.labels).f_to_device(device)?,
+            labels: Tensor::f_from_slice(&bundle.labels)?.f_to_device(device)?,
         })
     }
 

@@ -260,6 +260,35 @@ torch.jit.script(Hog()).save(sys.argv[1])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_that_inflates_past_the_job_memory_limit_fails_its_job_as_memory_limit() {
+    // 1.25 GB of float32 zeros in a 1.3 MB upload, under a 1 GiB limit: the bundle's
+    // read is refused memory, and the job says so rather than calling the file malformed.
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("zeros.npz");
+    crate::common::write_zeros_npz(&bundle, 400_000, [1, 28, 28]);
+    let model = crate::common::fixture("models/mnist_cnn_bn.pt");
+    let app = spawn_app(Options {
+        job_memory_limit: Some(1 << 30),
+        ..Options::default()
+    })
+    .await;
+    let model = app.upload(std::fs::read(model).unwrap()).await;
+    let clean = app.upload(std::fs::read(&bundle).unwrap()).await;
+    let job: Value = app
+        .create_job(&json!({ "model": model, "clean": clean }))
+        .await;
+    let (state, job) = run_next_job(&app, "w", job["id"].as_str().unwrap()).await;
+    assert_eq!(state, Some(JobState::Failed));
+    assert_eq!(job["error"]["code"], "memory_limit", "{job}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("job_memory_limit = 1073741824 bytes"),
+        "{message}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_that_dies_of_a_failed_allocation_under_the_limit_is_memory_limit() {
     let dir = tempfile::tempdir().unwrap();
     // Rust's own allocation failure (a bundle buffer, say) aborts the process; a tch

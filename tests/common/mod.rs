@@ -105,12 +105,19 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &RawTensor)]) {
 }
 
 fn npy_bytes(t: &RawTensor) -> Vec<u8> {
-    let descr = match t.dtype {
+    let mut out = npy_header(t.dtype, &t.shape);
+    out.extend(&t.data);
+    out
+}
+
+/// The `.npy` header of an array of `dtype` and `shape`: what precedes its data.
+fn npy_header(dtype: TensorDtype, shape: &[usize]) -> Vec<u8> {
+    let descr = match dtype {
         TensorDtype::U8 => "|u1",
         TensorDtype::F32 => "<f4",
         TensorDtype::I64 => "<i8",
     };
-    let dims: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let shape = if dims.len() == 1 {
         format!("({},)", dims[0])
     } else {
@@ -124,8 +131,32 @@ fn npy_bytes(t: &RawTensor) -> Vec<u8> {
     let mut out = b"\x93NUMPY\x01\x00".to_vec();
     out.extend((header.len() as u16).to_le_bytes());
     out.extend(header.as_bytes());
-    out.extend(&t.data);
     out
+}
+
+/// A compressed `.npz` of `n` all-zero float32 images of `image` (C, H, W) and labels 0:
+/// a file of about a thousandth of what it inflates to, written without holding it.
+pub fn write_zeros_npz(path: &Path, n: usize, image: [usize; 3]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .large_file(true);
+    let shape = [n, image[0], image[1], image[2]];
+    zip.start_file("images.npy", options).unwrap();
+    zip.write_all(&npy_header(TensorDtype::F32, &shape))
+        .unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    let mut left = shape.iter().product::<usize>() * 4;
+    while left > 0 {
+        let now = left.min(chunk.len());
+        zip.write_all(&chunk[..now]).unwrap();
+        left -= now;
+    }
+    zip.start_file("labels.npy", options).unwrap();
+    zip.write_all(&npy_header(TensorDtype::I64, &[n])).unwrap();
+    zip.write_all(&vec![0u8; n * 8]).unwrap();
+    zip.finish().unwrap();
 }
 
 /// A deflate-compressed `.npz` with the given arrays, as `np.savez_compressed` writes.
