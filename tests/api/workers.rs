@@ -48,14 +48,21 @@ async fn run_next_job(app: &TestApp, worker: &str, id: &str) -> (Option<JobState
     (state, job)
 }
 
-/// Uploads `bytes` as both model and clean bundle, makes a job of them and runs it in
-/// worker `w`: for scan processes that fail before reading their inputs, or ought to.
-async fn run_job_over(app: &TestApp, bytes: &[u8]) -> (Option<JobState>, Value) {
-    let blob = app.upload(bytes.to_vec()).await;
+/// Uploads `model` and `clean`, makes a job of them and runs it in worker `w`: how it
+/// ended, and the job as the API then shows it.
+async fn run_job_of(app: &TestApp, model: &[u8], clean: &[u8]) -> (Option<JobState>, Value) {
+    let model = app.upload(model.to_vec()).await;
+    let clean = app.upload(clean.to_vec()).await;
     let job: Value = app
-        .create_job(&json!({ "model": blob, "clean": blob }))
+        .create_job(&json!({ "model": model, "clean": clean }))
         .await;
     run_next_job(app, "w", job["id"].as_str().unwrap()).await
+}
+
+/// `run_job_of` with `bytes` as both files: for scan processes that fail before reading
+/// their inputs, or ought to.
+async fn run_job_over(app: &TestApp, bytes: &[u8]) -> (Option<JobState>, Value) {
+    run_job_of(app, bytes, bytes).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,14 +247,8 @@ torch.jit.script(Hog()).save(sys.argv[1])
         ..Options::default()
     })
     .await;
-    let model = app.upload(std::fs::read(&hog).unwrap()).await;
-    let clean = app
-        .upload(std::fs::read(demo_files().await.clean).unwrap())
-        .await;
-    let job: Value = app
-        .create_job(&json!({ "model": model, "clean": clean }))
-        .await;
-    let (state, job) = run_next_job(&app, "w", job["id"].as_str().unwrap()).await;
+    let clean = std::fs::read(demo_files().await.clean).unwrap();
+    let (state, job) = run_job_of(&app, &std::fs::read(&hog).unwrap(), &clean).await;
     assert_eq!(state, Some(JobState::Failed));
     assert_eq!(job["error"]["code"], "memory_limit", "{job}");
     let message = job["error"]["message"].as_str().unwrap();
@@ -272,12 +273,11 @@ async fn a_bundle_that_inflates_past_the_job_memory_limit_fails_its_job_as_memor
         ..Options::default()
     })
     .await;
-    let model = app.upload(std::fs::read(model).unwrap()).await;
-    let clean = app.upload(std::fs::read(&bundle).unwrap()).await;
-    let job: Value = app
-        .create_job(&json!({ "model": model, "clean": clean }))
-        .await;
-    let (state, job) = run_next_job(&app, "w", job["id"].as_str().unwrap()).await;
+    let (model, clean) = (
+        std::fs::read(model).unwrap(),
+        std::fs::read(&bundle).unwrap(),
+    );
+    let (state, job) = run_job_of(&app, &model, &clean).await;
     assert_eq!(state, Some(JobState::Failed));
     assert_eq!(job["error"]["code"], "memory_limit", "{job}");
     let message = job["error"]["message"].as_str().unwrap();
