@@ -67,6 +67,8 @@ pub struct Metrics {
     pub jobs_failed: AtomicU64,
     pub jobs_cancelled: AtomicU64,
     pub leases_reaped: AtomicU64,
+    /// Finished jobs this process's reaper deleted past `job_retention`.
+    pub jobs_expired: AtomicU64,
     /// HTTP responses by status class: 1xx..5xx.
     pub responses: [AtomicU64; 5],
 }
@@ -82,6 +84,7 @@ impl Default for Metrics {
             jobs_failed: AtomicU64::default(),
             jobs_cancelled: AtomicU64::default(),
             leases_reaped: AtomicU64::default(),
+            jobs_expired: AtomicU64::default(),
             responses: Default::default(),
         }
     }
@@ -137,6 +140,11 @@ impl Metrics {
                 "bdscan_leases_reaped_total",
                 "Expired leases this process's reaper handled.",
                 get(&self.leases_reaped),
+            ),
+            (
+                "bdscan_jobs_expired_total",
+                "Finished jobs this process's reaper deleted past their retention.",
+                get(&self.jobs_expired),
             ),
         ];
         for (name, help, value) in counters {

@@ -641,7 +641,10 @@ pub async fn run_reaper(
             }
         }
         if let Some(retention) = settings.job_retention {
-            delete_expired_jobs(&store, retention).await;
+            let expired = delete_expired_jobs(&store, retention).await;
+            metrics
+                .jobs_expired
+                .fetch_add(expired, std::sync::atomic::Ordering::Relaxed);
         }
         match store.reap_expired(backoff_ms).await {
             Ok(reaped) => {
@@ -664,14 +667,14 @@ pub async fn run_reaper(
 
 /// Deletes the finished jobs older than `retention`, as `DELETE /v1/jobs/{id}` would
 /// (report, purified model, inputs no other job uses), a batch per reaper round. A job
-/// another replica deleted first is skipped.
-async fn delete_expired_jobs(store: &Store, retention: Duration) {
+/// another replica deleted first is skipped. Returns how many it deleted.
+async fn delete_expired_jobs(store: &Store, retention: Duration) -> u64 {
     let cutoff = crate::store::now_ms() - retention.as_millis() as i64;
     let ids = match store.finished_before(cutoff, RETENTION_BATCH).await {
         Ok(ids) => ids,
         Err(e) => {
             tracing::error!("finding jobs past their retention: {e}");
-            return;
+            return 0;
         }
     };
     let (mut jobs, mut blobs) = (0, 0);
@@ -688,6 +691,7 @@ async fn delete_expired_jobs(store: &Store, retention: Duration) {
     if jobs > 0 {
         tracing::info!(jobs, blobs, "deleted finished jobs past their retention");
     }
+    jobs
 }
 
 /// Wakes this process's idle workers when any instance queues a job (PostgreSQL

@@ -210,6 +210,19 @@ async fn finished_jobs_past_their_retention_are_deleted_with_their_own_blobs(db:
     let (status, job) = app.get_json(&format!("/v1/jobs/{waiting}")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(job["state"], "queued", "unfinished jobs are never expired");
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("bdscan_jobs_expired_total 1\n"),
+        "{metrics}"
+    );
     app.stop().await;
 }
 
