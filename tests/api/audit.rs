@@ -203,15 +203,7 @@ async fn one_shot_audit(db: Db) {
         assert!(page.contains(&text), "report page lacks the warning {text}");
     }
 
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("bdscan_jobs{state=\"succeeded\"} 1"),
         "{metrics}"

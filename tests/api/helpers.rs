@@ -287,6 +287,16 @@ impl TestApp {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// The `/metrics` exposition as text.
+    pub async fn metrics_text(&self) -> String {
+        let response = self.client.get(self.url("/metrics")).send().await;
+        response
+            .expect("request")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub async fn upload(&self, bytes: Vec<u8>) -> String {
         let response = self
             .client

@@ -210,15 +210,7 @@ async fn finished_jobs_past_their_retention_are_deleted_with_their_own_blobs(db:
     let (status, job) = app.get_json(&format!("/v1/jobs/{waiting}")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(job["state"], "queued", "unfinished jobs are never expired");
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("bdscan_jobs_expired_total 1\n"),
         "{metrics}"
