@@ -76,7 +76,8 @@ pub struct WorkerSettings {
     /// no limit.
     pub job_timeout: Option<Duration>,
     /// How long a finished job (its report, its purified model, and the inputs no
-    /// other job uses) is kept before the reaper deletes it; `None`: for ever.
+    /// other job uses) is kept before the reaper deletes it, and an upload no job uses;
+    /// `None`: for ever.
     pub job_retention: Option<Duration>,
 }
 

@@ -666,10 +666,38 @@ pub async fn run_reaper(
 }
 
 /// Deletes the finished jobs older than `retention`, as `DELETE /v1/jobs/{id}` would
-/// (report, purified model, inputs no other job uses), a batch per reaper round. A job
-/// another replica deleted first is skipped. Returns how many it deleted.
+/// (report, purified model, inputs no other job uses), then the uploads that old which
+/// no job uses, a batch of each per reaper round. A job another replica deleted first is
+/// skipped. Returns how many jobs it deleted.
 async fn delete_expired_jobs(store: &Store, retention: Duration) -> u64 {
     let cutoff = crate::store::now_ms() - retention.as_millis() as i64;
+    let jobs = delete_jobs_finished_before(store, cutoff).await;
+    let unused = match store.unused_blobs_before(cutoff, RETENTION_BATCH).await {
+        Ok(unused) => unused,
+        Err(e) => {
+            tracing::error!("finding unused uploads past their retention: {e}");
+            Vec::new()
+        }
+    };
+    let mut freed = 0;
+    for sha in unused {
+        match store.free_blob_if_unreferenced(&sha).await {
+            Ok(true) => freed += 1,
+            // A job named it since: it stays.
+            Ok(false) => {}
+            Err(e) => tracing::warn!(blob = %sha, "deleting an unused upload: {e}"),
+        }
+    }
+    if freed > 0 {
+        tracing::info!(
+            blobs = freed,
+            "deleted uploads no job used past their retention"
+        );
+    }
+    jobs
+}
+
+async fn delete_jobs_finished_before(store: &Store, cutoff: i64) -> u64 {
     let ids = match store.finished_before(cutoff, RETENTION_BATCH).await {
         Ok(ids) => ids,
         Err(e) => {

@@ -185,6 +185,28 @@ impl Store {
         }
     }
 
+    /// Up to `limit` blobs stored before `cutoff_ms` that no job or report names,
+    /// oldest first: uploads never used, for the retention sweep. Each is freed with
+    /// [`Store::free_blob_if_unreferenced`], which checks again as it deletes.
+    pub async fn unused_blobs_before(
+        &self,
+        cutoff_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT sha256 FROM blobs b WHERE created_at < $1 \
+             AND NOT EXISTS (SELECT 1 FROM jobs WHERE model_sha256 = b.sha256 \
+                 OR clean_sha256 = b.sha256 OR test_sha256 = b.sha256 OR poison_sha256 = b.sha256) \
+             AND NOT EXISTS (SELECT 1 FROM reports WHERE artifact_sha256 = b.sha256) \
+             ORDER BY created_at LIMIT $2",
+        )
+        .bind(cutoff_ms)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
     /// Bytes the store holds: every stored blob, and the chunks of uploads arriving.
     pub async fn stored_bytes(&self) -> Result<u64, StoreError> {
         // CAST: PostgreSQL sums BIGINTs as NUMERIC, which the `Any` driver cannot read.

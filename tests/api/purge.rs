@@ -173,11 +173,17 @@ async fn finished_jobs_past_their_retention_are_deleted_with_their_own_blobs(db:
         .upload(b"the finished job's clean bundle".to_vec())
         .await;
     let waiting_clean = app.upload(b"the queued job's clean bundle".to_vec()).await;
-    let finished = app
-        .create_job(&json!({ "model": shared, "clean": own }))
-        .await;
-    let finished = finished["id"].as_str().unwrap().to_string();
-    // Not TorchScript: the job fails at once, which finishes it as well as success would.
+    let never_used = app.upload(b"uploaded, never used".to_vec()).await;
+    let mut ids = Vec::new();
+    for clean in [&own, &waiting_clean] {
+        let job = app
+            .create_job(&json!({ "model": shared, "clean": clean }))
+            .await;
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    let (finished, waiting) = (&ids[0], &ids[1]);
+    // The older job; not TorchScript, so it fails at once, which finishes it as well
+    // as success would.
     let state = app
         .worker("w")
         .run_once(&tokio_util::sync::CancellationToken::new())
@@ -190,16 +196,14 @@ async fn finished_jobs_past_their_retention_are_deleted_with_their_own_blobs(db:
         StatusCode::OK,
         "kept until its retention has passed"
     );
-    let waiting = app
-        .create_job(&json!({ "model": shared, "clean": waiting_clean }))
-        .await;
-    let waiting = waiting["id"].as_str().unwrap().to_string();
 
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while app.get_json(&format!("/v1/jobs/{finished}")).await.0 != StatusCode::NOT_FOUND {
+    while app.get_json(&format!("/v1/jobs/{finished}")).await.0 != StatusCode::NOT_FOUND
+        || blob_status(&app, &never_used).await != StatusCode::NOT_FOUND
+    {
         assert!(
             std::time::Instant::now() < deadline,
-            "the finished job outlived its retention by 18 s"
+            "the finished job or the unused upload outlived its retention by 18 s"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
