@@ -96,7 +96,8 @@ pub struct ServeArgs {
     #[arg(long, env = "BDSCAN_JOB_TIMEOUT_SECS")]
     pub job_timeout_secs: Option<u64>,
     /// Seconds a finished job, its report, purified model and unshared inputs are kept
-    /// before they are deleted, and uploads no job uses; at least 60 [default: for ever].
+    /// before they are deleted, and uploads no job uses (after a day at least); at least
+    /// 60 [default: for ever].
     #[arg(long, env = "BDSCAN_JOB_RETENTION_SECS")]
     pub job_retention_secs: Option<u64>,
     /// Bearer token every /v1 request must carry, at least 32 characters; set it in the

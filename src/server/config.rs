@@ -79,6 +79,10 @@ pub struct WorkerSettings {
     /// other job uses) is kept before the reaper deletes it, and an upload no job uses;
     /// `None`: for ever.
     pub job_retention: Option<Duration>,
+    /// With a retention set, the youngest an unused upload may be deleted at: a client
+    /// uploading a model and then a large bundle must not lose the first before it
+    /// names both in a job, however short the retention.
+    pub unused_blob_min_age: Duration,
 }
 
 impl ServerConfig {
@@ -112,6 +116,7 @@ impl ServerConfig {
                 job_memory_limit: None,
                 job_timeout: None,
                 job_retention: None,
+                unused_blob_min_age: Duration::from_secs(24 * 3600),
             },
             data_dir,
         }

@@ -59,7 +59,8 @@ pub struct ServeSettings {
     /// limit.
     #[serde(alias = "job-timeout-secs")]
     pub job_timeout_secs: Option<u64>,
-    /// Seconds a finished job is kept before it is deleted; unset: for ever.
+    /// Seconds a finished job is kept before it is deleted, and an upload no job uses
+    /// (for at least a day); unset: for ever.
     #[serde(alias = "job-retention-secs")]
     pub job_retention_secs: Option<u64>,
     /// The bearer token of the API; unset: no authentication.

@@ -641,7 +641,7 @@ pub async fn run_reaper(
             }
         }
         if let Some(retention) = settings.job_retention {
-            let expired = delete_expired_jobs(&store, retention).await;
+            let expired = delete_expired(&store, &settings, retention, &shutdown).await;
             metrics
                 .jobs_expired
                 .fetch_add(expired, std::sync::atomic::Ordering::Relaxed);
@@ -666,13 +666,24 @@ pub async fn run_reaper(
 }
 
 /// Deletes the finished jobs older than `retention`, as `DELETE /v1/jobs/{id}` would
-/// (report, purified model, inputs no other job uses), then the uploads that old which
-/// no job uses, a batch of each per reaper round. A job another replica deleted first is
-/// skipped. Returns how many jobs it deleted.
-async fn delete_expired_jobs(store: &Store, retention: Duration) -> u64 {
-    let cutoff = crate::store::now_ms() - retention.as_millis() as i64;
-    let jobs = delete_jobs_finished_before(store, cutoff).await;
-    let unused = match store.unused_blobs_before(cutoff, RETENTION_BATCH).await {
+/// (report, purified model, inputs no other job uses), then the uploads that old (and
+/// at least `unused_blob_min_age`) which no job uses, a batch of each per reaper round,
+/// stopping early at shutdown. A job another replica deleted first is skipped. Returns
+/// how many jobs it deleted.
+async fn delete_expired(
+    store: &Store,
+    settings: &WorkerSettings,
+    retention: Duration,
+    shutdown: &CancellationToken,
+) -> u64 {
+    let now = crate::store::now_ms();
+    let cutoff = now - retention.as_millis() as i64;
+    let jobs = delete_jobs_finished_before(store, cutoff, shutdown).await;
+    let unused_cutoff = now - retention.max(settings.unused_blob_min_age).as_millis() as i64;
+    let unused = match store
+        .unused_blobs_before(unused_cutoff, RETENTION_BATCH)
+        .await
+    {
         Ok(unused) => unused,
         Err(e) => {
             tracing::error!("finding unused uploads past their retention: {e}");
@@ -681,9 +692,12 @@ async fn delete_expired_jobs(store: &Store, retention: Duration) -> u64 {
     };
     let mut freed = 0;
     for sha in unused {
-        match store.free_blob_if_unreferenced(&sha).await {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        match store.free_blob_if_unused_since(&sha, unused_cutoff).await {
             Ok(true) => freed += 1,
-            // A job named it since: it stays.
+            // A job named it since, or an upload of the same bytes stored it again.
             Ok(false) => {}
             Err(e) => tracing::warn!(blob = %sha, "deleting an unused upload: {e}"),
         }
@@ -697,7 +711,11 @@ async fn delete_expired_jobs(store: &Store, retention: Duration) -> u64 {
     jobs
 }
 
-async fn delete_jobs_finished_before(store: &Store, cutoff: i64) -> u64 {
+async fn delete_jobs_finished_before(
+    store: &Store,
+    cutoff: i64,
+    shutdown: &CancellationToken,
+) -> u64 {
     let ids = match store.finished_before(cutoff, RETENTION_BATCH).await {
         Ok(ids) => ids,
         Err(e) => {
@@ -707,6 +725,9 @@ async fn delete_jobs_finished_before(store: &Store, cutoff: i64) -> u64 {
     };
     let (mut jobs, mut blobs) = (0, 0);
     for id in ids {
+        if shutdown.is_cancelled() {
+            break;
+        }
         match store.purge_job(&id).await {
             Ok(Some(purged)) => {
                 jobs += 1;

@@ -155,19 +155,40 @@ impl Store {
     /// artifact; returns whether it was deleted. A job created at the same moment wins:
     /// its foreign key makes the deletion fail, and the blob stays.
     pub async fn free_blob_if_unreferenced(&self, sha256: &str) -> Result<bool, StoreError> {
+        self.free_blob(sha256, None).await
+    }
+
+    /// [`Store::free_blob_if_unreferenced`], for a blob last stored before `cutoff_ms`
+    /// only: the retention sweep's delete, which an upload of the same bytes since (it
+    /// refreshes `created_at`) keeps from taking the blob that upload answered with.
+    pub async fn free_blob_if_unused_since(
+        &self,
+        sha256: &str,
+        cutoff_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.free_blob(sha256, Some(cutoff_ms)).await
+    }
+
+    async fn free_blob(
+        &self,
+        sha256: &str,
+        stored_before: Option<i64>,
+    ) -> Result<bool, StoreError> {
+        let unreferenced = "DELETE FROM blobs WHERE sha256 = $1 \
+             AND NOT EXISTS (SELECT 1 FROM jobs WHERE model_sha256 = $1 OR clean_sha256 = $1 \
+                             OR test_sha256 = $1 OR poison_sha256 = $1) \
+             AND NOT EXISTS (SELECT 1 FROM reports WHERE artifact_sha256 = $1)";
+        let sql = match stored_before {
+            Some(_) => format!("{unreferenced} AND created_at < $2"),
+            None => unreferenced.to_string(),
+        };
         let attempt = async {
             let mut tx = self.pool().begin().await?;
-            let deleted = sqlx::query(
-                "DELETE FROM blobs WHERE sha256 = $1 \
-                 AND NOT EXISTS (SELECT 1 FROM jobs WHERE model_sha256 = $1 OR clean_sha256 = $1 \
-                                 OR test_sha256 = $1 OR poison_sha256 = $1) \
-                 AND NOT EXISTS (SELECT 1 FROM reports WHERE artifact_sha256 = $1)",
-            )
-            .bind(sha256)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
+            let mut delete = sqlx::query(&sql).bind(sha256);
+            if let Some(cutoff) = stored_before {
+                delete = delete.bind(cutoff);
+            }
+            let deleted = delete.execute(&mut *tx).await?.rows_affected() == 1;
             if deleted {
                 // Chunks belong to exactly one blob (deduplication is per whole blob), so
                 // the blob's own chunks are free once its row is gone.
@@ -307,20 +328,49 @@ impl BlobUpload {
         let size = self.stored_bytes;
         let sha256 = hex::encode(self.hasher.clone().finalize());
         let mut tx = self.store.pool().begin().await?;
-        // Insert first so the transaction takes the write lock at once (SQLite) and a
-        // concurrent upload of the same bytes waits on the primary key (PostgreSQL).
-        let inserted = sqlx::query(
-            "INSERT INTO blobs (sha256, size_bytes, chunk_count, created_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (sha256) DO NOTHING",
-        )
-        .bind(&sha256)
-        .bind(size as i64)
-        .bind(self.next_seq)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
+        let now = now_ms();
+        // Write first so the transaction takes the write lock at once (SQLite). The same
+        // bytes already stored: they count as stored now, so the retention sweep (which
+        // deletes unused blobs by `created_at`) does not take the blob this upload
+        // answers with; the update also locks the row against a sweep deleting it now
+        // (PostgreSQL). Not stored: insert, and a concurrent upload of the same bytes
+        // waits on the primary key; if it got there first, its row is refreshed instead.
+        let mut stored = None;
+        for _ in 0..3 {
+            let refreshed = sqlx::query("UPDATE blobs SET created_at = $1 WHERE sha256 = $2")
+                .bind(now)
+                .bind(&sha256)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                == 1;
+            if refreshed {
+                stored = Some(false);
+                break;
+            }
+            let inserted = sqlx::query(
+                "INSERT INTO blobs (sha256, size_bytes, chunk_count, created_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (sha256) DO NOTHING",
+            )
+            .bind(&sha256)
+            .bind(size as i64)
+            .bind(self.next_seq)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if inserted {
+                stored = Some(true);
+                break;
+            }
+        }
+        // Deleted and re-stored by others three times over while this ran.
+        let Some(inserted) = stored else {
+            return Err(StoreError::Contended(
+                "the same file was being stored and deleted concurrently; try again".into(),
+            ));
+        };
         if inserted {
             let moved = sqlx::query("UPDATE blob_chunks SET blob_key = $1 WHERE blob_key = $2")
                 .bind(&sha256)

@@ -256,6 +256,74 @@ async fn the_stale_staging_sweep_removes_only_abandoned_uploads_postgres() {
     store.pool().close().await;
 }
 
+/// The retention sweep's delete takes an unused blob only if it was last stored before
+/// the cutoff: uploading the same bytes again (which answers with that blob) keeps it.
+async fn uploading_a_stored_file_again_keeps_it_from_the_retention_sweep(
+    store: bdscan::store::Store,
+) {
+    let upload = |bytes: &'static [u8]| {
+        let store = store.clone();
+        async move {
+            let mut upload = store.begin_upload();
+            upload.write(bytes).await.unwrap();
+            upload.finish().await.unwrap().sha256
+        }
+    };
+    let age = |sha: String| {
+        let store = store.clone();
+        async move {
+            sqlx::query("UPDATE blobs SET created_at = created_at - 86400000 WHERE sha256 = $1")
+                .bind(sha)
+                .execute(store.pool())
+                .await
+                .unwrap();
+        }
+    };
+    let (again, left) = (upload(b"sent twice").await, upload(b"sent once").await);
+    age(again.clone()).await;
+    age(left.clone()).await;
+    let cutoff = bdscan::store::now_ms() - 3_600_000;
+    let mut old = store.unused_blobs_before(cutoff, 10).await.unwrap();
+    old.sort();
+    let mut expected = vec![again.clone(), left.clone()];
+    expected.sort();
+    assert_eq!(old, expected);
+    // The same bytes again, as a client re-sending its clean bundle for a new job.
+    assert_eq!(upload(b"sent twice").await, again);
+    assert!(!store
+        .free_blob_if_unused_since(&again, cutoff)
+        .await
+        .unwrap());
+    assert!(store
+        .free_blob_if_unused_since(&left, cutoff)
+        .await
+        .unwrap());
+    assert!(store.blob_info(&again).await.unwrap().is_some());
+    assert!(store.blob_info(&left).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn uploading_a_stored_file_again_keeps_it_from_the_retention_sweep_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = bdscan::store::Store::connect(&bdscan::store::Store::sqlite_url(dir.path()))
+        .await
+        .unwrap();
+    uploading_a_stored_file_again_keeps_it_from_the_retention_sweep(store).await;
+}
+
+#[tokio::test]
+async fn uploading_a_stored_file_again_keeps_it_from_the_retention_sweep_postgres() {
+    let Some(url) = crate::helpers::postgres_url(
+        "uploading_a_stored_file_again_keeps_it_from_the_retention_sweep_postgres",
+    ) else {
+        return;
+    };
+    let database = crate::helpers::fresh_postgres_database(&url).await;
+    let store = bdscan::store::Store::connect(&database.url).await.unwrap();
+    uploading_a_stored_file_again_keeps_it_from_the_retention_sweep(store.clone()).await;
+    store.pool().close().await;
+}
+
 #[tokio::test]
 async fn a_refused_scan_form_leaves_none_of_its_uploads_behind() {
     let app = spawn_app(Options::default()).await;

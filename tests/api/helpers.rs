@@ -229,6 +229,7 @@ pub async fn spawn_app(options: Options) -> TestApp {
     w.job_memory_limit = options.job_memory_limit;
     w.job_timeout = options.job_timeout;
     w.job_retention = options.job_retention;
+    w.unused_blob_min_age = options.job_retention.unwrap_or_default();
     w.lease = Duration::from_secs(5);
     w.heartbeat = Duration::from_millis(200);
     w.poll_interval = options.poll_interval;

@@ -180,6 +180,8 @@ async fn finished_jobs_past_their_retention_are_deleted_with_their_own_blobs(db:
             .create_job(&json!({ "model": shared, "clean": clean }))
             .await;
         ids.push(job["id"].as_str().unwrap().to_string());
+        // Jobs run in order of creation, to the millisecond: the first must run first.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (finished, waiting) = (&ids[0], &ids[1]);
     // The older job; not TorchScript, so it fails at once, which finishes it as well
@@ -197,28 +199,29 @@ async fn finished_jobs_past_their_retention_are_deleted_with_their_own_blobs(db:
         "kept until its retention has passed"
     );
 
+    // Until the round that deleted the job has freed its blobs and counted it too.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while app.get_json(&format!("/v1/jobs/{finished}")).await.0 != StatusCode::NOT_FOUND
         || blob_status(&app, &never_used).await != StatusCode::NOT_FOUND
+        || blob_status(&app, &own).await != StatusCode::NOT_FOUND
+        || !app
+            .metrics_text()
+            .await
+            .contains("bdscan_jobs_expired_total 1\n")
     {
         assert!(
             std::time::Instant::now() < deadline,
-            "the finished job or the unused upload outlived its retention by 18 s"
+            "the finished job, its clean bundle or the unused upload outlived its \
+             retention by 18 s"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(blob_status(&app, &own).await, StatusCode::NOT_FOUND);
     for kept in [&shared, &waiting_clean] {
         assert_eq!(blob_status(&app, kept).await, StatusCode::OK, "{kept}");
     }
     let (status, job) = app.get_json(&format!("/v1/jobs/{waiting}")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(job["state"], "queued", "unfinished jobs are never expired");
-    let metrics = app.metrics_text().await;
-    assert!(
-        metrics.contains("bdscan_jobs_expired_total 1\n"),
-        "{metrics}"
-    );
     app.stop().await;
 }
 

@@ -282,7 +282,8 @@ async fn a_bundle_that_inflates_past_the_job_memory_limit_fails_its_job_as_memor
     assert_eq!(job["error"]["code"], "memory_limit", "{job}");
     let message = job["error"]["message"].as_str().unwrap();
     assert!(
-        message.contains("job_memory_limit = 1073741824 bytes"),
+        message.contains("job_memory_limit = 1073741824 bytes")
+            && message.contains("not enough memory to read npz entry `images`"),
         "{message}"
     );
     app.stop().await;

@@ -365,11 +365,12 @@ async fn finished_report(state: &AppState, id: &str) -> Result<(String, String),
             ),
         });
     }
+    // Gone between the two reads: deleted (a client's DELETE, or retention) just now.
     state
         .store
         .report(id)
         .await?
-        .ok_or_else(|| ApiError::internal(anyhow::anyhow!("succeeded job {id} has no report")))
+        .ok_or_else(|| ApiError::not_found(format!("job {id}")))
 }
 
 async fn report(
@@ -409,10 +410,12 @@ async fn artifact(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (_, sha256) = finished_report(&state, &id).await?;
-    let blob =
-        state.store.blob_info(&sha256).await?.ok_or_else(|| {
-            ApiError::internal(anyhow::anyhow!("artifact blob {sha256} is missing"))
-        })?;
+    // Gone since the report was read: the job was deleted just now.
+    let blob = state
+        .store
+        .blob_info(&sha256)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("job {id}")))?;
     let size = blob.size_bytes;
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(spec) => parse_range(spec, size)?,
