@@ -50,6 +50,18 @@ impl Histogram {
     }
 }
 
+/// The job error codes counted one by one; any other is counted as `other`, so a code
+/// never seen before cannot add a series.
+pub const FAILURE_CODES: [&str; 7] = [
+    "invalid_input",
+    "diverged",
+    "memory_limit",
+    "timed_out",
+    "worker_crashed",
+    "internal",
+    "other",
+];
+
 const HTTP_BOUNDS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
 const JOB_BOUNDS: &[f64] = &[
     1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
@@ -71,6 +83,8 @@ pub struct Metrics {
     pub jobs_expired: AtomicU64,
     /// HTTP responses by status class: 1xx..5xx.
     pub responses: [AtomicU64; 5],
+    /// Failed jobs this process's workers recorded, by error code (`FAILURE_CODES`).
+    pub failures: [AtomicU64; FAILURE_CODES.len()],
 }
 
 impl Default for Metrics {
@@ -86,6 +100,7 @@ impl Default for Metrics {
             leases_reaped: AtomicU64::default(),
             jobs_expired: AtomicU64::default(),
             responses: Default::default(),
+            failures: Default::default(),
         }
     }
 }
@@ -98,6 +113,16 @@ impl Metrics {
         {
             counter.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A failed job's error code, counted under `other` when it is none of
+    /// [`FAILURE_CODES`].
+    pub fn record_failure(&self, code: &str) {
+        let slot = FAILURE_CODES
+            .iter()
+            .position(|known| *known == code)
+            .unwrap_or(FAILURE_CODES.len() - 1);
+        self.failures[slot].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn record_outcome(&self, state: JobState) {
@@ -171,6 +196,18 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
+            "# HELP bdscan_jobs_failed_total Jobs this process's workers failed, by error code.\n\
+             # TYPE bdscan_jobs_failed_total counter"
+        );
+        for (code, counter) in FAILURE_CODES.iter().zip(&self.failures) {
+            let _ = writeln!(
+                out,
+                "bdscan_jobs_failed_total{{code=\"{code}\"}} {}",
+                get(counter)
+            );
+        }
+        let _ = writeln!(
+            out,
             "# HELP bdscan_http_responses_total HTTP responses by status class.\n\
              # TYPE bdscan_http_responses_total counter"
         );
@@ -199,6 +236,27 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_are_counted_by_known_code_and_the_rest_as_other() {
+        let metrics = Metrics::default();
+        metrics.record_failure("memory_limit");
+        metrics.record_failure("memory_limit");
+        metrics.record_failure("a code from a newer replica");
+        let out = metrics.render(&[]);
+        assert!(
+            out.contains("bdscan_jobs_failed_total{code=\"memory_limit\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("bdscan_jobs_failed_total{code=\"other\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("bdscan_jobs_failed_total{code=\"timed_out\"} 0\n"),
+            "{out}"
+        );
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative_with_sum_and_count() {

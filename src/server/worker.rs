@@ -176,17 +176,20 @@ impl Worker {
                         .await?,
                 )
             }
-            Outcome::Failed { code, message } => (
-                JobState::Failed,
-                store
+            Outcome::Failed { code, message } => {
+                let owned = store
                     .finish_unsuccessful(
                         claimed,
                         JobState::Failed,
                         &storable(&code, MAX_PHASE_CHARS),
                         &storable(&message, MAX_MESSAGE_CHARS),
                     )
-                    .await?,
-            ),
+                    .await?;
+                if owned {
+                    self.metrics.record_failure(&code);
+                }
+                (JobState::Failed, owned)
+            }
             Outcome::Cancelled => (
                 JobState::Cancelled,
                 store

@@ -359,6 +359,13 @@ async fn a_job_that_runs_past_the_time_limit_is_stopped_and_fails_as_timed_out()
         message.contains("job_timeout_secs = 2") && message.contains("during `purify`"),
         "{message}"
     );
+    // Counted by its code, for alerts on hostile or runaway models.
+    let metrics = app.metrics_text().await;
+    assert!(
+        metrics.contains("bdscan_jobs_failed_total{code=\"timed_out\"} 1\n")
+            && metrics.contains("bdscan_jobs_failed_total{code=\"memory_limit\"} 0\n"),
+        "{metrics}"
+    );
     app.stop().await;
 }
 
