@@ -441,13 +441,14 @@ fn serve(args: ServeArgs) -> ExitCode {
                 crate::server::StartError::Config(_) => (EXIT_INPUT, e.to_string()),
                 other => (EXIT_INTERNAL, other.to_string()),
             })?;
-        let authentication = if app.state().config.api_token.is_some() {
+        let authenticated = app.state().config.api_token.is_some();
+        let authentication = if authenticated {
             "bearer token"
         } else {
             "none"
         };
         tracing::info!(address = %app.local_addr(), authentication, "bdscan serving");
-        if authentication == "none" && !app.local_addr().ip().is_loopback() {
+        if !authenticated && !app.local_addr().ip().is_loopback() {
             tracing::warn!(
                 address = %app.local_addr(),
                 "no api_token is set: anyone who can reach this address can read, cancel \

@@ -438,13 +438,13 @@ fn channels_last(images: &Tensor) -> Result<Tensor, EngineError> {
     Ok(relaid)
 }
 
-/// `grad` where autograd produced one, else zeros shaped like `like`: libtorch leaves a
-/// gradient undefined for whatever the differentiated loss did not depend on.
 /// Whether every value of `t` is a finite number.
 pub fn all_finite(t: &Tensor) -> Result<bool, EngineError> {
     Ok(t.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0)
 }
 
+/// `grad` where autograd produced one, else zeros shaped like `like`: libtorch leaves a
+/// gradient undefined for whatever the differentiated loss did not depend on.
 pub fn defined_or_zeros(grad: Tensor, like: &Tensor) -> Tensor {
     if grad.defined() {
         grad

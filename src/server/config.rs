@@ -69,7 +69,7 @@ pub struct WorkerSettings {
     /// Keep jobs' scratch folders after they finish (debugging).
     pub keep_work_dirs: bool,
     /// Most private writable memory (RLIMIT_DATA) a job's child on a CPU slot may map,
-    /// in bytes; `None`: no limit. CUDA slots are not limited (see `memory_limit_for`).
+    /// in bytes; `None`: no limit. CUDA slots are not limited (see `Worker::memory_limit`).
     pub job_memory_limit: Option<u64>,
     /// How long one attempt at a job may run before it is stopped and fails with
     /// `timed_out` (a model that loops for ever would hold its slot for good); `None`:

@@ -41,6 +41,17 @@ pub struct BlobUpload {
     settled: bool,
 }
 
+/// The SQL condition that no job names the blob `sha256` (an SQL expression: a
+/// parameter or a column) as an input and no report as its artifact: what freeing a
+/// blob and finding unused ones both ask.
+fn unreferenced(sha256: &str) -> String {
+    format!(
+        "NOT EXISTS (SELECT 1 FROM jobs WHERE model_sha256 = {sha256} OR clean_sha256 = {sha256} \
+         OR test_sha256 = {sha256} OR poison_sha256 = {sha256}) \
+         AND NOT EXISTS (SELECT 1 FROM reports WHERE artifact_sha256 = {sha256})"
+    )
+}
+
 impl Store {
     pub fn begin_upload(&self) -> BlobUpload {
         BlobUpload {
@@ -174,13 +185,13 @@ impl Store {
         sha256: &str,
         stored_before: Option<i64>,
     ) -> Result<bool, StoreError> {
-        let unreferenced = "DELETE FROM blobs WHERE sha256 = $1 \
-             AND NOT EXISTS (SELECT 1 FROM jobs WHERE model_sha256 = $1 OR clean_sha256 = $1 \
-                             OR test_sha256 = $1 OR poison_sha256 = $1) \
-             AND NOT EXISTS (SELECT 1 FROM reports WHERE artifact_sha256 = $1)";
+        let delete = format!(
+            "DELETE FROM blobs WHERE sha256 = $1 AND {}",
+            unreferenced("$1")
+        );
         let sql = match stored_before {
-            Some(_) => format!("{unreferenced} AND created_at < $2"),
-            None => unreferenced.to_string(),
+            Some(_) => format!("{delete} AND created_at < $2"),
+            None => delete,
         };
         let attempt = async {
             let mut tx = self.pool().begin().await?;
@@ -208,23 +219,22 @@ impl Store {
 
     /// Up to `limit` blobs stored before `cutoff_ms` that no job or report names,
     /// oldest first: uploads never used, for the retention sweep. Each is freed with
-    /// [`Store::free_blob_if_unreferenced`], which checks again as it deletes.
+    /// [`Store::free_blob_if_unused_since`], which checks again as it deletes.
     pub async fn unused_blobs_before(
         &self,
         cutoff_ms: i64,
         limit: i64,
     ) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT sha256 FROM blobs b WHERE created_at < $1 \
-             AND NOT EXISTS (SELECT 1 FROM jobs WHERE model_sha256 = b.sha256 \
-                 OR clean_sha256 = b.sha256 OR test_sha256 = b.sha256 OR poison_sha256 = b.sha256) \
-             AND NOT EXISTS (SELECT 1 FROM reports WHERE artifact_sha256 = b.sha256) \
+        let sql = format!(
+            "SELECT sha256 FROM blobs b WHERE created_at < $1 AND {} \
              ORDER BY created_at LIMIT $2",
-        )
-        .bind(cutoff_ms)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
+            unreferenced("b.sha256")
+        );
+        let rows = sqlx::query(&sql)
+            .bind(cutoff_ms)
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await?;
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
