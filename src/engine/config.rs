@@ -166,6 +166,11 @@ pub struct ScanConfig {
     /// Step of the candidate suspect fractions tried (step, 2·step, … up to `max_fraction`).
     pub fraction_step: f64,
     pub max_fraction: f64,
+    /// When the shortcut search names a target, rank neurons and weights by their clean
+    /// score relative to their salience for that shortcut (the search's perturbation
+    /// towards the target), so that what the clean task does not need and the shortcut
+    /// does comes first; false ranks by the clean score alone.
+    pub shortcut_ranking: bool,
     pub regularizer: Regularizer,
     /// λ of the penalty on suspect parameters.
     pub reg_strength: f64,
@@ -258,6 +263,7 @@ impl Default for ScanConfig {
             weight_drop_budget: 0.05,
             fraction_step: 0.05,
             max_fraction: 0.9,
+            shortcut_ranking: true,
             regularizer: Regularizer::Ar,
             reg_strength: 10.0,
             purify_epochs: 40,

@@ -53,6 +53,26 @@ impl<'a> Monitor<'a> {
         }
     }
 
+    /// Runs `work` as pass `pass` (from 0) of `passes` equal passes through one phase:
+    /// its steps are reported as a share of all of them, so that a phase run twice
+    /// (salience on clean images, then towards a shortcut) does not start over at step 1.
+    pub fn as_pass<T>(
+        &mut self,
+        pass: u64,
+        passes: u64,
+        work: impl FnOnce(&mut Monitor) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        let outer = &mut *self.on_progress;
+        let mut scaled = |p: &Progress| {
+            outer(&Progress {
+                phase: p.phase,
+                step: pass * p.total + p.step,
+                total: passes * p.total,
+            })
+        };
+        work(&mut Monitor::new(&mut scaled, self.cancel))
+    }
+
     /// Reports a step and returns `Err(Cancelled)` if the caller asked to stop.
     pub fn step(&mut self, phase: Phase, step: u64, total: u64) -> Result<(), EngineError> {
         (self.on_progress)(&Progress { phase, step, total });
@@ -60,5 +80,32 @@ impl<'a> Monitor<'a> {
             return Err(EngineError::Cancelled);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_report_a_share_of_all_of_them_and_still_see_cancellation() {
+        let mut seen = Vec::new();
+        let cancel = AtomicBool::new(false);
+        let mut record = |p: &Progress| seen.push((p.step, p.total));
+        let mut monitor = Monitor::new(&mut record, Some(&cancel));
+        for pass in 0..2 {
+            monitor
+                .as_pass(pass, 2, |m| {
+                    (1..=3).try_for_each(|step| m.step(Phase::Salience, step, 3))
+                })
+                .unwrap();
+        }
+        cancel.store(true, Ordering::Relaxed);
+        let stopped = monitor.as_pass(1, 2, |m| m.step(Phase::Salience, 1, 3));
+        assert!(matches!(stopped, Err(EngineError::Cancelled)));
+        assert_eq!(
+            seen,
+            [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6), (4, 6)]
+        );
     }
 }

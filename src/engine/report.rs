@@ -125,9 +125,21 @@ pub struct LayerReport {
     /// `ft`. The name is kept for the schema's sake; `config.method` says which.
     #[serde(deserialize_with = "nan_as_null::many")]
     pub benign_salience: Vec<f64>,
-    /// Those scores divided by the layer's mean (what our ranking uses).
+    /// Those scores divided by the layer's mean (what our ranking uses without a
+    /// shortcut).
     #[serde(deserialize_with = "nan_as_null::many")]
     pub normalized_salience: Vec<f64>,
+    /// Our method and its activation ablation, when the shortcut search named a target
+    /// and `shortcut_ranking` is on: each neuron's benign salience for the route to that
+    /// target (clean images plus the found perturbation, labelled with the target).
+    /// Suspects were then ranked by (normalized score + 0.001) / (this over its layer's
+    /// mean + 0.001), lowest first. Absent otherwise.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "nan_as_null::some_many"
+    )]
+    pub shortcut_salience: Option<Vec<f64>>,
     #[serde(deserialize_with = "nan_as_null::many")]
     pub norm_before: Vec<f64>,
     #[serde(deserialize_with = "nan_as_null::many")]
@@ -197,6 +209,10 @@ mod nan_as_null {
         let values = Vec::<Option<f64>>::deserialize(d)?;
         Ok(values.into_iter().map(|v| v.unwrap_or(f64::NAN)).collect())
     }
+
+    pub fn some_many<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<f64>>, D::Error> {
+        many(d).map(Some)
+    }
 }
 
 impl ScanReport {
@@ -229,6 +245,7 @@ mod tests {
             width: 2,
             benign_salience: vec![f64::NAN, 1.0],
             normalized_salience: vec![f64::INFINITY, 0.5],
+            shortcut_salience: Some(vec![2.0, f64::NAN]),
             norm_before: vec![1.0, f64::NEG_INFINITY],
             norm_after: vec![0.0, 1.0],
             flagged: vec![0],
@@ -242,6 +259,17 @@ mod tests {
         assert!(back.benign_salience[0].is_nan() && back.benign_salience[1] == 1.0);
         assert!(back.normalized_salience[0].is_nan() && back.norm_before[1].is_nan());
         assert_eq!(back.norm_after, layer.norm_after);
+        let shortcut = back.shortcut_salience.unwrap();
+        assert!(shortcut[0] == 2.0 && shortcut[1].is_nan());
+        // Reports without a shortcut leave the field out, and read back as `None`.
+        let without = LayerReport {
+            shortcut_salience: None,
+            ..layer
+        };
+        let json = serde_json::to_string(&without).unwrap();
+        assert!(!json.contains("shortcut_salience"), "{json}");
+        let back: LayerReport = serde_json::from_str(&json).unwrap();
+        assert!(back.shortcut_salience.is_none());
 
         let epoch: EpochTrace = serde_json::from_str(
             r#"{"phase":"purify","epoch":1,"train_loss":null,"held_out_acc":0.9,

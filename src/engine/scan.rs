@@ -27,11 +27,11 @@ use super::patterns::{self, PatternUnlearn};
 use super::progress::{Monitor, Phase};
 use super::regularizer::{apply, tensor_scale};
 use super::report::*;
-use super::salience::{benign_salience, BenignSalience};
+use super::salience::{benign_salience, relative_to_shortcut, shortcut_salience, BenignSalience};
 use super::training::{
     accuracy, fine_tune, recalibrate_batch_norm, Distill, FineTune, Schedule, ShortcutReach,
 };
-use super::unlearn::{InputSpace, TargetSearch, Unlearn, UnlearnPlan};
+use super::unlearn::{InputSpace, Search, TargetSearch, Unlearn, UnlearnPlan};
 use super::{anp, clp, fine_pruning};
 
 /// The files of one scan.
@@ -58,6 +58,8 @@ const PURIFY_ATTEMPTS: usize = 3;
 
 /// Mixed into the scan's seed for the pattern probe's own random stream.
 const PATTERN_PROBE_STREAM: u64 = 0x7061_7474_6572_6e73;
+/// The same for the perturbation that shortcut ranking measures salience under.
+const SHORTCUT_RANKING_STREAM: u64 = 0x7368_6f72_7463_7574;
 
 /// The libtorch version this binary was built against (read by build.rs).
 pub const LIBTORCH_VERSION: &str = env!("BDSCAN_LIBTORCH_VERSION");
@@ -529,6 +531,9 @@ pub(super) struct Defended {
     /// Per layer, per neuron, what the method ranks by (benign salience, mean activation,
     /// ANP mask value, CLP's UCLC, …).
     pub scores: Vec<Vec<f64>>,
+    /// Our method and its activation ablation, when suspects were ranked relative to a
+    /// shortcut: per layer, per neuron, its shortcut salience.
+    pub shortcut_scores: Option<Vec<Vec<f64>>>,
     /// Per layer, the neurons the method flagged (or pruned).
     pub flags: Vec<Vec<bool>>,
     pub selection: Selection,
@@ -615,6 +620,38 @@ fn shortcut_unlearning(
     Ok((plan, Some(search)))
 }
 
+/// Shortcut salience (`salience::shortcut_salience`) over the training split, each image
+/// carried by one universal perturbation towards the plan's target at the radius the
+/// search settled on. The perturbation is found afresh on its own random stream, so the
+/// scan's other draws are the same whether suspects are ranked this way or not.
+fn salience_towards(
+    model: &mut ScanModel,
+    ctx: &Context,
+    plan: &UnlearnPlan,
+    monitor: &mut Monitor,
+) -> Result<BenignSalience, EngineError> {
+    let config = ctx.config;
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ SHORTCUT_RANKING_STREAM);
+    let delta = plan.unlearn.perturbation_towards(
+        model,
+        ctx.train,
+        plan.target,
+        plan.radius,
+        config.batch_size,
+        &mut rng,
+        Search::Cold,
+    )?;
+    shortcut_salience(
+        model,
+        ctx.train,
+        config.batch_size,
+        config.aggregation,
+        monitor,
+        &|images| plan.unlearn.space.perturb(images, &delta),
+        plan.target,
+    )
+}
+
 /// How the training split's stored pixels become what the model is fed, from its first
 /// images (`None` when no encoding reproduces the model's logits).
 fn input_space(model: &mut ScanModel, ctx: &Context) -> Result<Option<InputSpace>, EngineError> {
@@ -679,10 +716,25 @@ fn purify_suspects(
 ) -> Result<Defended, EngineError> {
     let config = ctx.config;
     let batch = config.batch_size;
-    let salience = match config.method {
-        Method::Activation => activation_scores(model, ctx.train, batch, monitor)?,
-        _ => benign_salience(model, ctx.train, batch, config.aggregation, monitor)?,
-    };
+    // The shortcut search runs first: what it finds can also rank the suspects. (It
+    // draws from `rng` exactly as it did after identification, which draws nothing.)
+    monitor.step(Phase::Salience, 0, 1)?;
+    // Both unlearning terms perturb images in the space the model is fed: detect it once.
+    let space = input_space(model, ctx)?;
+    let (unlearn, shortcut_search) = shortcut_unlearning(model, ctx, space, rng)?;
+    let shortcut_plan = unlearn.as_ref().filter(|_| config.shortcut_ranking);
+    let passes = if shortcut_plan.is_some() { 2 } else { 1 };
+    let salience = monitor.as_pass(0, passes, |monitor| match config.method {
+        Method::Activation => activation_scores(model, ctx.train, batch, monitor),
+        _ => benign_salience(model, ctx.train, batch, config.aggregation, monitor),
+    })?;
+    let shortcut = shortcut_plan
+        .map(|plan| monitor.as_pass(1, 2, |monitor| salience_towards(model, ctx, plan, monitor)))
+        .transpose()?;
+    let ranking = shortcut
+        .as_ref()
+        .map(|shortcut| relative_to_shortcut(&salience, shortcut))
+        .transpose()?;
     timer.lap(Phase::Salience);
 
     let budget = Budget {
@@ -692,7 +744,13 @@ fn purify_suspects(
         max_fraction: config.max_fraction,
         batch_size: batch,
     };
-    let suspects = identify(model, &salience, ctx.held_out, &budget, monitor)?;
+    let suspects = identify(
+        model,
+        ranking.as_ref().unwrap_or(&salience),
+        ctx.held_out,
+        &budget,
+        monitor,
+    )?;
     let masks = suspects.parameter_masks(model)?;
     let suspects_removed = without_suspects(model, &masks, ctx)?;
     timer.lap(Phase::Identify);
@@ -721,9 +779,6 @@ fn purify_suspects(
             temperature: config.distill_temperature,
         })
     };
-    // Both unlearning terms perturb images in the space the model is fed: detect it once.
-    let space = input_space(model, ctx)?;
-    let (unlearn, shortcut_search) = shortcut_unlearning(model, ctx, space, rng)?;
     let (patterns, pattern_probe) = pattern_unlearning(model, ctx, space)?;
     let mut warnings = Vec::new();
     // A network without normalization starts at its own rate, never above `purify_lr`,
@@ -939,6 +994,7 @@ fn purify_suspects(
     timer.lap(Phase::Recover);
     Ok(Defended {
         scores: salience.per_neuron,
+        shortcut_scores: shortcut.map(|s| s.per_neuron),
         flags: suspects.neuron_flags,
         selection: suspects.selection,
         suspect_masks: masks,
@@ -1246,6 +1302,7 @@ fn layer_reports(
             is_classifier: layer.is_classifier,
             width: layer.width,
             benign_salience: scores.clone(),
+            shortcut_salience: defended.shortcut_scores.as_ref().map(|s| s[i].clone()),
             normalized_salience: scores
                 .iter()
                 .map(|s| if mean > 0.0 { s / mean } else { 0.0 })
