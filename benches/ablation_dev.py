@@ -28,15 +28,19 @@ import defense_grid as grid  # noqa: E402
 # Controls the grid does not run, to show what each part adds: the same pipeline with
 # no penalty on the suspects (they train like every other weight), without the
 # unlearning terms (shortcut and pattern unlearning: identification, AR, distillation,
-# augmentation, pruning and recovery remain), and without either.
+# augmentation, pruning and recovery remain), without either, and with the suspects
+# ranked by benign salience alone instead of relative to the shortcut.
 NO_PENALTY = "BS, no penalty"
 NO_UNLEARNING = "BS+AR, no unlearning"
 NEITHER = "BS, no penalty, no unlearning"
+# Suspects ranked by benign salience alone, not relative to the shortcut the search found.
+CLEAN_RANKING = "BS+AR, clean ranking"
 UNLEARNING_OFF = {"unlearn_weight": 0, "pattern_weight": 0}
 grid.DEFENSES[NO_PENALTY] = ("benign_salience", {"regularizer": "none"})
 grid.DEFENSES[NO_UNLEARNING] = ("benign_salience", UNLEARNING_OFF)
 grid.DEFENSES[NEITHER] = ("benign_salience", {"regularizer": "none", **UNLEARNING_OFF})
-CONTROLS = [NO_PENALTY, NO_UNLEARNING, NEITHER]
+grid.DEFENSES[CLEAN_RANKING] = ("benign_salience", {"shortcut_ranking": False})
+CONTROLS = [NO_PENALTY, NO_UNLEARNING, NEITHER, CLEAN_RANKING]
 VARIANTS = [grid.OURS] + grid.ABLATIONS + CONTROLS
 GRID_VARIANTS = [grid.OURS] + grid.ABLATIONS
 
@@ -134,6 +138,37 @@ def suspect_norm_lines(rows, epochs=(1, 2, 3, 5, 10)):
     return lines
 
 
+def identification_lines(rows, variants):
+    """What the suspects alone carry: ASR of the arriving model with every suspect entry
+    zeroed (the report's `suspects_removed`), per variant, and the gap between the
+    rankings paired by model."""
+    lines = ["### Identification alone", "",
+             "ASR on the whole poison bundle of the model as it arrived with every suspect entry "
+             "zeroed, before any fine-tuning, and what that cost in held-out accuracy; mean over "
+             "these runs. Variants that share a ranking share these numbers.", "",
+             "| variant | ASR as arrived | ASR with the suspects zeroed | held-out cost (pts) |",
+             "|---|---|---|---|"]
+    removed = {}
+    for label in variants:
+        rs = [r for r in rows if r["defense"] == label and r.get("removed_asr") is not None]
+        if not rs:
+            continue
+        removed[label] = {(r["dataset"], r["arch"], r["attack"], r["seed"]): r["removed_asr"] for r in rs}
+        lines.append(f"| {label} | {st.mean(r['asr_before'] for r in rs):.1%} | "
+                     f"{st.mean(r['removed_asr'] for r in rs):.1%} | "
+                     f"{st.mean((r['held_out_before'] - r['removed_held_out_acc']) * 100 for r in rs):.1f} |")
+    if grid.OURS in removed and CLEAN_RANKING in removed:
+        ours, clean = removed[grid.OURS], removed[CLEAN_RANKING]
+        both = [k for k in ours if k in clean]
+        lower = sum(ours[k] < clean[k] - 1e-9 for k in both)
+        higher = sum(ours[k] > clean[k] + 1e-9 for k in both)
+        lines.append("")
+        lines.append(f"- ranked relative to the shortcut ({grid.OURS}) against benign salience alone "
+                     f"({CLEAN_RANKING}): ASR with the suspects zeroed lower on {lower} of {len(both)} "
+                     f"models, higher on {higher}, the same on the rest (no target found, so the same ranking)")
+    return lines
+
+
 def write_markdown(args, rows, total):
     # The variants these rows hold (a `--variants` run without earlier rows holds fewer).
     present = [v for v in VARIANTS if any(r["defense"] == v for r in rows)]
@@ -160,7 +195,7 @@ def write_markdown(args, rows, total):
         f"with lab seeds {', '.join(map(str, seeds))} instead of the grid's 0–2: the same lab "
         "commands, the same `bdscan scan` commands and configurations (each variant at its "
         "defaults but for `--method` or `regularizer`; the controls set `regularizer` `none`, "
-        "`unlearn_weight` and `pattern_weight` 0, or both), the "
+        "`unlearn_weight` and `pattern_weight` 0, or both, or `shortcut_ranking` false), the "
         "scan seed the model's. Only the "
         "defender's clean bundle steers any scan. DER = (max(0, ΔASR) − max(0, ΔC-Acc) + 1) / 2.")
     say("")
@@ -183,6 +218,8 @@ def write_markdown(args, rows, total):
         "the schedule length + 1). This is what the penalty acts on; DER is what it is for.")
     say("")
     lines.extend(suspect_norm_lines(mine))
+    say("")
+    lines.extend(identification_lines(mine, present))
     grid_path = Path(args.grid_json)
     if grid_path.exists() and set(GRID_VARIANTS) <= set(present):
         theirs = [r for r in shared(json.loads(grid_path.read_text()), GRID_VARIANTS) if grid.ablated(r)]

@@ -43,8 +43,10 @@ impl ProgressView {
                     *phase = Some(p.phase);
                     bar.reset();
                     bar.set_message(p.phase.as_str());
-                    bar.set_length(p.total.max(1));
                 }
+                // Set on every update: a phase's total can change as it runs (salience
+                // runs a second pass when the scan found a shortcut).
+                bar.set_length(p.total.max(1));
                 bar.set_position(p.step);
             }
             ProgressView::Lines { phase, last_decile } => {

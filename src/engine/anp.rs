@@ -274,7 +274,7 @@ pub(super) fn adversarial_neuron_pruning(
     let pruned_count: usize = pruned.iter().map(Vec::len).sum();
     Ok(Defended {
         scores,
-        shortcut_scores: None,
+        shortcut_ranking: None,
         selection: ctx.no_grid_selection(pruned_count as f64 / hidden.max(1) as f64),
         flags,
         suspect_masks: pruned_masks

@@ -135,7 +135,7 @@ pub(super) fn channel_lipschitz_pruning(
     let count: usize = pruned_neurons.iter().map(Vec::len).sum();
     Ok(Defended {
         scores,
-        shortcut_scores: None,
+        shortcut_ranking: None,
         flags,
         selection: ctx.no_grid_selection(count as f64 / conv_neurons.max(1) as f64),
         suspect_masks: pruned

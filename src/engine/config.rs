@@ -169,7 +169,8 @@ pub struct ScanConfig {
     /// When the shortcut search names a target, rank neurons and weights by their clean
     /// score relative to their salience for that shortcut (the search's perturbation
     /// towards the target), so that what the clean task does not need and the shortcut
-    /// does comes first; false ranks by the clean score alone.
+    /// does comes first; false ranks by the clean score alone. The search runs for this
+    /// even when `unlearn_weight` is 0.
     pub shortcut_ranking: bool,
     pub regularizer: Regularizer,
     /// λ of the penalty on suspect parameters.
@@ -202,7 +203,8 @@ pub struct ScanConfig {
     pub distill_weight: f64,
     pub distill_temperature: f64,
     /// Weight of the loss under each purification epoch's universal perturbation
-    /// (shortcut unlearning; 0 turns it off).
+    /// (shortcut unlearning; 0 turns it off, and the search runs only for
+    /// `shortcut_ranking`).
     pub unlearn_weight: f64,
     /// Radii tried for that perturbation, smallest first: per-pixel RMS as a fraction
     /// of the pixel range.

@@ -70,7 +70,7 @@ pub(super) fn fine_tuning_only(
     timer.lap(Phase::Purify);
     Ok(Defended {
         scores: model.layers.iter().map(|l| vec![0.0; l.width]).collect(),
-        shortcut_scores: None,
+        shortcut_ranking: None,
         flags: model.layers.iter().map(|l| vec![false; l.width]).collect(),
         selection: ctx.no_grid_selection(0.0),
         suspect_masks: no_masks(model),
@@ -193,7 +193,7 @@ pub(super) fn fine_pruning(
         .collect();
     Ok(Defended {
         scores: activations,
-        shortcut_scores: None,
+        shortcut_ranking: None,
         selection: Selection {
             neuron_fraction: pruned_count as f64 / model.layers[layer].width as f64,
             neuron_trials: trials,

@@ -6,6 +6,8 @@
 //! the larger norm ranks as more suspect, since a silent neuron with large weights is
 //! what a trigger-only pathway looks like, while a silent neuron with tiny weights is
 //! harmless either way. Individual weights are ranked the same way by their own salience.
+//! When the scan found a shortcut to a suspected target, the scores ranked here are
+//! already relative to it (`salience::relative_to_shortcut`); the rule below is the same.
 //!
 //! How many to flag is the largest fraction (on a grid) whose outright removal costs at
 //! most a budget of held-out clean accuracy: everything the clean task can spare is
@@ -34,6 +36,10 @@ pub struct Selection {
     pub weight_fraction: f64,
     pub neuron_trials: Vec<Trial>,
     pub weight_trials: Vec<Trial>,
+    /// The class whose shortcut the ranking was relative to (`shortcut_ranking`); absent
+    /// when neurons and weights were ranked by the method's clean score alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shortcut_target: Option<i64>,
 }
 
 pub struct Suspects {
@@ -235,6 +241,7 @@ pub fn identify(
             weight_fraction,
             neuron_trials,
             weight_trials,
+            shortcut_target: None,
         },
     })
 }

@@ -132,14 +132,21 @@ pub struct LayerReport {
     /// Our method and its activation ablation, when the shortcut search named a target
     /// and `shortcut_ranking` is on: each neuron's benign salience for the route to that
     /// target (clean images plus the found perturbation, labelled with the target).
-    /// Suspects were then ranked by (normalized score + 0.001) / (this over its layer's
-    /// mean + 0.001), lowest first. Absent otherwise.
+    /// Suspects were then ranked by `relative_salience`. Absent otherwise.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
         deserialize_with = "nan_as_null::some_many"
     )]
     pub shortcut_salience: Option<Vec<f64>>,
+    /// With `shortcut_salience`: what the suspects were ranked by, lowest first,
+    /// (normalized_salience + 0.001) / (shortcut_salience over its layer's mean + 0.001).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "nan_as_null::some_many"
+    )]
+    pub relative_salience: Option<Vec<f64>>,
     #[serde(deserialize_with = "nan_as_null::many")]
     pub norm_before: Vec<f64>,
     #[serde(deserialize_with = "nan_as_null::many")]
@@ -246,6 +253,7 @@ mod tests {
             benign_salience: vec![f64::NAN, 1.0],
             normalized_salience: vec![f64::INFINITY, 0.5],
             shortcut_salience: Some(vec![2.0, f64::NAN]),
+            relative_salience: Some(vec![0.5, 1.0]),
             norm_before: vec![1.0, f64::NEG_INFINITY],
             norm_after: vec![0.0, 1.0],
             flagged: vec![0],
@@ -262,14 +270,16 @@ mod tests {
         let shortcut = back.shortcut_salience.unwrap();
         assert!(shortcut[0] == 2.0 && shortcut[1].is_nan());
         // Reports without a shortcut leave the field out, and read back as `None`.
+        assert_eq!(back.relative_salience, Some(vec![0.5, 1.0]));
         let without = LayerReport {
             shortcut_salience: None,
+            relative_salience: None,
             ..layer
         };
         let json = serde_json::to_string(&without).unwrap();
         assert!(!json.contains("shortcut_salience"), "{json}");
         let back: LayerReport = serde_json::from_str(&json).unwrap();
-        assert!(back.shortcut_salience.is_none());
+        assert!(back.shortcut_salience.is_none() && back.relative_salience.is_none());
 
         let epoch: EpochTrace = serde_json::from_str(
             r#"{"phase":"purify","epoch":1,"train_loss":null,"held_out_acc":0.9,

@@ -522,6 +522,7 @@ impl Context<'_> {
             weight_fraction: 0.0,
             neuron_trials: Vec::new(),
             weight_trials: Vec::new(),
+            shortcut_target: None,
         }
     }
 }
@@ -532,8 +533,8 @@ pub(super) struct Defended {
     /// ANP mask value, CLP's UCLC, …).
     pub scores: Vec<Vec<f64>>,
     /// Our method and its activation ablation, when suspects were ranked relative to a
-    /// shortcut: per layer, per neuron, its shortcut salience.
-    pub shortcut_scores: Option<Vec<Vec<f64>>>,
+    /// shortcut: the scores involved.
+    pub shortcut_ranking: Option<ShortcutRanking>,
     /// Per layer, the neurons the method flagged (or pruned).
     pub flags: Vec<Vec<bool>>,
     pub selection: Selection,
@@ -558,6 +559,12 @@ pub(super) struct Defended {
     pub warnings: Vec<String>,
 }
 
+/// Per layer, per neuron: the shortcut salience, and the score the ranking used.
+pub(super) struct ShortcutRanking {
+    pub salience: Vec<Vec<f64>>,
+    pub relative: Vec<Vec<f64>>,
+}
+
 pub(super) fn no_masks(model: &ScanModel) -> Vec<Option<Tensor>> {
     (0..model.params.len()).map(|_| None).collect()
 }
@@ -576,25 +583,26 @@ pub(super) fn neuron_masks(
             weight_fraction: 0.0,
             neuron_trials: Vec::new(),
             weight_trials: Vec::new(),
+            shortcut_target: None,
         },
     }
     .parameter_masks(model)
 }
 
-/// Shortcut unlearning for this model: searches for a class a small universal
+/// The search behind shortcut unlearning and shortcut ranking: a class a small universal
 /// perturbation reaches far more easily than the rest. `None` (and the search result, if
-/// one ran) when turned off, when no float encoding of the clean images reproduces the
-/// model's output (a perturbation could not be added faithfully), or when no class
-/// stands out.
-fn shortcut_unlearning(
+/// one ran) when both are turned off, when no float encoding of the clean images
+/// reproduces the model's output (a perturbation could not be added faithfully), or
+/// when no class stands out.
+fn search_shortcut(
     model: &mut ScanModel,
     ctx: &Context,
     space: Option<InputSpace>,
     rng: &mut ChaCha8Rng,
 ) -> Result<(Option<UnlearnPlan>, Option<TargetSearch>), EngineError> {
     let config = ctx.config;
-    if config.unlearn_weight == 0.0 || config.unlearn_steps == 0 || config.unlearn_radii.is_empty()
-    {
+    let wanted = config.unlearn_weight > 0.0 || config.shortcut_ranking;
+    if !wanted || config.unlearn_steps == 0 || config.unlearn_radii.is_empty() {
         return Ok((None, None));
     }
     let Some(space) = space else {
@@ -718,22 +726,37 @@ fn purify_suspects(
     let batch = config.batch_size;
     // The shortcut search runs first: what it finds can also rank the suspects. (It
     // draws from `rng` exactly as it did after identification, which draws nothing.)
-    monitor.step(Phase::Salience, 0, 1)?;
     // Both unlearning terms perturb images in the space the model is fed: detect it once.
     let space = input_space(model, ctx)?;
-    let (unlearn, shortcut_search) = shortcut_unlearning(model, ctx, space, rng)?;
-    let shortcut_plan = unlearn.as_ref().filter(|_| config.shortcut_ranking);
+    let (found, shortcut_search) = search_shortcut(model, ctx, space, rng)?;
+    let shortcut_plan = found.as_ref().filter(|_| config.shortcut_ranking);
     let passes = if shortcut_plan.is_some() { 2 } else { 1 };
     let salience = monitor.as_pass(0, passes, |monitor| match config.method {
         Method::Activation => activation_scores(model, ctx.train, batch, monitor),
         _ => benign_salience(model, ctx.train, batch, config.aggregation, monitor),
     })?;
-    let shortcut = shortcut_plan
-        .map(|plan| monitor.as_pass(1, 2, |monitor| salience_towards(model, ctx, plan, monitor)))
-        .transpose()?;
+    let mut warnings = Vec::new();
+    let shortcut = match shortcut_plan {
+        Some(plan) => {
+            let scores =
+                monitor.as_pass(1, 2, |monitor| salience_towards(model, ctx, plan, monitor))?;
+            if all_finite(&scores.per_neuron) {
+                Some((plan.target, scores))
+            } else {
+                // A ranking with NaNs in it would put those neurons anywhere.
+                warnings.push(format!(
+                    "suspects ranked by clean scores alone: the salience of the shortcut to \
+                     class {} was not a number for some neurons",
+                    plan.target
+                ));
+                None
+            }
+        }
+        None => None,
+    };
     let ranking = shortcut
         .as_ref()
-        .map(|shortcut| relative_to_shortcut(&salience, shortcut))
+        .map(|(_, shortcut)| relative_to_shortcut(&salience, shortcut))
         .transpose()?;
     timer.lap(Phase::Salience);
 
@@ -744,13 +767,14 @@ fn purify_suspects(
         max_fraction: config.max_fraction,
         batch_size: batch,
     };
-    let suspects = identify(
+    let mut suspects = identify(
         model,
         ranking.as_ref().unwrap_or(&salience),
         ctx.held_out,
         &budget,
         monitor,
     )?;
+    suspects.selection.shortcut_target = shortcut.as_ref().map(|(target, _)| *target);
     let masks = suspects.parameter_masks(model)?;
     let suspects_removed = without_suspects(model, &masks, ctx)?;
     timer.lap(Phase::Identify);
@@ -779,8 +803,9 @@ fn purify_suspects(
             temperature: config.distill_temperature,
         })
     };
+    // The search ran for the ranking too; unlearning uses what it found only when on.
+    let unlearn = found.filter(|_| config.unlearn_weight > 0.0);
     let (patterns, pattern_probe) = pattern_unlearning(model, ctx, space)?;
-    let mut warnings = Vec::new();
     // A network without normalization starts at its own rate, never above `purify_lr`,
     // so that lowering `purify_lr` lowers both (see the settings).
     let (first_peak_lr, rate_setting) =
@@ -994,7 +1019,12 @@ fn purify_suspects(
     timer.lap(Phase::Recover);
     Ok(Defended {
         scores: salience.per_neuron,
-        shortcut_scores: shortcut.map(|s| s.per_neuron),
+        shortcut_ranking: shortcut
+            .zip(ranking)
+            .map(|((_, shortcut), ranking)| ShortcutRanking {
+                salience: shortcut.per_neuron,
+                relative: ranking.per_neuron,
+            }),
         flags: suspects.neuron_flags,
         selection: suspects.selection,
         suspect_masks: masks,
@@ -1071,6 +1101,10 @@ fn scratch_archive(prefix: &str) -> Result<tempfile::NamedTempFile, EngineError>
 /// affine pair after it, or BatchNorm running statistics anywhere in the archive (a
 /// BatchNorm without affine parameters, or one registered away from its layer). An
 /// archive the reader cannot parse counts by its affine pairs alone: libtorch loaded it.
+fn all_finite(scores: &[Vec<f64>]) -> bool {
+    scores.iter().flatten().all(|s| s.is_finite())
+}
+
 fn has_normalization(model: &ScanModel, ctx: &Context) -> bool {
     model
         .layers
@@ -1302,7 +1336,14 @@ fn layer_reports(
             is_classifier: layer.is_classifier,
             width: layer.width,
             benign_salience: scores.clone(),
-            shortcut_salience: defended.shortcut_scores.as_ref().map(|s| s[i].clone()),
+            shortcut_salience: defended
+                .shortcut_ranking
+                .as_ref()
+                .map(|r| r.salience[i].clone()),
+            relative_salience: defended
+                .shortcut_ranking
+                .as_ref()
+                .map(|r| r.relative[i].clone()),
             normalized_salience: scores
                 .iter()
                 .map(|s| if mean > 0.0 { s / mean } else { 0.0 })

@@ -1,7 +1,8 @@
 //! The human-readable report page: a summary (what ran, what the shortcut search found,
 //! what changed), the report's warnings, the metrics, the inputs with their hashes, the
 //! configuration and, per layer, an inline SVG of every neuron's normalised benign
-//! salience with the flagged ones in red.
+//! salience with the flagged ones in red (and, when the ranking was relative to a
+//! shortcut, both scores in each bar's title).
 
 use std::fmt::Write;
 
@@ -35,7 +36,14 @@ pub fn report_page(job_id: &str, report: &ScanReport) -> String {
          <p>Purified model sha256 <code>{artifact}</code> ({bytes} bytes): <a href=\"/v1/jobs/{id}/artifact\">download</a> · \
          <a href=\"/v1/jobs/{id}/report\">report JSON</a></p>{inputs}{config}<h2>Benign salience by layer</h2>\
          <p>Each bar is one neuron's salience relative to its layer's mean; red bars are flagged as not needed \
-         by the clean task.</p>",
+         by the clean task{ranked}.</p>",
+        ranked = match report.selection.shortcut_target {
+            Some(target) => format!(
+                " and, relative to that, needed by the shortcut to class {target} (hover a bar \
+                 for both scores)"
+            ),
+            None => String::new(),
+        },
         id = escape(job_id),
         summary = summary(report),
         warnings = warnings_list(&report.warnings),
@@ -245,8 +253,22 @@ fn salience_figure(layer: &LayerReport) -> String {
         .fold(0.0_f64, f64::max)
         .max(f64::MIN_POSITIVE);
     let bar = PLOT_WIDTH / values.len().max(1) as f64;
+    // Ranked relative to a shortcut, the flagged neurons need not be the lowest bars:
+    // the caption says so and each bar's title gives the shortcut's salience (over its
+    // layer mean, like the bars) and the score the ranking used.
+    let shortcut = layer.shortcut_salience.as_deref().map(|scores| {
+        let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
+        let mean = if mean > 0.0 { mean } else { 1.0 };
+        scores.iter().map(|s| s / mean).collect::<Vec<f64>>()
+    });
+    let relative = layer.relative_salience.as_deref();
+    let ranking = if shortcut.is_some() {
+        " (ranked relative to the shortcut's salience)"
+    } else {
+        ""
+    };
     let mut svg = format!(
-        "<figure><figcaption><code>{name}</code> · {width} neurons, {flagged} flagged</figcaption>\
+        "<figure><figcaption><code>{name}</code> · {width} neurons, {flagged} flagged{ranking}</figcaption>\
          <svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{PLOT_WIDTH}\" height=\"{PLOT_HEIGHT}\" \
          viewBox=\"0 0 {PLOT_WIDTH} {PLOT_HEIGHT}\" role=\"img\" aria-label=\"salience of {name}\">\
          <rect width=\"100%\" height=\"100%\" fill=\"#fafafa\"/>",
@@ -265,9 +287,18 @@ fn salience_figure(layer: &LayerReport) -> String {
         } else {
             "#2c7fb8"
         };
+        let title = match (
+            shortcut.as_ref().and_then(|s| s.get(i)),
+            relative.and_then(|r| r.get(i)),
+        ) {
+            (Some(s), Some(r)) => {
+                format!("neuron {i}: {value:.4}, shortcut {s:.4}, ranked by {r:.4}")
+            }
+            _ => format!("neuron {i}: {value:.4}"),
+        };
         let _ = write!(
             svg,
-            "<rect x=\"{:.2}\" y=\"{:.2}\" width=\"{:.2}\" height=\"{height:.2}\" fill=\"{colour}\"><title>neuron {i}: {value:.4}</title></rect>",
+            "<rect x=\"{:.2}\" y=\"{:.2}\" width=\"{:.2}\" height=\"{height:.2}\" fill=\"{colour}\"><title>{title}</title></rect>",
             i as f64 * bar,
             PLOT_HEIGHT - height,
             (bar * 0.9).max(0.5),
@@ -295,8 +326,8 @@ pub fn escape(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{escape, shortcut_line, warnings_list};
-    use crate::engine::report::TargetSearch;
+    use super::{escape, salience_figure, shortcut_line, warnings_list};
+    use crate::engine::report::{LayerReport, TargetSearch};
     use crate::engine::unlearn::FoundBy;
 
     #[test]
@@ -331,6 +362,39 @@ mod tests {
             list.contains("<li>accuracy fell &lt;5 points&gt; &amp; more</li>"),
             "{list}"
         );
+    }
+
+    #[test]
+    fn a_layer_ranked_relative_to_the_shortcut_says_so_and_shows_both_scores() {
+        let mut layer = LayerReport {
+            name: "features.0".into(),
+            weight_shape: vec![2, 1, 3, 3],
+            grouped_parameters: vec![],
+            is_classifier: false,
+            width: 2,
+            benign_salience: vec![0.5, 1.5],
+            normalized_salience: vec![0.5, 1.5],
+            shortcut_salience: Some(vec![0.25, 0.0]),
+            relative_salience: Some(vec![0.25, 1500.0]),
+            norm_before: vec![1.0, 1.0],
+            norm_after: vec![0.0, 1.0],
+            flagged: vec![0],
+            pruned: vec![0],
+            suspect_weights: 0,
+            pruned_weights: 0,
+        };
+        let ranked = salience_figure(&layer);
+        assert!(ranked.contains("1 flagged (ranked relative to the shortcut's salience)"));
+        // The shortcut's salience over its layer mean (0.125), like the bars.
+        assert!(
+            ranked.contains("<title>neuron 0: 0.5000, shortcut 2.0000, ranked by 0.2500</title>"),
+            "{ranked}"
+        );
+        layer.shortcut_salience = None;
+        layer.relative_salience = None;
+        let plain = salience_figure(&layer);
+        assert!(!plain.contains("shortcut"), "{plain}");
+        assert!(plain.contains("<title>neuron 0: 0.5000</title>"));
     }
 
     #[test]
