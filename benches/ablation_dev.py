@@ -11,7 +11,7 @@ grid's variants on both sets pooled.
 
     python benches/ablation_dev.py --bin target/debug/bdscan --out-md BENCHMARKS-ablation-dev.md
 
-About 50 minutes on 2 cores (24 models to train, 168 scans).
+About 65 minutes on 2 cores (24 models to train, 240 scans).
 """
 import argparse
 import json
@@ -28,8 +28,8 @@ import defense_grid as grid  # noqa: E402
 # Controls the grid does not run, to show what each part adds: the same pipeline with
 # no penalty on the suspects (they train like every other weight), without the
 # unlearning terms (shortcut and pattern unlearning: identification, AR, distillation,
-# augmentation, pruning and recovery remain), without either, and with the suspects
-# ranked by benign salience alone instead of relative to the shortcut.
+# augmentation, pruning and recovery remain; with AR, L1, L2 or no penalty), and with the
+# suspects ranked by benign salience alone instead of relative to the shortcut.
 NO_PENALTY = "BS, no penalty"
 NO_UNLEARNING = "BS+AR, no unlearning"
 NEITHER = "BS, no penalty, no unlearning"
@@ -40,7 +40,13 @@ grid.DEFENSES[NO_PENALTY] = ("benign_salience", {"regularizer": "none"})
 grid.DEFENSES[NO_UNLEARNING] = ("benign_salience", UNLEARNING_OFF)
 grid.DEFENSES[NEITHER] = ("benign_salience", {"regularizer": "none", **UNLEARNING_OFF})
 grid.DEFENSES[CLEAN_RANKING] = ("benign_salience", {"shortcut_ranking": False})
-CONTROLS = [NO_PENALTY, NO_UNLEARNING, NEITHER, CLEAN_RANKING]
+# The other penalties without the unlearning terms: where the suspects' penalty does the
+# removal, so its form can show.
+L1_NO_UNLEARNING = "BS+L1, no unlearning"
+L2_NO_UNLEARNING = "BS+L2, no unlearning"
+grid.DEFENSES[L1_NO_UNLEARNING] = ("benign_salience", {"regularizer": "l1", **UNLEARNING_OFF})
+grid.DEFENSES[L2_NO_UNLEARNING] = ("benign_salience", {"regularizer": "l2", **UNLEARNING_OFF})
+CONTROLS = [NO_PENALTY, NO_UNLEARNING, L1_NO_UNLEARNING, L2_NO_UNLEARNING, NEITHER, CLEAN_RANKING]
 VARIANTS = [grid.OURS] + grid.ABLATIONS + CONTROLS
 GRID_VARIANTS = [grid.OURS] + grid.ABLATIONS
 
@@ -145,11 +151,11 @@ def identification_lines(rows, variants):
     lines = ["### Identification alone", "",
              "ASR on the whole poison bundle of the model as it arrived with every suspect entry "
              "zeroed, before any fine-tuning, and what that cost in held-out accuracy; mean over "
-             "these runs. Variants that share a ranking share these numbers.", "",
-             "| variant | ASR as arrived | ASR with the suspects zeroed | held-out cost (pts) |",
+             "these runs, for the three rankings (every other variant shares ours' suspects).", "",
+             "| ranking (variant) | ASR as arrived | ASR with the suspects zeroed | held-out cost (pts) |",
              "|---|---|---|---|"]
     removed = {}
-    for label in variants:
+    for label in [v for v in (grid.OURS, "activation+AR", CLEAN_RANKING) if v in variants]:
         rs = [r for r in rows if r["defense"] == label and r.get("removed_asr") is not None]
         if not rs:
             continue
@@ -166,6 +172,25 @@ def identification_lines(rows, variants):
         lines.append(f"- ranked relative to the shortcut ({grid.OURS}) against benign salience alone "
                      f"({CLEAN_RANKING}): ASR with the suspects zeroed lower on {lower} of {len(both)} "
                      f"models, higher on {higher}, the same on the rest (no target found, so the same ranking)")
+    return lines
+
+
+def without_unlearning_lines(rows, variants):
+    """The penalties compared where they do the removal: AR without the unlearning terms
+    against L1, L2 and no penalty without them, paired by model."""
+    others = [v for v in (L1_NO_UNLEARNING, L2_NO_UNLEARNING, NEITHER) if v in variants]
+    if NO_UNLEARNING not in variants or not others:
+        return []
+    lines = ["", "### The penalties without the unlearning terms", "",
+             "With shortcut and pattern unlearning off, what removes the backdoor is the "
+             "penalty on the suspects (with distillation, augmented fine-tuning, pruning and "
+             "recovery, the same for all).", ""]
+    for label in others:
+        gap = grid.paired_gap(rows, label, ours=NO_UNLEARNING)
+        if gap:
+            diff, lo, hi, wins, n = gap
+            lines.append(f"- {NO_UNLEARNING} − {label}, paired by model and seed: DER {diff:+.4f} "
+                         f"(95% bootstrap interval {lo:+.4f} to {hi:+.4f}); AR higher on {wins} of {n}")
     return lines
 
 
@@ -195,7 +220,8 @@ def write_markdown(args, rows, total):
         f"with lab seeds {', '.join(map(str, seeds))} instead of the grid's 0–2: the same lab "
         "commands, the same `bdscan scan` commands and configurations (each variant at its "
         "defaults but for `--method` or `regularizer`; the controls set `regularizer` `none`, "
-        "`unlearn_weight` and `pattern_weight` 0, or both, or `shortcut_ranking` false), the "
+        "`unlearn_weight` and `pattern_weight` 0 (with each penalty), or both, or "
+        "`shortcut_ranking` false), the "
         "scan seed the model's. Only the "
         "defender's clean bundle steers any scan. DER = (max(0, ΔASR) − max(0, ΔC-Acc) + 1) / 2.")
     say("")
@@ -220,6 +246,7 @@ def write_markdown(args, rows, total):
     lines.extend(suspect_norm_lines(mine))
     say("")
     lines.extend(identification_lines(mine, present))
+    lines.extend(without_unlearning_lines(mine, present))
     grid_path = Path(args.grid_json)
     if grid_path.exists() and set(GRID_VARIANTS) <= set(present):
         theirs = [r for r in shared(json.loads(grid_path.read_text()), GRID_VARIANTS) if grid.ablated(r)]
