@@ -35,9 +35,9 @@ bench-quick: setup
 bench-sweep: build
 	.venv/bin/python benches/penalty_sweep.py --bin target/debug/bdscan --out-md BENCHMARKS-penalty-sweep.md
 
-# Ours, its three ablations and four controls (no penalty, no unlearning, neither, and
-# suspects ranked by benign salience alone) on the grid's ablated cells at development
-# seeds 103-105, pooled with the grid's last runs (~55 min on 2 cores).
+# Ours, its three ablations and six controls (no penalty; no unlearning with AR, L1, L2
+# or no penalty; suspects ranked by benign salience alone) on the grid's ablated cells at
+# development seeds 103-105, pooled with the grid's last runs (~50 min on 2 cores).
 bench-ablation-dev: build
 	.venv/bin/python benches/ablation_dev.py --bin target/debug/bdscan --out-md BENCHMARKS-ablation-dev.md
 
