@@ -862,13 +862,7 @@ fn print_summary(report: &ScanReport) {
         report.suspect_weight_count,
         report.pruned_weight_count
     );
-    let target = report.shortcut_search.as_ref().and_then(|s| s.target);
-    if let Some(target) = target.filter(|_| {
-        report
-            .layers
-            .iter()
-            .any(|layer| layer.shortcut_salience.is_some())
-    }) {
+    if let Some(target) = report.selection.shortcut_target {
         println!("suspects ranked relative to the shortcut to class {target}");
     }
     if let Some(rate) = report.purify_peak_lr {

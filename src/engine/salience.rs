@@ -190,7 +190,7 @@ pub fn relative_to_shortcut(
 
 /// A layer's mean score, or 1 where every score is zero (nothing to normalize by; the
 /// scores stay zeros).
-fn layer_mean(scores: &[f64]) -> f64 {
+pub fn layer_mean(scores: &[f64]) -> f64 {
     positive_or_one(scores.iter().sum::<f64>() / scores.len().max(1) as f64)
 }
 

@@ -736,12 +736,14 @@ fn purify_suspects(
         _ => benign_salience(model, ctx.train, batch, config.aggregation, monitor),
     })?;
     let mut warnings = Vec::new();
+    // The class, its shortcut salience, and the scores ranked relative to it.
     let shortcut = match shortcut_plan {
         Some(plan) => {
             let scores =
                 monitor.as_pass(1, 2, |monitor| salience_towards(model, ctx, plan, monitor))?;
             if all_finite(&scores.per_neuron) {
-                Some((plan.target, scores))
+                let relative = relative_to_shortcut(&salience, &scores)?;
+                Some((plan.target, scores, relative))
             } else {
                 // A ranking with NaNs in it would put those neurons anywhere.
                 warnings.push(format!(
@@ -754,10 +756,6 @@ fn purify_suspects(
         }
         None => None,
     };
-    let ranking = shortcut
-        .as_ref()
-        .map(|(_, shortcut)| relative_to_shortcut(&salience, shortcut))
-        .transpose()?;
     timer.lap(Phase::Salience);
 
     let budget = Budget {
@@ -769,12 +767,14 @@ fn purify_suspects(
     };
     let mut suspects = identify(
         model,
-        ranking.as_ref().unwrap_or(&salience),
+        shortcut
+            .as_ref()
+            .map_or(&salience, |(_, _, relative)| relative),
         ctx.held_out,
         &budget,
         monitor,
     )?;
-    suspects.selection.shortcut_target = shortcut.as_ref().map(|(target, _)| *target);
+    suspects.selection.shortcut_target = shortcut.as_ref().map(|(target, ..)| *target);
     let masks = suspects.parameter_masks(model)?;
     let suspects_removed = without_suspects(model, &masks, ctx)?;
     timer.lap(Phase::Identify);
@@ -1019,12 +1019,10 @@ fn purify_suspects(
     timer.lap(Phase::Recover);
     Ok(Defended {
         scores: salience.per_neuron,
-        shortcut_ranking: shortcut
-            .zip(ranking)
-            .map(|((_, shortcut), ranking)| ShortcutRanking {
-                salience: shortcut.per_neuron,
-                relative: ranking.per_neuron,
-            }),
+        shortcut_ranking: shortcut.map(|(_, shortcut, relative)| ShortcutRanking {
+            salience: shortcut.per_neuron,
+            relative: relative.per_neuron,
+        }),
         flags: suspects.neuron_flags,
         selection: suspects.selection,
         suspect_masks: masks,

@@ -7,6 +7,7 @@
 use std::fmt::Write;
 
 use crate::engine::report::{BundleDigest, Inputs, LayerReport, TargetSearch};
+use crate::engine::salience::layer_mean;
 use crate::engine::ScanReport;
 
 const PLOT_WIDTH: f64 = 640.0;
@@ -257,8 +258,7 @@ fn salience_figure(layer: &LayerReport) -> String {
     // the caption says so and each bar's title gives the shortcut's salience (over its
     // layer mean, like the bars) and the score the ranking used.
     let shortcut = layer.shortcut_salience.as_deref().map(|scores| {
-        let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
-        let mean = if mean > 0.0 { mean } else { 1.0 };
+        let mean = layer_mean(scores);
         scores.iter().map(|s| s / mean).collect::<Vec<f64>>()
     });
     let relative = layer.relative_salience.as_deref();
