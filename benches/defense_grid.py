@@ -344,14 +344,23 @@ def write_markdown(args, rows, seeds, total):
                              mean([(r["acc_before"] - r["acc_after"]) * 100 for r in rs]), len(rs))
     if subset:
         top = max(v[0] for v in subset.values())
-        say(f"- best average DER among our method and its ablations, on their shared runs: "
-            f"{'met' if subset.get(OURS, (0,))[0] >= top else '**not met**'}")
+        gaps = {label: paired_gap(same, label) for label in ABLATIONS}
+        verdict = "met" if subset.get(OURS, (0,))[0] >= top else "**not met**"
+        # A lead whose paired interval contains zero is one the seed could reverse: the
+        # mean meets the goal, the comparison does not show ours better.
+        level = [label for label, gap in gaps.items() if gap and gap[1] <= 0]
+        if verdict == "met" and level:
+            runner_up = max((v[0], k) for k, v in subset.items() if k != OURS)
+            verdict = (f"met on the mean, **within noise** (ours {subset[OURS][0]:.5f}, next "
+                       f"{runner_up[1]} {runner_up[0]:.5f}; the paired interval against "
+                       f"{', '.join(level)} contains zero)")
+        say(f"- best average DER among our method and its ablations, on their shared runs: {verdict}")
         say("- on the runs where every ablation also ran (" + describe_cells(ABLATED_CELLS) +
             "; same models and seeds): " + "; ".join(
                 f"{k} DER {v[0]:.4f}, ASR {v[1]:.2%}, drop {v[2]:.2f} pts ({v[3]} runs)"
                 for k, v in subset.items()))
         for label in ABLATIONS:
-            gap = paired_gap(same, label)
+            gap = gaps[label]
             if gap:
                 diff, lo, hi, wins, n = gap
                 say(f"  - {OURS} − {label}, paired by model and seed: DER {diff:+.4f} "
@@ -360,10 +369,21 @@ def write_markdown(args, rows, seeds, total):
         say(line)
     epochs = epochs_to_asr(rows)
     if epochs:
+        faster = epochs.get(OURS, (1e9,))[0] < min(epochs.get(k, (1e9,))[0] for k in ('BS+L1', 'BS+L2'))
+        gaps = {label: epochs_gap(rows, label) for label in ("BS+L1", "BS+L2")}
+        level = [label for label, gap in gaps.items() if gap and gap[2] >= 0]
+        verdict = "met" if faster else "**not met**"
+        if faster and level:
+            verdict = f"met on the mean, **within noise** (the paired interval against {', '.join(level)} contains zero)"
         say("- epochs of purification until ASR < 5% (mean over the runs of the ablated models; "
             "runs that never got there count as the schedule length + 1): " +
             ", ".join(f"{k} {v[0]:.1f} ({v[1]}/{v[2]} reached)" for k, v in epochs.items()) +
-            f" — {('met' if epochs.get(OURS, (1e9,))[0] < min(epochs.get(k, (1e9,))[0] for k in ('BS+L1', 'BS+L2')) else '**not met**')}")
+            f" — {verdict}")
+        for label, gap in gaps.items():
+            if gap:
+                diff, lo, hi, fewer, n, more = gap
+                say(f"  - AR − {label[3:]}, paired by model and seed: {diff:+.2f} epochs (95% bootstrap "
+                    f"interval {lo:+.2f} to {hi:+.2f}); AR fewer on {fewer} of {n}, more on {more}")
     say("")
     link = args.svg_link or args.svg
     say(f"![ASR and clean accuracy per purification epoch: AR vs L1 vs L2]({link})")
@@ -444,6 +464,27 @@ def first_epoch_below(trace, below=0.05):
         return None
     hit = next((t["epoch"] for t in purify if t["asr"] < below), None)
     return (hit, True) if hit is not None else (len(purify) + 1, False)
+
+
+def epochs_gap(rows, label, below=0.05, resamples=10000):
+    """Ours minus `label` in epochs to ASR < `below`, paired by model and seed over the
+    runs `epochs_to_asr` counts: (mean, 2.5%, 97.5% bootstrap bounds, runs ours took fewer,
+    runs, runs ours took more), or None."""
+    firsts = {}
+    for r in rows:
+        if ("error" in r or r["defense"] not in (OURS, label) or not ablated(r)
+                or r["asr_before"] is None or r["asr_before"] < 0.5):
+            continue
+        first = first_epoch_below(r["trace"], below)
+        if first is not None:
+            firsts.setdefault((r["dataset"], r["arch"], r["attack"], r["seed"]), {})[r["defense"]] = first[0]
+    diffs = [v[OURS] - v[label] for v in firsts.values() if len(v) == 2]
+    if not diffs:
+        return None
+    rng = random.Random(0)
+    means = sorted(mean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+    return (mean(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1],
+            sum(d < 0 for d in diffs), len(diffs), sum(d > 0 for d in diffs))
 
 
 def epochs_to_asr(rows, below=0.05):
