@@ -219,9 +219,11 @@ fn purification_end(report: &ScanReport) -> f64 {
 fn a_purification_tried_again_at_half_the_rate_keeps_the_better_held_out_attempt() {
     let dir = tempfile::tempdir().unwrap();
     let mut kept = Vec::new();
-    // At the default rate the half-rate attempt does better on the demo model; at a rate
-    // too small to move anything both end alike, and a tie keeps the first.
-    for (purify_epochs, purify_lr) in [(1, 0.05), (2, 0.05), (1, 1e-6)] {
+    // At the default rate over three epochs the half-rate attempt does better on the demo
+    // model (over one, the two tie); at a rate too small to move anything both end
+    // alike, and a tie keeps the first. Which epochs count as the dipping ones follows
+    // the scan's random draws: with the 0.1 search radius it was three, not two.
+    for (purify_epochs, purify_lr) in [(1, 0.05), (3, 0.05), (1, 1e-6)] {
         let once = ScanConfig {
             purify_epochs,
             purify_lr,
