@@ -370,8 +370,8 @@ def write_markdown(args, rows, seeds, total):
     epochs = epochs_to_asr(rows)
     if epochs:
         faster = epochs.get(OURS, (1e9,))[0] < min(epochs.get(k, (1e9,))[0] for k in ('BS+L1', 'BS+L2'))
-        gaps = {label: epochs_gap(rows, label) for label in ("BS+L1", "BS+L2")}
-        level = [label for label, gap in gaps.items() if gap and gap[2] >= 0]
+        epoch_gaps = {label: epochs_gap(rows, label) for label in ("BS+L1", "BS+L2")}
+        level = [label for label, gap in epoch_gaps.items() if gap and gap[2] >= 0]
         verdict = "met" if faster else "**not met**"
         if faster and level:
             verdict = f"met on the mean, **within noise** (the paired interval against {', '.join(level)} contains zero)"
@@ -379,7 +379,7 @@ def write_markdown(args, rows, seeds, total):
             "runs that never got there count as the schedule length + 1): " +
             ", ".join(f"{k} {v[0]:.1f} ({v[1]}/{v[2]} reached)" for k, v in epochs.items()) +
             f" — {verdict}")
-        for label, gap in gaps.items():
+        for label, gap in epoch_gaps.items():
             if gap:
                 diff, lo, hi, fewer, n, more = gap
                 say(f"  - AR − {label[3:]}, paired by model and seed: {diff:+.2f} epochs (95% bootstrap "
@@ -438,6 +438,14 @@ def purify_curves(rows, label):
     return {e: (mean(a), mean(c)) for e, (a, c) in sorted(per_epoch.items())}
 
 
+def bootstrap_mean(diffs, resamples):
+    """The mean of `diffs` and a 95% percentile-bootstrap interval of it (fixed seed, so
+    the file is reproducible)."""
+    rng = random.Random(0)
+    means = sorted(mean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+    return mean(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
 def paired_gap(rows, label, resamples=10000, ours=OURS):
     """`ours` minus `label` in DER over the backdoored (model, seed) both ran: mean, a 95%
     percentile-bootstrap interval of the mean (fixed seed, so the file is reproducible),
@@ -449,10 +457,7 @@ def paired_gap(rows, label, resamples=10000, ours=OURS):
     diffs = [d[ours] - d[label] for d in der.values() if ours in d and label in d]
     if not diffs:
         return None
-    rng = random.Random(0)
-    means = sorted(mean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
-    return (mean(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1],
-            sum(d > 0 for d in diffs), len(diffs))
+    return (*bootstrap_mean(diffs, resamples), sum(d > 0 for d in diffs), len(diffs))
 
 
 def first_epoch_below(trace, below=0.05):
@@ -468,8 +473,8 @@ def first_epoch_below(trace, below=0.05):
 
 def epochs_gap(rows, label, below=0.05, resamples=10000):
     """Ours minus `label` in epochs to ASR < `below`, paired by model and seed over the
-    runs `epochs_to_asr` counts: (mean, 2.5%, 97.5% bootstrap bounds, runs ours took fewer,
-    runs, runs ours took more), or None."""
+    backdoored ablated runs both have a trace for: (mean, 2.5%, 97.5% bootstrap bounds,
+    runs ours took fewer, runs, runs ours took more), or None."""
     firsts = {}
     for r in rows:
         if ("error" in r or r["defense"] not in (OURS, label) or not ablated(r)
@@ -481,10 +486,8 @@ def epochs_gap(rows, label, below=0.05, resamples=10000):
     diffs = [v[OURS] - v[label] for v in firsts.values() if len(v) == 2]
     if not diffs:
         return None
-    rng = random.Random(0)
-    means = sorted(mean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
-    return (mean(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1],
-            sum(d < 0 for d in diffs), len(diffs), sum(d > 0 for d in diffs))
+    return (*bootstrap_mean(diffs, resamples), sum(d < 0 for d in diffs), len(diffs),
+            sum(d > 0 for d in diffs))
 
 
 def epochs_to_asr(rows, below=0.05):

@@ -5,8 +5,9 @@
 //! any radius at which that search can still tell a target from a benign class: SIG's
 //! sinusoid at Δ = 160/255 has a per-pixel RMS near 0.3 of the range, while at the
 //! search's largest radius (0.1) no class of a SIG development model was reached from
-//! more than 41% of the images (23% at 0.07, the largest radius when this was written). Clean fine-tuning never shows the model such a pattern,
-//! so the detector behind the trigger survives it: on the SIG development models
+//! more than 41% of the images (23% at 0.07, the largest radius when this was written).
+//! Clean fine-tuning never shows the model such a pattern, so the detector behind the
+//! trigger survives it: on the SIG development models
 //! (seeds 100–105) purification left 0.5–13.6% ASR.
 //!
 //! So every purification and recovery step also feeds the batch with one random grating
