@@ -117,11 +117,15 @@ def summary_lines(rows, variants):
     best = max(variants, key=lambda label: st.mean(r["der"] for r in rows if r["defense"] == label))
     lines.append(f"- highest mean DER over these {runs} runs: {best}")
     # Only runs with a per-epoch ASR trace count (the grid traces AR, L1 and L2).
-    epochs = grid.epochs_to_asr([r for r in rows if any(t.get("asr") is not None for t in r["trace"])])
-    if epochs:
-        lines.append("- epochs of purification until ASR < 5% (on the trace's poisoned images; a run "
-                     "that never got there counts as the schedule length + 1): "
-                     + ", ".join(f"{k} {v[0]:.2f} ({v[1]}/{v[2]} reached)" for k, v in epochs.items()))
+    traced = [r for r in rows if any(t.get("asr") is not None for t in r["trace"])]
+    for steps, how in [(False, "at the end of each epoch"),
+                       (True, f"after every step of the first {grid.TRACE_STEP_EPOCHS} epochs")]:
+        epochs = grid.epochs_to_asr(traced, steps=steps)
+        if epochs:
+            lines.append(f"- epochs of purification until ASR < 5%, measured {how} (on the trace's "
+                         "poisoned images; a run that never got there counts as the schedule "
+                         "length + 1): "
+                         + ", ".join(f"{k} {v[0]:.2f} ({v[1]}/{v[2]} reached)" for k, v in epochs.items()))
     return lines
 
 

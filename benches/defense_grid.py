@@ -26,6 +26,10 @@ ANP_ITERATIONS = 300
 # Images of each measuring bundle that every per-epoch trace entry reads (the engine's
 # default, set explicitly so the plot's caption states what the runs used).
 TRACE_SAMPLES = 500
+# Purification epochs whose every optimizer step the traced runs also measure
+# (`trace_step_epochs`): on these models most of a backdoor goes within the first two
+# epochs, where counting whole epochs cannot tell the penalties apart.
+TRACE_STEP_EPOCHS = 5
 
 # Defenses: (label, method, extra config). The label is what the tables show.
 OURS = "BS+AR (ours)"
@@ -128,7 +132,8 @@ def defend(args, dataset, arch, attack, seed, label, meta):
     # ablated cells); elsewhere measuring 500 + 500 images after every epoch took about a
     # fifth of each run and changes no result (the final metrics use every image either way).
     traced = label in TRACED and (dataset, arch, attack) in ABLATED_CELLS
-    (out / "config.json").write_text(json.dumps({"trace_samples": TRACE_SAMPLES if traced else 0, **extra}))
+    trace = {"trace_samples": TRACE_SAMPLES, "trace_step_epochs": TRACE_STEP_EPOCHS} if traced else {"trace_samples": 0}
+    (out / "config.json").write_text(json.dumps({**trace, **extra}))
     cmd = [args.bin, "scan", "--model", str(model_dir / "model.pt"),
            "--clean", str(model_dir / "clean.safetensors"),
            "--test", str(model_dir / "test.safetensors"),
@@ -153,7 +158,7 @@ def defend(args, dataset, arch, attack, seed, label, meta):
         # zeroed, before fine-tuning (held-out accuracy as it arrived, for the cost).
         "held_out_before": report["selection"]["held_out_acc"],
         "removed_held_out_acc": removed.get("held_out_acc"), "removed_asr": removed.get("asr"),
-        "trace": [{k: t.get(k) for k in ("phase", "epoch", "held_out_acc", "test_acc", "asr",
+        "trace": [{k: t.get(k) for k in ("phase", "epoch", "at_epoch", "held_out_acc", "test_acc", "asr",
                                          "suspect_norm_ratio")}
                   for t in report.get("trace", [])],
     }
@@ -367,17 +372,23 @@ def write_markdown(args, rows, seeds, total):
                     f"(95% bootstrap interval {lo:+.4f} to {hi:+.4f}); ours higher on {wins} of {n}")
     for line in identification_alone(same):
         say(line)
-    epochs = epochs_to_asr(rows)
-    if epochs:
+    # Counted at each epoch's end, and (when the runs measured single steps) after every
+    # step of the first epochs: the same question at the resolution the trace allows.
+    for steps, how, digits in [(False, "measured at the end of each epoch", 1),
+                               (True, "measured after every optimizer step of the first "
+                                      f"{TRACE_STEP_EPOCHS} epochs, then at each epoch's end", 2)]:
+        epochs = epochs_to_asr(rows, steps=steps)
+        if not epochs:
+            continue
         faster = epochs.get(OURS, (1e9,))[0] < min(epochs.get(k, (1e9,))[0] for k in ('BS+L1', 'BS+L2'))
-        epoch_gaps = {label: epochs_gap(rows, label) for label in ("BS+L1", "BS+L2")}
+        epoch_gaps = {label: epochs_gap(rows, label, steps=steps) for label in ("BS+L1", "BS+L2")}
         level = [label for label, gap in epoch_gaps.items() if gap and gap[2] >= 0]
         verdict = "met" if faster else "**not met**"
         if faster and level:
             verdict = f"met on the mean, **within noise** (the paired interval against {', '.join(level)} contains zero)"
-        say("- epochs of purification until ASR < 5% (mean over the runs of the ablated models; "
-            "runs that never got there count as the schedule length + 1): " +
-            ", ".join(f"{k} {v[0]:.1f} ({v[1]}/{v[2]} reached)" for k, v in epochs.items()) +
+        say(f"- epochs of purification until ASR < 5%, {how} (mean over the runs of the ablated "
+            "models; runs that never got there count as the schedule length + 1): " +
+            ", ".join(f"{k} {v[0]:.{digits}f} ({v[1]}/{v[2]} reached)" for k, v in epochs.items()) +
             f" — {verdict}")
         for label, gap in epoch_gaps.items():
             if gap:
@@ -421,18 +432,26 @@ def identification_alone(same):
     return lines
 
 
-def purify_curves(rows, label):
-    """Mean ASR / test accuracy per purification epoch for one defense on the ablated models."""
+def purify_curves(rows, label, steps=False):
+    """Mean ASR / test accuracy per purification epoch for one defense on the ablated models;
+    with `steps`, after every step of the first `TRACE_STEP_EPOCHS` epochs instead (keyed
+    by epochs of steps run; empty when the runs measured no steps)."""
     per_epoch = {}
     for r in rows:
         if "error" in r or r["defense"] != label or not ablated(r):
             continue
         if r["asr_before"] is None or r["asr_before"] < 0.5:
             continue
+        if steps and not any(t["phase"] == "purify_step" for t in r["trace"]):
+            continue
         for t in r["trace"]:
-            if t["phase"] != "purify":
+            if steps and t["phase"] == "purify_step":
+                at = t["at_epoch"]
+            elif t["phase"] == "purify" and (not steps or t["epoch"] <= TRACE_STEP_EPOCHS):
+                at = t["epoch"]
+            else:
                 continue
-            slot = per_epoch.setdefault(t["epoch"], ([], []))
+            slot = per_epoch.setdefault(at, ([], []))
             slot[0].append(t["asr"])
             slot[1].append(t.get("test_acc") if t.get("test_acc") is not None else t["held_out_acc"])
     return {e: (mean(a), mean(c)) for e, (a, c) in sorted(per_epoch.items())}
@@ -460,27 +479,32 @@ def paired_gap(rows, label, resamples=10000, ours=OURS):
     return (*bootstrap_mean(diffs, resamples), sum(d > 0 for d in diffs), len(diffs))
 
 
-def first_epoch_below(trace, below=0.05):
+def first_epoch_below(trace, below=0.05, steps=False):
     """(the first purification epoch whose trace ASR is below `below`, whether it got
     there); a run that never does counts as the schedule length + 1. None without a
-    purification trace."""
+    purification trace (or, with `steps`, without step entries). With `steps` the
+    entries measured after single steps count too, at the epochs of steps run when
+    measured (1.4: two of five steps into epoch 2)."""
     purify = [t for t in trace if t["phase"] == "purify" and t["asr"] is not None]
-    if not purify:
+    if not purify or (steps and not any(t["phase"] == "purify_step" for t in trace)):
         return None
-    hit = next((t["epoch"] for t in purify if t["asr"] < below), None)
+    points = [t for t in trace if t["asr"] is not None and
+              (t["phase"] == "purify" or (steps and t["phase"] == "purify_step"))]
+    hit = next((t.get("at_epoch") or t["epoch"] for t in points if t["asr"] < below), None)
     return (hit, True) if hit is not None else (len(purify) + 1, False)
 
 
-def epochs_gap(rows, label, below=0.05, resamples=10000):
+def epochs_gap(rows, label, below=0.05, resamples=10000, steps=False):
     """Ours minus `label` in epochs to ASR < `below`, paired by model and seed over the
     backdoored ablated runs both have a trace for: (mean, 2.5%, 97.5% bootstrap bounds,
-    runs ours took fewer, runs, runs ours took more), or None."""
+    runs ours took fewer, runs, runs ours took more), or None. `steps` as in
+    `first_epoch_below`."""
     firsts = {}
     for r in rows:
         if ("error" in r or r["defense"] not in (OURS, label) or not ablated(r)
                 or r["asr_before"] is None or r["asr_before"] < 0.5):
             continue
-        first = first_epoch_below(r["trace"], below)
+        first = first_epoch_below(r["trace"], below, steps)
         if first is not None:
             firsts.setdefault((r["dataset"], r["arch"], r["attack"], r["seed"]), {})[r["defense"]] = first[0]
     diffs = [v[OURS] - v[label] for v in firsts.values() if len(v) == 2]
@@ -490,8 +514,9 @@ def epochs_gap(rows, label, below=0.05, resamples=10000):
             sum(d > 0 for d in diffs))
 
 
-def epochs_to_asr(rows, below=0.05):
-    """Per variant, over the runs (model, seed) where AR, L1 and L2 all ran."""
+def epochs_to_asr(rows, below=0.05, steps=False):
+    """Per variant, over the runs (model, seed) where AR, L1 and L2 all ran: (mean epochs
+    to ASR < `below`, runs that got there, runs). `steps` as in `first_epoch_below`."""
     ran = {}
     for r in rows:
         if "error" not in r:
@@ -506,7 +531,7 @@ def epochs_to_asr(rows, below=0.05):
                 continue
             if r["asr_before"] is None or r["asr_before"] < 0.5:
                 continue
-            first = first_epoch_below(r["trace"], below)
+            first = first_epoch_below(r["trace"], below, steps)
             if first is None:
                 continue
             n += 1
@@ -518,15 +543,25 @@ def epochs_to_asr(rows, below=0.05):
 
 
 def write_svg(path, rows):
-    curves = {label: purify_curves(rows, label) for label in (OURS, "BS+L1", "BS+L2")}
+    labels = (OURS, "BS+L1", "BS+L2")
+    curves = {label: purify_curves(rows, label) for label in labels}
+    step_curves = {label: purify_curves(rows, label, steps=True) for label in labels}
     colours = {OURS: "#d62728", "BS+L1": "#1f77b4", "BS+L2": "#2ca02c"}
-    width, height, pad = 860, 370, 50
-    panel_w = (width - 3 * pad) / 2
+    # (title, value index, curves, last epoch on the axis, axis label): a third panel
+    # zooms in on the first epochs when the runs measured every step there.
     max_epoch = max([max(c) for c in curves.values() if c] or [1])
+    panels = [("ASR on poisoned test set (%)", 0, curves, max_epoch, "purification epoch"),
+              ("C-Acc on clean test set (%)", 1, curves, max_epoch, "purification epoch")]
+    if any(step_curves.values()):
+        panels.append((f"ASR, first {TRACE_STEP_EPOCHS} epochs, every step (%)", 0, step_curves,
+                       TRACE_STEP_EPOCHS, "purification epochs of steps run"))
+    pad = 50
+    width, height = (860 if len(panels) == 2 else 1260), 370
+    panel_w = (width - (len(panels) + 1) * pad) / len(panels)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'font-family="sans-serif" font-size="12">',
              f'<rect width="{width}" height="{height}" fill="white"/>']
-    for p, (title, idx) in enumerate([("ASR on poisoned test set (%)", 0), ("C-Acc on clean test set (%)", 1)]):
+    for p, (title, idx, curves, max_epoch, axis) in enumerate(panels):
         x0 = pad + p * (panel_w + pad)
         y0, y1 = 30, height - 70
         lo = 0.0
@@ -544,14 +579,14 @@ def write_svg(path, rows):
             parts.append(f'<line x1="{x0}" x2="{x0 + panel_w}" y1="{sy(v)}" y2="{sy(v)}" stroke="#eee"/>')
         for e in range(0, max_epoch + 1, max(1, max_epoch // 8)):
             parts.append(f'<text x="{sx(e)}" y="{y1 + 15}" text-anchor="middle">{e}</text>')
-        parts.append(f'<text x="{x0 + panel_w / 2}" y="{y1 + 32}" text-anchor="middle">purification epoch</text>')
+        parts.append(f'<text x="{x0 + panel_w / 2}" y="{y1 + 32}" text-anchor="middle">{axis}</text>')
         for label, curve in curves.items():
             pts = [(e, v[idx] * 100) for e, v in curve.items() if v[idx] is not None]
             if not pts:
                 continue
             path_d = " ".join(f"{sx(e):.1f},{sy(v):.1f}" for e, v in pts)
             parts.append(f'<polyline fill="none" stroke="{colours[label]}" stroke-width="2" points="{path_d}"/>')
-    for i, label in enumerate(curves):
+    for i, label in enumerate(labels):
         x = pad + 10 + i * 130
         parts.append(f'<line x1="{x}" x2="{x + 20}" y1="{height - 12}" y2="{height - 12}" stroke="{colours[label]}" stroke-width="3"/>')
         parts.append(f'<text x="{x + 25}" y="{height - 8}">{label}</text>')

@@ -59,7 +59,7 @@ fn main() {
             &plan(epochs),
             &mut rng,
             &mut Monitor::new(&mut quiet, None),
-            &mut |_, _| Ok(()),
+            &mut |_, _, _| Ok(()),
             &mut |_, _, _| Ok(()),
         )
         .unwrap();

@@ -205,6 +205,75 @@ fn the_trace_measures_class_balanced_subsets_and_the_metrics_every_image() {
     assert_eq!(untraced.metrics.after, report.metrics.after);
 }
 
+#[test]
+fn step_entries_measure_inside_the_first_epochs_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ScanConfig {
+        purify_epochs: 3,
+        recovery_epochs: 1,
+        trace_samples: 50,
+        trace_step_epochs: 2,
+        ..Default::default()
+    };
+    let stepped = scan_demo(&config, dir.path().join("a.pt"));
+    let steps: Vec<_> = stepped
+        .trace
+        .iter()
+        .filter(|t| t.phase == "purify_step")
+        .collect();
+    let first_epoch = steps.iter().filter(|t| t.epoch == 1).count();
+    assert!(first_epoch >= 1, "{:?}", stepped.trace);
+    // Every step of the first two epochs but each epoch's last, which its epoch entry
+    // measures; none in the third.
+    let per_epoch = first_epoch + 1;
+    assert_eq!(steps.len(), 2 * first_epoch, "{steps:?}");
+    for (i, entry) in steps.iter().enumerate() {
+        let done = i + 1 + i / first_epoch;
+        let at = entry.at_epoch.unwrap();
+        assert!(
+            (at - done as f64 / per_epoch as f64).abs() < 1e-12,
+            "{entry:?}"
+        );
+        assert_eq!(entry.epoch, done / per_epoch + 1);
+        assert!(entry.asr.is_some() && entry.test_acc.is_some());
+        assert!(entry.train_loss.is_finite());
+    }
+    // In order: each epoch's step entries come just before its epoch entry.
+    let order: Vec<(&str, usize)> = stepped
+        .trace
+        .iter()
+        .filter(|t| t.phase.starts_with("purify"))
+        .map(|t| (t.phase.as_str(), t.epoch))
+        .collect();
+    let mut expected = Vec::new();
+    for epoch in 1..=3 {
+        if epoch <= 2 {
+            expected.extend(std::iter::repeat_n(("purify_step", epoch), first_epoch));
+        }
+        expected.push(("purify", epoch));
+    }
+    assert_eq!(order, expected);
+
+    // Measuring changes nothing the scan does: without the step entries it is the
+    // same scan, entry for entry.
+    let plain = scan_demo(
+        &ScanConfig {
+            trace_step_epochs: 0,
+            ..config
+        },
+        dir.path().join("b.pt"),
+    );
+    let without_steps: Vec<_> = stepped
+        .trace
+        .iter()
+        .filter(|t| t.phase != "purify_step")
+        .cloned()
+        .collect();
+    assert_eq!(without_steps, plain.trace);
+    assert_eq!(stepped.metrics, plain.metrics);
+    assert!(plain.trace.iter().all(|t| t.at_epoch.is_none()));
+}
+
 /// The held-out accuracy the last purification epoch of `report` ended at.
 fn purification_end(report: &ScanReport) -> f64 {
     report

@@ -125,6 +125,12 @@ pub fn split_indices(
     (train, held_out)
 }
 
+/// How many batches [`epoch_batches`] makes of `n` samples (it drops a last batch of
+/// one sample).
+pub fn batches_per_epoch(n: usize, batch_size: usize) -> usize {
+    n / batch_size + usize::from(n % batch_size >= 2)
+}
+
 /// Shuffled mini-batch index lists for one epoch. A trailing batch of one sample is
 /// dropped: BatchNorm cannot normalise a single sample in training mode.
 pub fn epoch_batches(n: usize, batch_size: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<i64>> {
@@ -174,6 +180,20 @@ mod tests {
             *counts.entry(labels[i as usize]).or_insert(0) += 1;
         }
         counts
+    }
+
+    #[test]
+    fn batches_per_epoch_counts_what_epoch_batches_makes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        for n in [0, 1, 2, 63, 64, 65, 66, 320, 321, 322] {
+            for batch_size in [2, 3, 64, 500] {
+                assert_eq!(
+                    batches_per_epoch(n, batch_size),
+                    epoch_batches(n, batch_size, &mut rng).len(),
+                    "{n} samples, batches of {batch_size}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -49,7 +49,7 @@ fn plain_fine_tune(
         &plan,
         rng,
         monitor,
-        &mut |model, _lr| hold_at_zero(model, pruned),
+        &mut |model, _lr, _loss| hold_at_zero(model, pruned),
         &mut |model, epoch, loss| {
             trace.push(ctx.tracer.record(model, "finetune", epoch, loss, None)?);
             Ok(())

@@ -179,6 +179,11 @@ pub struct MetricsPair {
 pub struct EpochTrace {
     pub phase: String,
     pub epoch: usize,
+    /// On `purify_step` entries (see `trace_step_epochs`): epochs of optimizer steps run
+    /// when it was measured, e.g. 1.4 after the second of five steps of epoch 2, which
+    /// `epoch` names; `train_loss` is that step's. Epoch entries have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_epoch: Option<f64>,
     #[serde(deserialize_with = "nan_as_null::one")]
     pub train_loss: f64,
     #[serde(deserialize_with = "nan_as_null::one")]

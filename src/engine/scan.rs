@@ -5,6 +5,7 @@
 //! purification, pruning, recovery — lives here; the baselines in `fine_pruning.rs`
 //! (FT, FP), `anp.rs` and `clp.rs`.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,7 +19,7 @@ use super::activation::hidden_activations;
 use super::archive::tensor_names;
 use super::bundle::{load_bundle, Bundle};
 use super::config::{parse_device, Method, ScanConfig};
-use super::data::{split_indices, SampleSet};
+use super::data::{batches_per_epoch, split_indices, SampleSet};
 use super::error::{bundle_error, EngineError};
 use super::identify::{identify, Budget, Selection, Suspects};
 use super::metrics::{defense_effectiveness_rating, measure, AccuracySource, PoisonSet};
@@ -815,6 +816,14 @@ fn purify_suspects(
             (config.purify_lr_unnormalized, "purify_lr_unnormalized")
         };
     let mut peak_lr = first_peak_lr;
+    let steps_per_epoch = batches_per_epoch(ctx.train.len(), batch).max(1);
+    // Steps before this one get a `purify_step` entry (but for each epoch's last, which
+    // its epoch entry measures); none when the trace measures nothing but held-out data.
+    let trace_step_limit = if config.trace_samples > 0 {
+        config.trace_step_epochs * steps_per_epoch
+    } else {
+        0
+    };
     // Purification that ends more than `purify_retry_drop` below the arriving held-out
     // accuracy (short of a collapse) has dipped: it runs once more from the arriving
     // weights at half the rate, and the attempt with the higher held-out accuracy is
@@ -841,13 +850,17 @@ fn purify_suspects(
             phase: Phase::Purify,
         };
         trace.clear();
+        // Entries measured after steps wait here until their epoch's entry is filed,
+        // so that the trace stays in order and ends with the last epoch's entry.
+        let step_entries = RefCell::new(Vec::new());
+        let mut steps_done = 0;
         let outcome = fine_tune(
             model,
             ctx.train,
             &purify_plan,
             rng,
             monitor,
-            &mut |model, lr| {
+            &mut |model, lr, loss| {
                 for ((param, mask), &scale) in model.params.iter_mut().zip(&masks).zip(&scales) {
                     if let Some(mask) = mask {
                         apply(
@@ -860,9 +873,21 @@ fn purify_suspects(
                         )?;
                     }
                 }
+                steps_done += 1;
+                if steps_done < trace_step_limit && steps_done % steps_per_epoch != 0 {
+                    let epoch = steps_done / steps_per_epoch + 1;
+                    let mut entry =
+                        ctx.tracer
+                            .record(model, "purify_step", epoch, loss, suspects_now)?;
+                    entry.at_epoch = Some(steps_done as f64 / steps_per_epoch as f64);
+                    step_entries.borrow_mut().push(entry);
+                    // Measuring switched the model to eval mode; the epoch goes on training.
+                    model.set_train()?;
+                }
                 Ok(())
             },
             &mut |model, epoch, loss| {
+                trace.append(&mut step_entries.borrow_mut());
                 trace.push(
                     ctx.tracer
                         .record(model, "purify", epoch, loss, suspects_now)?,
@@ -999,7 +1024,7 @@ fn purify_suspects(
         &recover_plan,
         rng,
         monitor,
-        &mut |model, _lr| hold_at_zero(model, &pruned),
+        &mut |model, _lr, _loss| hold_at_zero(model, &pruned),
         &mut |model, epoch, loss| {
             trace.push(
                 ctx.tracer
@@ -1234,6 +1259,7 @@ impl Tracer<'_> {
         Ok(EpochTrace {
             phase: phase.into(),
             epoch,
+            at_epoch: None,
             train_loss,
             held_out_acc,
             test_acc,

@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
 
-use super::data::{epoch_batches, random_shift, SampleSet};
+use super::data::{batches_per_epoch, epoch_batches, random_shift, SampleSet};
 use super::error::EngineError;
 use super::model::{all_finite, ScanModel};
 use super::patterns::PatternUnlearn;
@@ -120,7 +120,8 @@ pub struct ShortcutReach {
 }
 
 /// Trains `model` on `data` with cross-entropy. After every optimizer step `after_step`
-/// runs with the step's learning rate (for the regularizer or pruning masks); after every
+/// runs with the step's learning rate (for the regularizer or pruning masks) and its
+/// training loss; after every
 /// epoch `after_epoch` gets the epoch number and mean training loss. Returns, per epoch,
 /// how often the shortcut perturbation and patch reached their target.
 pub fn fine_tune(
@@ -129,10 +130,10 @@ pub fn fine_tune(
     plan: &FineTune,
     rng: &mut ChaCha8Rng,
     monitor: &mut Monitor,
-    after_step: &mut dyn FnMut(&mut ScanModel, f64) -> Result<(), EngineError>,
+    after_step: &mut dyn FnMut(&mut ScanModel, f64, f64) -> Result<(), EngineError>,
     after_epoch: &mut dyn FnMut(&mut ScanModel, usize, f64) -> Result<(), EngineError>,
 ) -> Result<Vec<ShortcutReach>, EngineError> {
-    let steps_per_epoch = epoch_batches(data.len(), plan.batch_size, &mut rng.clone()).len();
+    let steps_per_epoch = batches_per_epoch(data.len(), plan.batch_size);
     let total_steps = plan.epochs * steps_per_epoch;
     let mut optimizer = Sgd::new(model.params.len(), plan.momentum, plan.weight_decay);
     let mut step = 0;
@@ -250,8 +251,9 @@ pub fn fine_tune(
                 loss = loss.f_add(&pattern_loss.f_detach()?)?;
             }
             optimizer.step(model, lr)?;
-            after_step(model, lr)?;
-            loss_sum += loss.f_double_value(&[])?;
+            let step_loss = loss.f_double_value(&[])?;
+            after_step(model, lr, step_loss)?;
+            loss_sum += step_loss;
             step += 1;
             monitor.step(plan.phase, step as u64, total_steps as u64)?;
         }

@@ -70,7 +70,7 @@ pub fn train_model(
         &schedule,
         &mut rng,
         monitor,
-        &mut |_, _| Ok(()),
+        &mut |_, _, _| Ok(()),
         &mut |_, _, _| Ok(()),
     )?;
     model.save(out)
