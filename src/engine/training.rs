@@ -121,9 +121,9 @@ pub struct ShortcutReach {
 
 /// Trains `model` on `data` with cross-entropy. After every optimizer step `after_step`
 /// runs with the step's learning rate (for the regularizer or pruning masks) and its
-/// training loss; after every
-/// epoch `after_epoch` gets the epoch number and mean training loss. Returns, per epoch,
-/// how often the shortcut perturbation and patch reached their target.
+/// training loss; after every epoch `after_epoch` gets the epoch number and mean
+/// training loss. Returns, per epoch, how often the shortcut perturbation and patch
+/// reached their target.
 pub fn fine_tune(
     model: &mut ScanModel,
     data: &SampleSet,
