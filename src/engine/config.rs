@@ -248,8 +248,8 @@ pub struct ScanConfig {
     /// optimizer step, in entries of phase `purify_step` whose `at_epoch` says how many
     /// epochs of steps had run (0: off). It only measures: on the benchmark models
     /// purification removes most of a backdoor within its first two epochs, where
-    /// whole epochs are too coarse to tell the penalties apart. Each step's entry
-    /// costs about what the step does.
+    /// whole epochs are too coarse to tell the penalties apart. At 5 (20 entries of
+    /// 500 + 500 images) it took the grid's traced runs from 31 to 33 s on average.
     pub trace_step_epochs: usize,
     /// Settings of the baseline defenses, used only by their method.
     pub ft: FtConfig,
