@@ -432,15 +432,20 @@ def identification_alone(same):
     return lines
 
 
+def compared_per_epoch(r):
+    """Whether a row counts in the per-epoch comparisons (the plot, epochs to ASR < 5%): a
+    finished run on an ablated model whose ASR before defense is at least 50%."""
+    return ("error" not in r and ablated(r)
+            and r["asr_before"] is not None and r["asr_before"] >= 0.5)
+
+
 def purify_curves(rows, label, steps=False):
     """Mean ASR / test accuracy per purification epoch for one defense on the ablated models;
     with `steps`, after every step of the first `TRACE_STEP_EPOCHS` epochs instead (keyed
     by epochs of steps run; empty when the runs measured no steps)."""
     per_epoch = {}
     for r in rows:
-        if "error" in r or r["defense"] != label or not ablated(r):
-            continue
-        if r["asr_before"] is None or r["asr_before"] < 0.5:
+        if r["defense"] != label or not compared_per_epoch(r):
             continue
         if steps and not any(t["phase"] == "purify_step" for t in r["trace"]):
             continue
@@ -501,8 +506,7 @@ def epochs_gap(rows, label, below=0.05, resamples=10000, steps=False):
     `first_epoch_below`."""
     firsts = {}
     for r in rows:
-        if ("error" in r or r["defense"] not in (OURS, label) or not ablated(r)
-                or r["asr_before"] is None or r["asr_before"] < 0.5):
+        if r["defense"] not in (OURS, label) or not compared_per_epoch(r):
             continue
         first = first_epoch_below(r["trace"], below, steps)
         if first is not None:
@@ -527,9 +531,7 @@ def epochs_to_asr(rows, below=0.05, steps=False):
     for label in (OURS, "BS+L1", "BS+L2"):
         firsts, reached, n = [], 0, 0
         for r in rows:
-            if "error" in r or r["defense"] != label or not ablated(r):
-                continue
-            if r["asr_before"] is None or r["asr_before"] < 0.5:
+            if r["defense"] != label or not compared_per_epoch(r):
                 continue
             first = first_epoch_below(r["trace"], below, steps)
             if first is None:
