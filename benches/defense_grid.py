@@ -47,6 +47,9 @@ DEFENSES = {
 }
 BASELINES = [OURS, "FT", "FP", "ANP", "CLP"]
 ABLATIONS = ["activation+AR", "BS+L1", "BS+L2"]
+# The `kind` of the rows that measure a never-backdoored model on a backdoored model's
+# poison bundle (see `never_backdoored`); every other row is a defense run.
+NEVER_BACKDOORED = "never_backdoored"
 # The defenses whose per-epoch traces the tables and the plot read.
 TRACED = {OURS, "BS+L1", "BS+L2"}
 
@@ -164,6 +167,38 @@ def defend(args, dataset, arch, attack, seed, label, meta):
     }
 
 
+def never_backdoored(args, dataset, arch, attack, seed, meta):
+    """The row measuring the never-backdoored (`none`) model of the same dataset,
+    architecture and seed on this backdoored model's poison bundle: how often the
+    trigger's image change alone lands in the target class, with no backdoor to remove.
+    A scan with 0 fine-tuning epochs only measures."""
+    model_dir = Path(args.work) / f"{dataset}-{arch}-{attack}-s{seed}"
+    clean_dir = Path(args.work) / f"{dataset}-{arch}-none-s{seed}"
+    out = model_dir / "never_backdoored"
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [args.bin, "scan", "--model", str(clean_dir / "model.pt"),
+           "--clean", str(clean_dir / "clean.safetensors"),
+           "--test", str(model_dir / "test.safetensors"),
+           "--poison", str(model_dir / "poison.safetensors"),
+           "--method", "ft", "--epochs", "0", "--seed", str(seed), "--threads", "1",
+           "--out", str(out / "unchanged.pt"), "--report", str(out / "report.json")]
+    if not meta.get("all_to_all"):
+        cmd += ["--target-label", str(meta["target"])]
+    code, wall = run(cmd, out / "scan.log")
+    row = {"kind": NEVER_BACKDOORED, "dataset": dataset, "arch": arch, "attack": attack, "seed": seed,
+           "wall": wall}
+    if code != 0:
+        return {**row, "error": (out / "scan.log").read_text()[-600:]}
+    before = json.loads((out / "report.json").read_text())["metrics"]["before"]
+    return {**row, "asr": before["asr"], "clean_acc": before["clean_acc"]}
+
+
+def split_rows(rows):
+    """(defense runs, never-backdoored measurements) of a saved grid."""
+    return ([r for r in rows if r.get("kind") != NEVER_BACKDOORED],
+            [r for r in rows if r.get("kind") == NEVER_BACKDOORED])
+
+
 def train_and_defend(args, models, labels):
     """For the development studies: trains `models` [(dataset, arch, attack, seed)], then
     runs every defense in `labels` on each, `args.jobs` at a time. The rows and the wall
@@ -205,7 +240,7 @@ def main():
     args = ap.parse_args()
     if args.from_json:
         rows = json.loads(Path(args.from_json).read_text())
-        seeds = sorted({r["seed"] for r in rows})
+        seeds = sorted({r["seed"] for r in split_rows(rows)[0]})
         write_markdown(args, rows, seeds, (args.wall_minutes or 0) * 60)
         write_svg(args.svg, rows)
         return
@@ -221,6 +256,12 @@ def main():
             metas[key] = result
             print(f"trained {key}: acc {result[0]['clean_acc']:.4f} asr {result[0].get('asr')} "
                   f"({result[1]:.1f}s)", file=sys.stderr, flush=True)
+    # On the ablated models, what a model that never saw the trigger makes of it: the
+    # floor below which no defense's ASR can be counted as backdoor left behind.
+    baselines = [(d, a, atk, s) for d, a, atk in ABLATED_CELLS for s in seeds
+                 if (d, a, atk, s) in metas and (d, a, "none", s) in metas]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        measured = list(pool.map(lambda m: never_backdoored(args, *m, metas[m][0]), baselines))
     runs = [(d, a, atk, s, label) for d, a, atk, labels in cells for s in seeds for label in labels]
     rows = []
 
@@ -234,7 +275,7 @@ def main():
                 "train_wall": metas[(d, a, atk, s)][1], **res}
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(one, runs))
+        rows = list(pool.map(one, runs)) + measured
     total = time.monotonic() - started
     if args.out_json:
         Path(args.out_json).write_text(json.dumps(rows, indent=1))
@@ -255,8 +296,10 @@ def mean(xs):
 
 
 def write_markdown(args, rows, seeds, total):
+    rows, floors = split_rows(rows)
     ok = [r for r in rows if "error" not in r]
-    failed = [r for r in rows if "error" in r]
+    failed = [r for r in rows + floors if "error" in r]
+    floors = [r for r in floors if "error" not in r]
     lines = []
     say = lines.append
     say(f"Seeds {' '.join(map(str, seeds))}; {len(rows)} defense runs on "
@@ -285,7 +328,7 @@ def write_markdown(args, rows, seeds, total):
         say("Runs that failed (kept as information):")
         say("")
         for r in failed:
-            say(f"- {r['dataset']}/{r['arch']}/{r['attack']}/seed {r['seed']} {r['defense']}: "
+            say(f"- {r['dataset']}/{r['arch']}/{r['attack']}/seed {r['seed']} {r.get('defense', 'never-backdoored model on its poison bundle')}: "
                 f"`{r['error'].strip().splitlines()[-1] if r['error'].strip() else 'no output'}`")
 
     # Averages per defense over backdoored models whose ASR before defense is >= 50%.
@@ -312,6 +355,18 @@ def write_markdown(args, rows, seeds, total):
         f = lambda x, fmt: "–" if x is None else fmt.format(x)
         say(f"| {label} | {len(bd)} | {f(asr, '{:.2%}')} | {f(drop, '{:.2f}')} | {f(der, '{:.4f}')} | "
             f"{f(clean_drop, '{:.2f}')} | {f(wall, '{:.1f}')} |")
+    # The ablations ran on fewer models than ours, so their rows above average other runs
+    # than ours does: this row is ours on exactly the ablations' runs, the like-for-like
+    # line to read them against.
+    on_ablated = [r for r in ok if r["defense"] == OURS and ablated(r)
+                  and r["asr_before"] is not None and r["asr_before"] >= 0.5]
+    if on_ablated and any(r["defense"] in ABLATIONS for r in ok):
+        asr = mean([r["asr_after"] for r in on_ablated])
+        drop = mean([(r["acc_before"] - r["acc_after"]) * 100 for r in on_ablated])
+        der = mean([r["der"] for r in on_ablated])
+        wall = mean([r["wall"] for r in on_ablated])
+        say(f"| {OURS}, on the ablations' models only | {len(on_ablated)} | {asr:.2%} | {drop:.2f} | "
+            f"{der:.4f} | – | {wall:.1f} |")
 
     say("")
     say("### Goals (issue 3)")
@@ -370,6 +425,8 @@ def write_markdown(args, rows, seeds, total):
                 diff, lo, hi, wins, n = gap
                 say(f"  - {OURS} − {label}, paired by model and seed: DER {diff:+.4f} "
                     f"(95% bootstrap interval {lo:+.4f} to {hi:+.4f}); ours higher on {wins} of {n}")
+    for line in left_to_remove(same, floors):
+        say(line)
     for line in identification_alone(same):
         say(line)
     # Counted at each epoch's end, and (when the runs measured single steps) after every
@@ -406,6 +463,41 @@ def write_markdown(args, rows, seeds, total):
         "the runs no table or plot reads per epoch skip the trace (`trace_samples` 0, which changes "
         "no result).")
     Path(args.out_md).write_text("\n".join(lines) + "\n")
+
+
+def left_to_remove(same, floors):
+    """Bullet lines: on the shared runs, each variant's ASR after against the rate at which
+    a never-backdoored model of the same dataset, architecture and seed puts the same
+    triggered images in the target class."""
+    rate = {(r["dataset"], r["arch"], r["attack"], r["seed"]): r["asr"] for r in floors}
+    key = lambda r: (r["dataset"], r["arch"], r["attack"], r["seed"])
+    shared = [r for r in same if key(r) in rate and r["asr_before"] is not None and r["asr_before"] >= 0.5]
+    variants = [label for label in [OURS] + ABLATIONS if any(r["defense"] == label for r in shared)]
+    if not variants:
+        return []
+    order = {cell: i for i, cell in enumerate(ABLATED_CELLS)}
+    measured = sorted({key(r) for r in shared}, key=lambda k: (order.get(k[:3], len(order)), k))
+    floor = mean([rate[k] for k in measured])
+    per_attack = {}
+    for k in measured:
+        name = k[2] if k[0] == MAIN[0] and k[1] == MAIN[1] else f"{k[0]} {k[1].upper()} {k[2]}"
+        per_attack.setdefault(name, []).append(rate[k])
+    after = {}
+    parts = []
+    for label in variants:
+        rs = [r for r in shared if r["defense"] == label]
+        after[label] = mean([r["asr_after"] for r in rs])
+        at_or_below = sum(r["asr_after"] <= rate[key(r)] for r in rs)
+        parts.append(f"{label} {after[label]:.2%} (at or below it on {at_or_below} of {len(rs)})")
+    line = (f"- what was left to remove on those runs: the never-backdoored (`none`) model of the same "
+            f"dataset, architecture and seed puts {floor:.2%} of the same triggered images in the target "
+            f"class, with no backdoor at all (per attack: "
+            + ", ".join(f"{name} {mean(v):.2%}" for name, v in per_attack.items())
+            + f"; {len(measured)} models). ASR after the defense: " + "; ".join(parts))
+    if all(v <= floor for v in after.values()):
+        line += (". Every variant ends below that rate on the mean: what separates their ASR is "
+                 "less than a model with no backdoor shows")
+    return [line]
 
 
 def identification_alone(same):
@@ -545,6 +637,7 @@ def epochs_to_asr(rows, below=0.05, steps=False):
 
 
 def write_svg(path, rows):
+    rows, _ = split_rows(rows)
     labels = (OURS, "BS+L1", "BS+L2")
     curves = {label: purify_curves(rows, label) for label in labels}
     step_curves = {label: purify_curves(rows, label, steps=True) for label in labels}
