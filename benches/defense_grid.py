@@ -358,9 +358,11 @@ def write_markdown(args, rows, seeds, total):
     # The ablations ran on fewer models than ours, so their rows above average other runs
     # than ours does: this row is ours on exactly the ablations' runs, the like-for-like
     # line to read them against.
-    on_ablated = [r for r in ok if r["defense"] == OURS and ablated(r)
+    model_of = lambda r: (r["dataset"], r["arch"], r["attack"], r["seed"])
+    with_ablations = {model_of(r) for r in ok if r["defense"] in ABLATIONS}
+    on_ablated = [r for r in ok if r["defense"] == OURS and model_of(r) in with_ablations
                   and r["asr_before"] is not None and r["asr_before"] >= 0.5]
-    if on_ablated and any(r["defense"] in ABLATIONS for r in ok):
+    if on_ablated:
         asr = mean([r["asr_after"] for r in on_ablated])
         drop = mean([(r["acc_before"] - r["acc_after"]) * 100 for r in on_ablated])
         der = mean([r["der"] for r in on_ablated])
