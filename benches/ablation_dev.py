@@ -80,9 +80,15 @@ def main():
         return
     models = [(d, a, atk, s) for d, a, atk in grid.ABLATED_CELLS for s in args.seeds]
     rows, total = grid.train_and_defend(args, models, args.variants)
+    # What a model that never saw the trigger makes of it, on each of these models'
+    # poison bundles: the floor below which ASR is no backdoor left behind.
+    started = time.monotonic()
+    floors = grid.measure_never_backdoored(args, models)
+    total += time.monotonic() - started
     if set(args.variants) != set(VARIANTS) and Path(args.out_json).exists():
-        rows = [r for r in json.loads(Path(args.out_json).read_text())
-                if r["defense"] not in args.variants] + rows
+        earlier, _ = grid.split_rows(json.loads(Path(args.out_json).read_text()))
+        rows = [r for r in earlier if r["defense"] not in args.variants] + rows
+    rows += floors
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps(rows, indent=1))
     write_markdown(args, rows, total)
@@ -199,6 +205,9 @@ def without_unlearning_lines(rows, variants):
 
 
 def write_markdown(args, rows, total):
+    rows, floors = grid.split_rows(rows)
+    failed_floors = [r for r in floors if "error" in r]
+    floors = [r for r in floors if "error" not in r]
     # The variants these rows hold (a `--variants` run without earlier rows holds fewer).
     present = [v for v in VARIANTS if any(r["defense"] == v for r in rows)]
     mine = shared(rows, present)
@@ -249,21 +258,31 @@ def write_markdown(args, rows, total):
     say("")
     lines.extend(suspect_norm_lines(mine))
     say("")
+    floor_lines = grid.left_to_remove(mine, floors, variants=present)
+    if floor_lines:
+        say("### What was left to remove")
+        say("")
+        lines.extend(floor_lines)
+        say("")
     lines.extend(identification_lines(mine, present))
     lines.extend(without_unlearning_lines(mine, present))
     grid_path = Path(args.grid_json)
     if grid_path.exists() and set(GRID_VARIANTS) <= set(present):
-        theirs = [r for r in shared(json.loads(grid_path.read_text()), GRID_VARIANTS) if grid.ablated(r)]
+        grid_rows, grid_floors = grid.split_rows(json.loads(grid_path.read_text()))
+        theirs = [r for r in shared(grid_rows, GRID_VARIANTS) if grid.ablated(r)]
         if theirs:
             say("")
             say(f"## Pooled with the grid's runs ({grid_path}, seeds 0–2)")
             say("")
             mine = [r for r in mine if r["defense"] in GRID_VARIANTS]
             lines.extend(summary_lines(mine + theirs, GRID_VARIANTS))
-    failed = [r for r in rows if "error" in r]
+            lines.extend(grid.left_to_remove(mine + theirs, floors + [r for r in grid_floors if "error" not in r]))
+    failed = [r for r in rows + failed_floors if "error" in r]
     if failed:
         say("")
-        say("Failed runs: " + "; ".join(f"{r['attack']} s{r['seed']} {r['defense']}" for r in failed))
+        say("Failed runs: " + "; ".join(f"{r['attack']} s{r['seed']} "
+                                        f"{r.get('defense', 'never-backdoored model on its poison bundle')}"
+                                        for r in failed))
     Path(args.out_md).write_text("\n".join(lines) + "\n")
 
 

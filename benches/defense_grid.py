@@ -193,6 +193,18 @@ def never_backdoored(args, dataset, arch, attack, seed, meta):
     return {**row, "asr": before["asr"], "clean_acc": before["clean_acc"]}
 
 
+def measure_never_backdoored(args, models):
+    """Trains (or, with `--reuse`, finds) the `none` model of each backdoored model's
+    dataset, architecture and seed, and measures it on that model's poison bundle: the
+    `never_backdoored` rows for `models` [(dataset, arch, attack, seed)], already trained."""
+    clean = sorted({(d, a, "none", s) for d, a, _, s in models})
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda m: train(args, *m), clean))
+    meta = lambda m: json.loads((Path(args.work) / f"{m[0]}-{m[1]}-{m[2]}-s{m[3]}" / "meta.json").read_text())
+    with ThreadPoolExecutor(args.jobs) as pool:
+        return list(pool.map(lambda m: never_backdoored(args, *m, meta(m)), models))
+
+
 def split_rows(rows):
     """(defense runs, never-backdoored measurements) of a saved grid."""
     return ([r for r in rows if r.get("kind") != NEVER_BACKDOORED],
@@ -467,14 +479,16 @@ def write_markdown(args, rows, seeds, total):
     Path(args.out_md).write_text("\n".join(lines) + "\n")
 
 
-def left_to_remove(same, floors):
-    """Bullet lines: on the shared runs, each variant's ASR after against the rate at which
-    a never-backdoored model of the same dataset, architecture and seed puts the same
-    triggered images in the target class."""
+def left_to_remove(same, floors, variants=None):
+    """Bullet lines: on the shared runs, each variant's ASR after (ours and its ablations
+    unless `variants` says otherwise) against the rate at which a never-backdoored model of
+    the same dataset, architecture and seed puts the same triggered images in the target
+    class."""
     rate = {(r["dataset"], r["arch"], r["attack"], r["seed"]): r["asr"] for r in floors}
     key = lambda r: (r["dataset"], r["arch"], r["attack"], r["seed"])
     shared = [r for r in same if key(r) in rate and r["asr_before"] is not None and r["asr_before"] >= 0.5]
-    variants = [label for label in [OURS] + ABLATIONS if any(r["defense"] == label for r in shared)]
+    variants = [label for label in (variants or [OURS] + ABLATIONS)
+                if any(r["defense"] == label for r in shared)]
     if not variants:
         return []
     order = {cell: i for i, cell in enumerate(ABLATED_CELLS)}
