@@ -37,7 +37,8 @@ bench-sweep: build
 
 # Ours, its three ablations and six controls (no penalty; no unlearning with AR, L1, L2
 # or no penalty; suspects ranked by benign salience alone) on the grid's ablated cells at
-# development seeds 103-105, pooled with the grid's last runs (~50 min on 2 cores).
+# development seeds 103-105, with the never-backdoored measurement, pooled with the grid's
+# last runs (about an hour on 2 cores).
 bench-ablation-dev: build
 	.venv/bin/python benches/ablation_dev.py --bin target/debug/bdscan --out-md BENCHMARKS-ablation-dev.md
 
