@@ -84,8 +84,7 @@ def main():
     earlier_floors = []
     if Path(args.out_json).exists():
         earlier, earlier_floors = grid.split_rows(json.loads(Path(args.out_json).read_text()))
-        earlier_floors = [r for r in earlier_floors
-                          if (r["dataset"], r["arch"], r["attack"], r["seed"]) in models]
+        earlier_floors = [r for r in earlier_floors if grid.model_key(r) in models]
         if set(args.variants) != set(VARIANTS):
             rows = [r for r in earlier if r["defense"] not in args.variants] + rows
     # Saved before the measurements below, whose failure must not lose the scans (the
@@ -97,9 +96,8 @@ def main():
     started = time.monotonic()
     floors = grid.measure_never_backdoored(args, models)
     total += time.monotonic() - started
-    key = lambda r: (r["dataset"], r["arch"], r["attack"], r["seed"])
-    remeasured = {key(r) for r in floors if "error" not in r}
-    rows += [r for r in earlier_floors if "error" not in r and key(r) not in remeasured] + floors
+    remeasured = {grid.model_key(r) for r in floors if "error" not in r}
+    rows += [r for r in earlier_floors if "error" not in r and grid.model_key(r) not in remeasured] + floors
     Path(args.out_json).write_text(json.dumps(rows, indent=1))
     write_markdown(args, rows, total)
 

@@ -68,6 +68,16 @@ def ablated(r):
     return (r["dataset"], r["arch"], r["attack"]) in ABLATED_CELLS
 
 
+def model_key(r):
+    """The (dataset, arch, attack, seed) a row is about: what runs are paired by."""
+    return (r["dataset"], r["arch"], r["attack"], r["seed"])
+
+
+def backdoored(r):
+    """Whether the row's model arrived backdoored enough to count (ASR before >= 50%)."""
+    return r["asr_before"] is not None and r["asr_before"] >= 0.5
+
+
 def describe_cells(cells):
     by_model = {}
     for dataset, arch, attack in cells:
@@ -373,10 +383,8 @@ def write_markdown(args, rows, seeds, total):
     # The ablations ran on fewer models than ours, so their rows above average other runs
     # than ours does: this row is ours on exactly the ablations' runs, the like-for-like
     # line to read them against.
-    model_of = lambda r: (r["dataset"], r["arch"], r["attack"], r["seed"])
-    with_ablations = {model_of(r) for r in ok if r["defense"] in ABLATIONS}
-    on_ablated = [r for r in ok if r["defense"] == OURS and model_of(r) in with_ablations
-                  and r["asr_before"] is not None and r["asr_before"] >= 0.5]
+    with_ablations = {model_key(r) for r in ok if r["defense"] in ABLATIONS}
+    on_ablated = [r for r in ok if r["defense"] == OURS and model_key(r) in with_ablations and backdoored(r)]
     if on_ablated:
         asr = mean([r["asr_after"] for r in on_ablated])
         drop = mean([(r["acc_before"] - r["acc_after"]) * 100 for r in on_ablated])
@@ -489,52 +497,43 @@ def left_to_remove(same, floors, variants=None):
     unless `variants` says otherwise) against the rate at which a never-backdoored model of
     the same dataset, architecture and seed puts the same triggered images in the target
     class."""
-    rate = {(r["dataset"], r["arch"], r["attack"], r["seed"]): r["asr"] for r in floors}
-    key = lambda r: (r["dataset"], r["arch"], r["attack"], r["seed"])
-    shared = [r for r in same if key(r) in rate and r["asr_before"] is not None and r["asr_before"] >= 0.5]
+    rate = {model_key(r): r["asr"] for r in floors}
+    shared = [r for r in same if model_key(r) in rate and backdoored(r)]
     variants = [label for label in (variants or [OURS] + ABLATIONS)
                 if any(r["defense"] == label for r in shared)]
     if not variants:
         return []
     order = {cell: i for i, cell in enumerate(ABLATED_CELLS)}
-    measured = sorted({key(r) for r in shared}, key=lambda k: (order.get(k[:3], len(order)), k))
+    measured = sorted({model_key(r) for r in shared}, key=lambda k: (order.get(k[:3], len(order)), k))
     floor = mean([rate[k] for k in measured])
-    name_of = lambda k: k[2] if k[:2] == MAIN else f"{k[0]} {k[1].upper()} {k[2]}"
+    # The measured models by attack, in the order of ABLATED_CELLS.
     per_attack = {}
     for k in measured:
-        per_attack.setdefault(name_of(k), []).append(rate[k])
+        per_attack.setdefault(k[2] if k[:2] == MAIN else f"{k[0]} {k[1].upper()} {k[2]}", []).append(k)
     # What a clean model does not explain: ASR after above the never-backdoored model's
     # rate on the same images, run by run (a run below it counts 0, so SIG's high rate
     # cannot hide a leftover elsewhere).
-    excess = lambda r: max(0.0, r["asr_after"] - rate[key(r)])
+    excess = lambda r: max(0.0, r["asr_after"] - rate[model_key(r)])
     parts = []
     for label in variants:
         rs = [r for r in shared if r["defense"] == label]
-        at_or_below = sum(r["asr_after"] <= rate[key(r)] for r in rs)
+        at_or_below = sum(r["asr_after"] <= rate[model_key(r)] for r in rs)
         parts.append(f"{label} {mean([r['asr_after'] for r in rs]):.2%}, excess "
                      f"{mean([excess(r) for r in rs]):.2%}, at or below the rate on {at_or_below} of {len(rs)}")
     lines = [f"- what was left to remove on those runs: the never-backdoored (`none`) model of the same "
              f"dataset, architecture and seed puts {floor:.2%} of the same triggered images in the target "
              f"class, with no backdoor at all (per attack: "
-             + ", ".join(f"{name} {mean(v):.2%}" for name, v in per_attack.items())
+             + ", ".join(f"{name} {mean([rate[k] for k in keys]):.2%}" for name, keys in per_attack.items())
              + f"; {len(measured)} models). ASR after the defense, and its excess over that rate (run "
              "by run, max(0, ASR after − the rate): what a clean model does not explain), mean over "
              "the runs: " + "; ".join(parts)]
     by_attack = []
-    for name, keys in per_attack_keys(measured, name_of).items():
-        cells = [mean([excess(r) for r in shared if r["defense"] == label and key(r) in keys])
+    for name, keys in per_attack.items():
+        cells = [mean([excess(r) for r in shared if r["defense"] == label and model_key(r) in keys])
                  for label in variants]
         by_attack.append(f"{name} " + " / ".join(f"{x:.2%}" for x in cells))
     lines.append(f"  - excess per attack ({' / '.join(variants)}): " + "; ".join(by_attack))
     return lines
-
-
-def per_attack_keys(measured, name_of):
-    """The measured (dataset, arch, attack, seed) keys grouped by attack name, in order."""
-    groups = {}
-    for k in measured:
-        groups.setdefault(name_of(k), set()).add(k)
-    return groups
 
 
 def identification_alone(same):
@@ -564,8 +563,7 @@ def identification_alone(same):
 def compared_per_epoch(r):
     """Whether a row counts in the per-epoch comparisons (the plot, epochs to ASR < 5%): a
     finished run on an ablated model whose ASR before defense is at least 50%."""
-    return ("error" not in r and ablated(r)
-            and r["asr_before"] is not None and r["asr_before"] >= 0.5)
+    return "error" not in r and ablated(r) and backdoored(r)
 
 
 def purify_curves(rows, label, steps=False):
@@ -599,29 +597,29 @@ def bootstrap_mean(diffs, resamples):
     return mean(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
+def paired_diffs(rows, label, value, ours=OURS):
+    """`value(ours' row) − value(label's row)` for every backdoored (model, seed) both ran."""
+    by_model = {}
+    for r in rows:
+        if backdoored(r):
+            by_model.setdefault(model_key(r), {})[r["defense"]] = r
+    return [value(d[ours]) - value(d[label]) for d in by_model.values() if ours in d and label in d]
+
+
 def der_terms_gap(rows, label, ours=OURS):
     """`ours` minus `label` in DER's two terms, mean over the backdoored (model, seed) both
     ran: max(0, ΔASR) / 2 and −max(0, ΔC-Acc) / 2. They add up to the DER gap."""
-    terms = {}
-    for r in rows:
-        if r["defense"] in (ours, label) and r["asr_before"] is not None and r["asr_before"] >= 0.5:
-            terms.setdefault((r["dataset"], r["arch"], r["attack"], r["seed"]), {})[r["defense"]] = (
-                max(0.0, r["asr_before"] - r["asr_after"]) / 2,
-                -max(0.0, r["acc_before"] - r["acc_after"]) / 2)
-    both = [v for v in terms.values() if ours in v and label in v]
-    return (mean([v[ours][0] - v[label][0] for v in both]),
-            mean([v[ours][1] - v[label][1] for v in both]))
+    asr_term = lambda r: max(0.0, r["asr_before"] - r["asr_after"]) / 2
+    acc_term = lambda r: -max(0.0, r["acc_before"] - r["acc_after"]) / 2
+    return (mean(paired_diffs(rows, label, asr_term, ours)),
+            mean(paired_diffs(rows, label, acc_term, ours)))
 
 
 def paired_gap(rows, label, resamples=10000, ours=OURS):
     """`ours` minus `label` in DER over the backdoored (model, seed) both ran: mean, a 95%
     percentile-bootstrap interval of the mean (fixed seed, so the file is reproducible),
     and on how many runs `ours` came out higher."""
-    der = {}
-    for r in rows:
-        if r["asr_before"] is not None and r["asr_before"] >= 0.5:
-            der.setdefault((r["dataset"], r["arch"], r["attack"], r["seed"]), {})[r["defense"]] = r["der"]
-    diffs = [d[ours] - d[label] for d in der.values() if ours in d and label in d]
+    diffs = paired_diffs(rows, label, lambda r: r["der"], ours)
     if not diffs:
         return None
     return (*bootstrap_mean(diffs, resamples), sum(d > 0 for d in diffs), len(diffs))
