@@ -23,6 +23,11 @@ use crate::store::{Claimed, JobState, Store, StoreError};
 
 /// How often progress is written to the database at most (phase changes always are).
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// Tries of a store step that ends or prepares an attempt (see `Worker::record`), the
+/// first wait between them, doubled after each: five tries over 7.5 s of waits, plus
+/// each try's own wait for a busy database.
+const STORE_TRIES: u32 = 5;
+const STORE_RETRY_FIRST_WAIT: Duration = Duration::from_millis(500);
 /// Lines of the child's stderr kept to explain a crash.
 const STDERR_TAIL: usize = 20;
 /// How often the reaper looks for chunks of uploads abandoned by a process that died.
@@ -144,14 +149,21 @@ impl Worker {
             .settings
             .work_dir
             .join(format!("{}-{}", job_id, claimed.job.attempts));
-        let outcome = match self.execute(&claimed, &dir, shutdown).await {
-            Ok(outcome) => outcome,
-            Err(e) => Outcome::Failed {
-                code: "internal".into(),
-                message: format!("preparing the job: {e}"),
-            },
+        // A job handed back while a cancel was pending can carry the request here.
+        let outcome = if claimed.job.cancel_requested {
+            Outcome::Cancelled
+        } else {
+            match self.execute(&claimed, &dir, shutdown).await {
+                Ok(outcome) => outcome,
+                Err(e) => Outcome::Failed {
+                    code: "internal".into(),
+                    message: format!("preparing the job: {e}"),
+                },
+            }
         };
-        let recorded = self.record(&claimed, outcome).await;
+        let recorded = self
+            .holding_lease(&claimed, self.record(&claimed, &outcome))
+            .await;
         // The work folder holds copies of every input: it goes even when the outcome
         // could not be recorded (the lease then runs out and the reaper re-queues).
         if !self.settings.keep_work_dirs {
@@ -162,17 +174,30 @@ impl Worker {
         Ok(Some(state))
     }
 
-    async fn record(&self, claimed: &Claimed, outcome: Outcome) -> Result<JobState, StoreError> {
+    /// Records how the attempt ended, trying again after a store error: one failed write
+    /// (a busy SQLite, a PostgreSQL failover) would otherwise throw a finished scan away
+    /// and leave the job to run again, or to fail as `lease_expired` on its last attempt
+    /// with its real outcome lost. Every step can be repeated: storing the artifact
+    /// again finds it stored, and the outcome is written only while this worker owns
+    /// the job.
+    async fn record(&self, claimed: &Claimed, outcome: &Outcome) -> Result<JobState, StoreError> {
+        let step = || self.record_once(claimed, outcome);
+        retrying(&claimed.job.id, "recording the outcome", |_| true, step).await
+    }
+
+    async fn record_once(
+        &self,
+        claimed: &Claimed,
+        outcome: &Outcome,
+    ) -> Result<JobState, StoreError> {
         let store = &self.store;
         let (state, owned) = match outcome {
             Outcome::Succeeded { report, artifact } => {
-                let blob = self
-                    .holding_lease(claimed, store.put_file(&artifact))
-                    .await?;
+                let blob = store.put_file(artifact).await?;
                 (
                     JobState::Succeeded,
                     store
-                        .finish_succeeded(claimed, &report, &blob.sha256)
+                        .finish_succeeded(claimed, report, &blob.sha256)
                         .await?,
                 )
             }
@@ -181,12 +206,12 @@ impl Worker {
                     .finish_unsuccessful(
                         claimed,
                         JobState::Failed,
-                        &storable(&code, MAX_PHASE_CHARS),
-                        &storable(&message, MAX_MESSAGE_CHARS),
+                        &storable(code, MAX_PHASE_CHARS),
+                        &storable(message, MAX_MESSAGE_CHARS),
                     )
                     .await?;
                 if owned {
-                    self.metrics.record_failure(&code);
+                    self.metrics.record_failure(code);
                 }
                 (JobState::Failed, owned)
             }
@@ -202,10 +227,12 @@ impl Worker {
                     .await?,
             ),
             Outcome::LeaseLost => return Ok(JobState::Running),
-            Outcome::ShutDown => {
-                store.release(claimed).await?;
-                return Ok(JobState::Queued);
-            }
+            Outcome::ShutDown => match store.release(claimed).await? {
+                // Cancelled: a client asked while it ran, and the release honoured it.
+                Some(JobState::Cancelled) => (JobState::Cancelled, true),
+                Some(state) => return Ok(state),
+                None => return Ok(JobState::Running),
+            },
         };
         if owned {
             self.metrics.record_outcome(state);
@@ -256,11 +283,13 @@ impl Worker {
         tokio::fs::create_dir_all(dir)
             .await
             .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        // A database error while copying an input is tried again rather than failing
+        // the job for good; a blob that is missing or damaged is not.
         let fetch = |sha: String, name: &'static str| {
             let path = dir.join(name);
             async move {
-                self.store
-                    .write_blob_to(&sha, &path)
+                let copy = || self.store.write_blob_to(&sha, &path);
+                retrying(&job.id, "copying an input", StoreError::is_database, copy)
                     .await
                     .map(|()| path)
                     .map_err(|e| e.to_string())
@@ -308,6 +337,17 @@ impl Worker {
         self.supervise(claimed, &spec, &spec_path, shutdown).await
     }
 
+    async fn write_progress(&self, claimed: &Claimed, line: ProgressLine) {
+        let (step, total) = (line.step as i64, line.total as i64);
+        if let Err(e) = self
+            .store
+            .record_progress(claimed, &line.phase, step, total)
+            .await
+        {
+            tracing::warn!(job = %claimed.job.id, "recording progress: {e}");
+        }
+    }
+
     /// Runs the child and watches it: progress, heartbeats, cancellation, exit.
     async fn supervise(
         &self,
@@ -343,7 +383,7 @@ impl Worker {
         let lease_ms = self.settings.lease.as_millis() as i64;
         let mut heartbeat = tokio::time::interval(self.settings.heartbeat);
         heartbeat.tick().await;
-        let mut last_progress: Option<(String, Instant)> = None;
+        let mut progress = ProgressRelay::default();
         let mut kill_at: Option<tokio::time::Instant> = None;
         let mut cancelling = false;
         let time_limit = self.settings.job_timeout;
@@ -353,6 +393,8 @@ impl Worker {
             Exited(std::io::Result<ExitStatus>),
             Line(Option<String>),
             Heartbeat,
+            /// A progress line held back by the rate limit is due.
+            HeldProgress,
             Shutdown,
             KillNow,
             OutOfTime,
@@ -366,6 +408,7 @@ impl Worker {
                     Event::Line(line)
                 }
                 _ = heartbeat.tick() => Event::Heartbeat,
+                _ = tokio::time::sleep_until(progress.held_until().unwrap_or_else(tokio::time::Instant::now)), if progress.held_until().is_some() => Event::HeldProgress,
                 _ = shutdown.cancelled() => Event::Shutdown,
                 _ = tokio::time::sleep_until(kill_at.unwrap_or_else(tokio::time::Instant::now)), if kill_at.is_some() => Event::KillNow,
                 _ = tokio::time::sleep_until(stop_at.unwrap_or_else(tokio::time::Instant::now)), if stop_at.is_some() && !cancelling => Event::OutOfTime,
@@ -376,26 +419,17 @@ impl Worker {
                 }
                 Event::Line(None) => stdout = None,
                 Event::Line(Some(line)) => {
-                    let Ok(mut progress) = serde_json::from_str::<ProgressLine>(&line) else {
+                    let Ok(mut line) = serde_json::from_str::<ProgressLine>(&line) else {
                         continue;
                     };
-                    progress.phase = storable(&progress.phase, MAX_PHASE_CHARS);
-                    let due = match &last_progress {
-                        Some((phase, at)) => {
-                            *phase != progress.phase || at.elapsed() >= PROGRESS_EVERY
-                        }
-                        None => true,
-                    };
-                    if due {
-                        let (step, total) = (progress.step as i64, progress.total as i64);
-                        if let Err(e) = self
-                            .store
-                            .record_progress(claimed, &progress.phase, step, total)
-                            .await
-                        {
-                            tracing::warn!(job = %claimed.job.id, "recording progress: {e}");
-                        }
-                        last_progress = Some((progress.phase, Instant::now()));
+                    line.phase = storable(&line.phase, MAX_PHASE_CHARS);
+                    if let Some(due) = progress.offer(line) {
+                        self.write_progress(claimed, due).await;
+                    }
+                }
+                Event::HeldProgress => {
+                    if let Some(held) = progress.take_held() {
+                        self.write_progress(claimed, held).await;
                     }
                 }
                 Event::Heartbeat => match self.store.heartbeat(claimed, lease_ms).await {
@@ -423,8 +457,8 @@ impl Worker {
                 }
                 Event::OutOfTime => {
                     let _ = child.kill().await;
-                    let phase = match &last_progress {
-                        Some((phase, _)) => format!(" during `{phase}`"),
+                    let phase = match progress.phase() {
+                        Some(phase) => format!(" during `{phase}`"),
                         None => String::new(),
                     };
                     return Ok(Outcome::Failed {
@@ -439,6 +473,10 @@ impl Worker {
             }
         };
         drop(stdin);
+        // The last step the scan reached stays on the job, whatever the outcome.
+        if let Some(held) = progress.take_held() {
+            self.write_progress(claimed, held).await;
+        }
         if cancelling || status.code() == Some(i32::from(EXIT_CANCELLED)) {
             return Ok(Outcome::Cancelled);
         }
@@ -496,6 +534,56 @@ struct ChildLines<R> {
     partial: Vec<u8>,
     /// Whether `partial` holds a line's start, even an empty one (`\n` alone).
     started: bool,
+}
+
+/// Which of the child's progress lines reach the database: a new phase at once, more of
+/// the same phase at most every `PROGRESS_EVERY`. A line held back is written when its
+/// turn comes (or when the child exits), so a phase's last step, often followed by a long
+/// silent stretch, is not lost.
+#[derive(Default)]
+struct ProgressRelay {
+    /// The phase last written, and when.
+    written: Option<(String, tokio::time::Instant)>,
+    /// The newest line not written yet.
+    held: Option<ProgressLine>,
+}
+
+impl ProgressRelay {
+    /// The line to write now, if `line` is due; otherwise it is held.
+    fn offer(&mut self, line: ProgressLine) -> Option<ProgressLine> {
+        let due = match &self.written {
+            Some((phase, at)) => *phase != line.phase || at.elapsed() >= PROGRESS_EVERY,
+            None => true,
+        };
+        if !due {
+            self.held = Some(line);
+            return None;
+        }
+        self.held = None;
+        self.written = Some((line.phase.clone(), tokio::time::Instant::now()));
+        Some(line)
+    }
+
+    /// When the held line is due, if one is held.
+    fn held_until(&self) -> Option<tokio::time::Instant> {
+        let (_, at) = self.written.as_ref()?;
+        self.held.as_ref().map(|_| *at + PROGRESS_EVERY)
+    }
+
+    /// The held line, now written.
+    fn take_held(&mut self) -> Option<ProgressLine> {
+        let line = self.held.take()?;
+        self.written = Some((line.phase.clone(), tokio::time::Instant::now()));
+        Some(line)
+    }
+
+    /// The phase the job was last seen in.
+    fn phase(&self) -> Option<&str> {
+        match &self.held {
+            Some(line) => Some(&line.phase),
+            None => self.written.as_ref().map(|(phase, _)| phase.as_str()),
+        }
+    }
 }
 
 fn child_lines<R: AsyncRead + Unpin>(output: R) -> ChildLines<R> {
@@ -566,6 +654,32 @@ fn secret_variables(names: impl Iterator<Item = std::ffi::OsString>) -> Vec<std:
                 || name.starts_with("PG")
         })
         .collect()
+}
+
+/// Runs `step` up to `STORE_TRIES` times while it fails with an error `worth_retrying`
+/// accepts, waiting longer before each try; the last error is returned.
+async fn retrying<T, E, Fut>(
+    job: &str,
+    what: &str,
+    worth_retrying: impl Fn(&E) -> bool,
+    mut step: impl FnMut() -> Fut,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut wait = STORE_RETRY_FIRST_WAIT;
+    for _ in 1..STORE_TRIES {
+        match step().await {
+            Err(e) if worth_retrying(&e) => {
+                tracing::warn!(job, "{what}: {e}; trying again in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            done => return done,
+        }
+    }
+    step().await
 }
 
 /// Text that came from the scan process (which a hostile model can steer, through a

@@ -44,6 +44,16 @@ pub struct BlobUpload {
 /// The SQL condition that no job names the blob `sha256` (an SQL expression: a
 /// parameter or a column) as an input and no report as its artifact: what freeing a
 /// blob and finding unused ones both ask.
+/// Which unreferenced blobs a delete leaves alone.
+#[derive(Clone, Copy)]
+enum Spare {
+    Nothing,
+    /// Those last stored at or after this time (ms).
+    StoredSince(i64),
+    /// Those stored again after a job or report last named them (`named_at`).
+    StoredSinceNamed,
+}
+
 fn unreferenced(sha256: &str) -> String {
     format!(
         "NOT EXISTS (SELECT 1 FROM jobs WHERE model_sha256 = {sha256} OR clean_sha256 = {sha256} \
@@ -166,7 +176,7 @@ impl Store {
     /// artifact; returns whether it was deleted. A job created at the same moment wins:
     /// its foreign key makes the deletion fail, and the blob stays.
     pub async fn free_blob_if_unreferenced(&self, sha256: &str) -> Result<bool, StoreError> {
-        self.free_blob(sha256, None).await
+        self.free_blob(sha256, Spare::Nothing).await
     }
 
     /// [`Store::free_blob_if_unreferenced`], for a blob last stored before `cutoff_ms`
@@ -177,26 +187,38 @@ impl Store {
         sha256: &str,
         cutoff_ms: i64,
     ) -> Result<bool, StoreError> {
-        self.free_blob(sha256, Some(cutoff_ms)).await
+        self.free_blob(sha256, Spare::StoredSince(cutoff_ms)).await
     }
 
-    async fn free_blob(
+    /// [`Store::free_blob_if_unreferenced`], unless the blob was stored again after a
+    /// job or report last named it: deleting a job frees its blobs this way, so a client
+    /// that has just re-sent a file to name it in a new job (the upload answered "already
+    /// stored") does not lose it to the deletion of an old job that used it. Such a blob
+    /// is left like any upload not yet used, to its retention.
+    pub async fn free_blob_unless_stored_since_named(
         &self,
         sha256: &str,
-        stored_before: Option<i64>,
     ) -> Result<bool, StoreError> {
+        self.free_blob(sha256, Spare::StoredSinceNamed).await
+    }
+
+    async fn free_blob(&self, sha256: &str, spare: Spare) -> Result<bool, StoreError> {
         let delete = format!(
             "DELETE FROM blobs WHERE sha256 = $1 AND {}",
             unreferenced("$1")
         );
-        let sql = match stored_before {
-            Some(_) => format!("{delete} AND created_at < $2"),
-            None => delete,
+        let sql = match spare {
+            Spare::Nothing => delete,
+            Spare::StoredSince(_) => format!("{delete} AND created_at < $2"),
+            // NULL: named only before the column existed.
+            Spare::StoredSinceNamed => {
+                format!("{delete} AND (named_at IS NULL OR created_at <= named_at)")
+            }
         };
         let attempt = async {
             let mut tx = self.pool().begin().await?;
             let mut delete = sqlx::query(&sql).bind(sha256);
-            if let Some(cutoff) = stored_before {
+            if let Spare::StoredSince(cutoff) = spare {
                 delete = delete.bind(cutoff);
             }
             let deleted = delete.execute(&mut *tx).await?.rows_affected() == 1;

@@ -198,6 +198,8 @@ impl Store {
              VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12) \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING {JOB_COLUMNS}"
         );
+        // One transaction that writes first (SQLite: no read-then-write upgrade to fail).
+        let mut tx = self.pool().begin().await?;
         let inserted: Option<Job> = sqlx::query_as(&sql)
             .bind(uuid::Uuid::new_v4().to_string())
             .bind(&new.model_sha256)
@@ -211,12 +213,29 @@ impl Store {
             .bind(&new.idempotency_fingerprint)
             .bind(now)
             .bind(&new.device)
-            .fetch_optional(self.pool())
+            .fetch_optional(&mut *tx)
             .await?;
         if let Some(job) = inserted {
-            self.announce_queued().await?;
+            // An upload before this no longer spares the blobs at the deletion of a job
+            // (`free_blob_unless_stored_since_named`); the job's reference keeps them now.
+            sqlx::query("UPDATE blobs SET named_at = $1 WHERE sha256 IN ($2, $3, $4, $5)")
+                .bind(now)
+                .bind(&job.model_sha256)
+                .bind(&job.clean_sha256)
+                .bind(&job.test_sha256)
+                .bind(&job.poison_sha256)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            // The job exists: a failed notification must not tell the client otherwise
+            // (a retry without an idempotency key would queue it twice). Idle workers
+            // elsewhere find it at their next poll.
+            if let Err(e) = self.announce_queued().await {
+                tracing::warn!(job = %job.id, "announcing a queued job: {e}");
+            }
             return Ok(Some(CreateOutcome::Created(job)));
         }
+        drop(tx);
         // Only a repeated idempotency key makes the insert a no-op.
         let key = new.idempotency_key.as_deref().unwrap_or_default();
         let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1");
@@ -414,6 +433,11 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+        sqlx::query("UPDATE blobs SET named_at = $1 WHERE sha256 = $2")
+            .bind(now)
+            .bind(artifact_sha256)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -442,17 +466,37 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Gives a job back to the queue without counting the attempt (graceful shutdown).
-    pub async fn release(&self, claimed: &Claimed) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE jobs SET state = 'queued', attempts = attempts - 1, lease_owner = NULL, lease_until = NULL \
-             WHERE id = $1 AND lease_owner = $2 AND state = 'running'",
-        )
-        .bind(&claimed.job.id)
-        .bind(&claimed.owner)
-        .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected() == 1)
+    /// Gives a job back to the queue without counting the attempt (graceful shutdown),
+    /// or ends it `cancelled` if a client asked to cancel it meanwhile: re-queued, that
+    /// request would be lost (`request_cancel` cancels only what is queued when it
+    /// looks). One statement, so a cancel landing at the same moment is seen by either
+    /// this or `request_cancel`. `Ok(None)`: this worker no longer owns the job.
+    pub async fn release(&self, claimed: &Claimed) -> Result<Option<JobState>, StoreError> {
+        let cancelled = "cancel_requested = 1";
+        let sql = format!(
+            "UPDATE jobs SET state = CASE WHEN {cancelled} THEN 'cancelled' ELSE 'queued' END, \
+             attempts = CASE WHEN {cancelled} THEN attempts ELSE attempts - 1 END, \
+             finished_at = CASE WHEN {cancelled} THEN $3 ELSE finished_at END, \
+             error_code = CASE WHEN {cancelled} THEN 'cancelled' ELSE error_code END, \
+             error = CASE WHEN {cancelled} THEN 'cancelled by request as the service stopped' ELSE error END, \
+             lease_owner = NULL, lease_until = NULL \
+             WHERE id = $1 AND lease_owner = $2 AND state = 'running' RETURNING state"
+        );
+        let row = sqlx::query(&sql)
+            .bind(&claimed.job.id)
+            .bind(&claimed.owner)
+            .bind(now_ms())
+            .fetch_optional(self.pool())
+            .await?;
+        row.map(|r| {
+            let state: String = r.get(0);
+            JobState::parse(&state).ok_or_else(|| {
+                StoreError::Database(sqlx::Error::Decode(
+                    format!("unknown job state `{state}`").into(),
+                ))
+            })
+        })
+        .transpose()
     }
 
     /// How many jobs wait in the queue.
@@ -489,7 +533,10 @@ impl Store {
 
     /// Re-queues running jobs whose lease expired (their worker died or hung), after a
     /// backoff of `backoff_ms` × attempts; fails those out of attempts; cancels those a
-    /// client had asked to cancel.
+    /// client had asked to cancel. The re-queue and the failure skip a job flagged for
+    /// cancelling: a cancel that lands after the first statement leaves the job to the
+    /// next round's, instead of re-queuing it with the request pending or failing it as
+    /// `lease_expired`.
     pub async fn reap_expired(&self, backoff_ms: i64) -> Result<Reaped, StoreError> {
         let now = now_ms();
         let ids = |rows: Vec<AnyRow>| {
@@ -508,7 +555,8 @@ impl Store {
         let requeued = sqlx::query(
             "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL, run_after = $1 + $2 * attempts, \
              error_code = 'lease_expired', error = 'a worker stopped renewing its lease; re-queued' \
-             WHERE state = 'running' AND lease_until < $1 AND attempts < max_attempts RETURNING id",
+             WHERE state = 'running' AND lease_until < $1 AND attempts < max_attempts AND cancel_requested = 0 \
+             RETURNING id",
         )
         .bind(now)
         .bind(backoff_ms)
@@ -518,7 +566,8 @@ impl Store {
             "UPDATE jobs SET state = 'failed', error_code = 'lease_expired', \
              error = 'its worker stopped renewing the lease on the last allowed attempt', \
              finished_at = $1, lease_owner = NULL, lease_until = NULL \
-             WHERE state = 'running' AND lease_until < $1 AND attempts >= max_attempts RETURNING id",
+             WHERE state = 'running' AND lease_until < $1 AND attempts >= max_attempts AND cancel_requested = 0 \
+             RETURNING id",
         )
         .bind(now)
         .fetch_all(self.pool())
@@ -545,7 +594,8 @@ impl Store {
     }
 
     /// Deletes a finished job, its report, and then every blob it used (inputs and
-    /// artifact) that nothing else references any more. `Ok(None)`: there is no
+    /// artifact) that nothing else references any more and nobody stored again since a
+    /// job or report last named it. `Ok(None)`: there is no
     /// finished job with this id (none at all, or it is still queued or running).
     pub async fn purge_job(&self, id: &str) -> Result<Option<Purged>, StoreError> {
         // Every statement writes: on SQLite a transaction that reads first and writes
@@ -582,7 +632,7 @@ impl Store {
         candidates.dedup();
         let mut freed_blobs = Vec::new();
         for sha in candidates {
-            if self.free_blob_if_unreferenced(&sha).await? {
+            if self.free_blob_unless_stored_since_named(&sha).await? {
                 freed_blobs.push(sha);
             }
         }

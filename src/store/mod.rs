@@ -45,6 +45,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// An error of the database itself (connection, lock, constraint), as opposed to a
+    /// missing or damaged blob or a file: a step failing this way may succeed again.
+    pub fn is_database(&self) -> bool {
+        matches!(self, StoreError::Database(_))
+    }
+
     /// A row named a blob (or job) that another transaction had just deleted.
     pub fn is_foreign_key_violation(&self) -> bool {
         matches!(self, StoreError::Database(sqlx::Error::Database(e))

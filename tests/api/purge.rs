@@ -288,3 +288,66 @@ async fn deleting_finished_jobs_while_other_writes_commit_never_fails() {
     assert_eq!(count_rows(&app, "jobs").await, 1);
     app.stop().await;
 }
+
+/// A client re-sends a file (the server answers "already stored") to name it in a new
+/// job; meanwhile an old job that used it is deleted. The file stays for the new job;
+/// once a job has named it, deleting that job frees it as usual.
+async fn a_file_sent_again_outlives_the_deletion_of_an_old_job_that_used_it(db: Db) {
+    let app = spawn_app(Options {
+        db,
+        ..Options::default()
+    })
+    .await;
+    let model = app.upload(b"model bytes".to_vec()).await;
+    let clean = app.upload(b"clean bytes".to_vec()).await;
+    let finish = |id: String| {
+        let store = app.store().clone();
+        async move {
+            let claimed = store.claim_job("w", 60_000).await.unwrap().unwrap();
+            assert_eq!(claimed.job.id, id);
+            let failed = bdscan::store::JobState::Failed;
+            assert!(store
+                .finish_unsuccessful(&claimed, failed, "invalid_input", "test")
+                .await
+                .unwrap());
+        }
+    };
+    let old = app
+        .create_job(&json!({ "model": model, "clean": clean }))
+        .await;
+    let old = old["id"].as_str().unwrap().to_string();
+    finish(old.clone()).await;
+    // The same millisecond as the job's creation counts as before it.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(app.upload(b"model bytes".to_vec()).await, model);
+
+    assert_eq!(delete(&app, &old).await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(blob_status(&app, &model).await, StatusCode::OK);
+    assert_eq!(blob_status(&app, &clean).await, StatusCode::NOT_FOUND);
+
+    let clean = app.upload(b"clean bytes".to_vec()).await;
+    let new = app
+        .create_job(&json!({ "model": model, "clean": clean }))
+        .await;
+    let new = new["id"].as_str().unwrap().to_string();
+    finish(new.clone()).await;
+    assert_eq!(delete(&app, &new).await.status(), StatusCode::NO_CONTENT);
+    for gone in [&model, &clean] {
+        assert_eq!(blob_status(&app, gone).await, StatusCode::NOT_FOUND);
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_sent_again_outlives_the_deletion_of_an_old_job_that_used_it_sqlite() {
+    a_file_sent_again_outlives_the_deletion_of_an_old_job_that_used_it(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_sent_again_outlives_the_deletion_of_an_old_job_that_used_it_postgres() {
+    if let Some(url) =
+        postgres_url("a_file_sent_again_outlives_the_deletion_of_an_old_job_that_used_it_postgres")
+    {
+        a_file_sent_again_outlives_the_deletion_of_an_old_job_that_used_it(Db::Postgres(url)).await;
+    }
+}

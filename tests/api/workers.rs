@@ -36,6 +36,16 @@ async fn submit_demo_job(app: &TestApp, config: &Value) -> String {
     job["id"].as_str().unwrap().to_string()
 }
 
+/// Queues a job whose model and clean bundle are one small upload: for scan processes
+/// that never read their inputs. Returns its id.
+async fn queue_job_over_one_file(app: &TestApp) -> String {
+    let blob = app.upload(b"model".to_vec()).await;
+    let job: Value = app
+        .create_job(&json!({ "model": blob, "clean": blob }))
+        .await;
+    job["id"].as_str().unwrap().to_string()
+}
+
 /// Runs the next queued job in a worker called `worker`: how it ended, and job `id` as
 /// the API then shows it.
 async fn run_next_job(app: &TestApp, worker: &str, id: &str) -> (Option<JobState>, Value) {
@@ -174,12 +184,8 @@ exit 2
         ..Options::default()
     })
     .await;
-    let blob = app.upload(b"model".to_vec()).await;
-    let job: Value = app
-        .create_job(&json!({ "model": blob, "clean": blob }))
-        .await;
-    let id = job["id"].as_str().unwrap();
-    let (state, job) = run_next_job(&app, "w", id).await;
+    let id = queue_job_over_one_file(&app).await;
+    let (state, job) = run_next_job(&app, "w", &id).await;
     assert_eq!(state, Some(JobState::Failed), "{job}");
     assert_eq!(job["state"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "invalid_input", "{job}");
@@ -549,5 +555,173 @@ async fn a_pool_of_workers_runs_every_job_exactly_once() {
     let mut expected: Vec<String> = ids.iter().map(|id| format!("{id}-1")).collect();
     expected.sort_unstable();
     assert_eq!(runs, expected, "each job ran once, in one process");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phase_s_last_step_reaches_the_job_when_the_scan_then_goes_quiet() {
+    // `load 1/1` comes right after `load 0/1`, inside the progress rate limit, and then
+    // nothing for seconds (the scan evaluates): the job must not show 0/1 meanwhile.
+    let dir = tempfile::tempdir().unwrap();
+    let exe = fake_child(
+        dir.path(),
+        "quiet-bdscan",
+        r#"#!/bin/sh
+work=$(dirname "$3")
+echo '{"phase":"load","step":0,"total":1}'
+echo '{"phase":"load","step":1,"total":1}'
+sleep 2
+printf '{"code":"invalid_input","message":"fake"}' > "$work/error.json"
+exit 2
+"#,
+    );
+    let app = spawn_app(Options {
+        exe: Some(exe),
+        ..Options::default()
+    })
+    .await;
+    let id = queue_job_over_one_file(&app).await;
+    let worker = app.worker("w");
+    let running = tokio::spawn(async move { worker.run_once(&CancellationToken::new()).await });
+    app.wait_for(&id, Duration::from_secs(30), |j| {
+        j["progress"]["phase"] == "load"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (_, job) = app.get_json(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["state"], "running", "{job}");
+    assert_eq!(job["progress"]["step"], 1, "{job}");
+    assert_eq!(running.await.unwrap().unwrap(), Some(JobState::Failed));
+    let (_, job) = app.get_json(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["progress"]["step"], 1, "{job}");
+    app.stop().await;
+}
+
+/// The store refuses the outcome of a finished scan for a few seconds (here: its
+/// reports table is renamed away, as a failover or a locked database would refuse it):
+/// the worker keeps the result and records it when the store takes it again.
+async fn an_outcome_the_store_refuses_for_a_moment_is_recorded_later(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = fake_child(
+        dir.path(),
+        "succeeding-bdscan",
+        r#"#!/bin/sh
+work=$(dirname "$3")
+printf '{"fake": true}' > "$work/report.json"
+printf 'purified' > "$work/purified.pt"
+sleep 1
+exit 0
+"#,
+    );
+    let app = spawn_app(Options {
+        db,
+        exe: Some(exe),
+        ..Options::default()
+    })
+    .await;
+    let id = queue_job_over_one_file(&app).await;
+    let pool = app.store().pool().clone();
+    sqlx::query("ALTER TABLE reports RENAME TO reports_away")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let worker = app.worker("w");
+    let running = tokio::spawn(async move { worker.run_once(&CancellationToken::new()).await });
+    // The child exits after a second and the first tries fail; then the table is back.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!running.is_finished());
+    sqlx::query("ALTER TABLE reports_away RENAME TO reports")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(running.await.unwrap().unwrap(), Some(JobState::Succeeded));
+    let (_, job) = app.get_json(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 1, "{job}");
+    let (status, report) = app.get_json(&format!("/v1/jobs/{id}/report")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(report["fake"], true, "{report}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_the_store_refuses_for_a_moment_is_recorded_later_sqlite() {
+    an_outcome_the_store_refuses_for_a_moment_is_recorded_later(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_the_store_refuses_for_a_moment_is_recorded_later_postgres() {
+    if let Some(url) =
+        postgres_url("an_outcome_the_store_refuses_for_a_moment_is_recorded_later_postgres")
+    {
+        an_outcome_the_store_refuses_for_a_moment_is_recorded_later(Db::Postgres(url)).await;
+    }
+}
+
+/// A child that marks that it ran, then works for a minute.
+fn long_child(dir: &std::path::Path) -> std::path::PathBuf {
+    let marker = dir.join("ran");
+    fake_child(
+        dir,
+        "long-bdscan",
+        &format!(
+            "#!/bin/sh\ntouch '{}'\necho '{{\"phase\":\"purify\",\"step\":1,\"total\":9}}'\nsleep 60\n",
+            marker.display()
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_pending_when_the_service_stops_cancels_the_job_instead_of_requeuing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(Options {
+        workers: 1,
+        exe: Some(long_child(dir.path())),
+        ..Options::default()
+    })
+    .await;
+    let id = queue_job_over_one_file(&app).await;
+    app.wait_for(&id, Duration::from_secs(30), |j| {
+        j["progress"]["phase"] == "purify"
+    })
+    .await;
+    let response = app
+        .client
+        .delete(app.url(&format!("/v1/jobs/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    // Stops before the child has had its cancel grace: the worker hands the job back.
+    let database_url = app.state.config.database_url.clone();
+    let _data = app.stop().await;
+
+    let store = bdscan::store::Store::connect(&database_url).await.unwrap();
+    let job = store.job(&id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Cancelled, "{job:?}");
+    assert_eq!(job.error_code.as_deref(), Some("cancelled"));
+    assert!(job.finished_at.is_some() && job.lease_owner.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_claimed_with_a_pending_cancel_is_cancelled_without_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(Options {
+        exe: Some(long_child(dir.path())),
+        ..Options::default()
+    })
+    .await;
+    let id = queue_job_over_one_file(&app).await;
+    // Flagged but still queued: a worker can claim it between `request_cancel`'s flag
+    // and its cancelling of queued jobs.
+    sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = $1")
+        .bind(&id)
+        .execute(app.store().pool())
+        .await
+        .unwrap();
+    let (state, job) = run_next_job(&app, "w", &id).await;
+    assert_eq!(state, Some(JobState::Cancelled), "{job}");
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert!(!dir.path().join("ran").exists(), "the scan process ran");
     app.stop().await;
 }
