@@ -400,10 +400,18 @@ fn scan_config_schema() -> Value {
             Value::Number(_) => json!("integer"),
             Value::String(_) => json!("string"),
             Value::Bool(_) => json!("boolean"),
+            // A baseline's settings (`ft`, `anp`, …): any subset of the default's fields.
+            Value::Object(_) => json!("object"),
+            // A list of numbers (`unlearn_radii`).
+            Value::Array(_) => json!("array"),
             // `None` by default: an optional count.
-            _ => json!(["integer", "null"]),
+            Value::Null => json!(["integer", "null"]),
         };
-        properties.insert(key.clone(), json!({ "type": kind, "default": default }));
+        let mut schema = json!({ "type": kind, "default": default });
+        if default.is_array() {
+            schema["items"] = json!({ "type": "number" });
+        }
+        properties.insert(key.clone(), schema);
     }
     properties.insert("device".into(), json!({ "type": "string", "default": "cpu",
         "description": "`cpu` or `cuda:N`. Named: only a worker slot on that device runs the job (422 device_unavailable when this server's slots have none). Left out: the claiming slot's device." }));

@@ -37,13 +37,13 @@ pub struct BlobUpload {
     pending: Vec<u8>,
     next_seq: i64,
     stored_bytes: u64,
+    /// False once `stop_staging` was called: what arrives is only hashed and counted.
+    staging: bool,
+    unstaged_bytes: u64,
     /// Finished or aborted: nothing left for `drop` to clean up.
     settled: bool,
 }
 
-/// The SQL condition that no job names the blob `sha256` (an SQL expression: a
-/// parameter or a column) as an input and no report as its artifact: what freeing a
-/// blob and finding unused ones both ask.
 /// Which unreferenced blobs a delete leaves alone.
 #[derive(Clone, Copy)]
 enum Spare {
@@ -54,6 +54,9 @@ enum Spare {
     StoredSinceNamed,
 }
 
+/// The SQL condition that no job names the blob `sha256` (an SQL expression: a
+/// parameter or a column) as an input and no report as its artifact: what freeing a
+/// blob and finding unused ones both ask.
 fn unreferenced(sha256: &str) -> String {
     format!(
         "NOT EXISTS (SELECT 1 FROM jobs WHERE model_sha256 = {sha256} OR clean_sha256 = {sha256} \
@@ -73,6 +76,8 @@ impl Store {
             pending: Vec::with_capacity(CHUNK_BYTES),
             next_seq: 0,
             stored_bytes: 0,
+            staging: true,
+            unstaged_bytes: 0,
             settled: false,
         }
     }
@@ -317,11 +322,49 @@ impl Store {
 
 impl BlobUpload {
     pub fn bytes_so_far(&self) -> u64 {
-        self.stored_bytes + self.pending.len() as u64
+        self.stored_bytes + self.pending.len() as u64 + self.unstaged_bytes
+    }
+
+    /// Whether what arrives is still stored (`stop_staging` not called).
+    pub fn is_staging(&self) -> bool {
+        self.staging
+    }
+
+    /// Drops what was staged and only hashes the rest: for an upload past the store's
+    /// room, which may still be a file the store holds (see `finish_if_stored`).
+    pub async fn stop_staging(&mut self) {
+        remove_staging(&self.store, &self.staging_key).await;
+        self.unstaged_bytes = self.bytes_so_far();
+        self.staging = false;
+        self.pending.clear();
+        self.stored_bytes = 0;
+        self.next_seq = 0;
+    }
+
+    /// Ends an upload after `stop_staging`: if the store holds a file with this hash,
+    /// it counts as stored again now (as `finish` does for a duplicate) and is returned.
+    pub async fn finish_if_stored(mut self) -> Result<Option<BlobInfo>, StoreError> {
+        self.settled = true;
+        let sha256 = hex::encode(self.hasher.clone().finalize());
+        let row =
+            sqlx::query("UPDATE blobs SET created_at = $1 WHERE sha256 = $2 RETURNING size_bytes")
+                .bind(now_ms())
+                .bind(&sha256)
+                .fetch_optional(self.store.pool())
+                .await?;
+        Ok(row.map(|r| BlobInfo {
+            sha256,
+            size_bytes: r.get::<i64, _>(0) as u64,
+            created: Some(false),
+        }))
     }
 
     pub async fn write(&mut self, mut bytes: &[u8]) -> Result<(), StoreError> {
         self.hasher.update(bytes);
+        if !self.staging {
+            self.unstaged_bytes += bytes.len() as u64;
+            return Ok(());
+        }
         while !bytes.is_empty() {
             let room = CHUNK_BYTES - self.pending.len();
             let take = room.min(bytes.len());
@@ -354,8 +397,10 @@ impl BlobUpload {
         Ok(())
     }
 
-    /// Completes the upload; the result names the stored blob.
+    /// Completes the upload (one still staging; see `finish_if_stored` otherwise); the
+    /// result names the stored blob.
     pub async fn finish(mut self) -> Result<BlobInfo, StoreError> {
+        debug_assert!(self.staging, "finish after stop_staging");
         self.flush_chunk().await?;
         let size = self.stored_bytes;
         let sha256 = hex::encode(self.hasher.clone().finalize());

@@ -190,6 +190,15 @@ impl Store {
         ))
     }
 
+    /// The job created with this idempotency key, if any.
+    pub async fn job_with_idempotency_key(&self, key: &str) -> Result<Option<Job>, StoreError> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1");
+        Ok(sqlx::query_as(&sql)
+            .bind(key)
+            .fetch_optional(self.pool())
+            .await?)
+    }
+
     async fn try_create_job(&self, new: &NewJob) -> Result<Option<CreateOutcome>, StoreError> {
         let now = now_ms();
         let sql = format!(
@@ -238,11 +247,7 @@ impl Store {
         drop(tx);
         // Only a repeated idempotency key makes the insert a no-op.
         let key = new.idempotency_key.as_deref().unwrap_or_default();
-        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1");
-        let earlier: Option<Job> = sqlx::query_as(&sql)
-            .bind(key)
-            .fetch_optional(self.pool())
-            .await?;
+        let earlier = self.job_with_idempotency_key(key).await?;
         Ok(earlier.map(|earlier| {
             if earlier.idempotency_fingerprint == new.idempotency_fingerprint {
                 CreateOutcome::Existing(earlier)

@@ -150,6 +150,31 @@ async fn one_shot_audit(db: Db) {
         header(&beyond, "content-range"),
         format!("bytes */{length}")
     );
+    // A range resumes only the file the client started (If-Range names its ETag);
+    // for another, the whole file; one the client holds already is not sent again.
+    let etag = format!("\"{digest}\"");
+    let resume = |validator: String| {
+        app.client
+            .get(app.url(artifact_path))
+            .header("Range", "bytes=100-1099")
+            .header("If-Range", validator)
+            .send()
+    };
+    let resumed = resume(etag.clone()).await.unwrap();
+    assert_eq!(resumed.status(), StatusCode::PARTIAL_CONTENT);
+    let other = resume(format!("\"{}\"", "0".repeat(64))).await.unwrap();
+    assert_eq!(other.status(), StatusCode::OK);
+    assert_eq!(other.bytes().await.unwrap(), model);
+    let cached = app
+        .client
+        .get(app.url(artifact_path))
+        .header("If-None-Match", format!("\"abc\", W/{etag}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cached.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(header(&cached, "etag"), etag);
+    assert!(cached.bytes().await.unwrap().is_empty());
 
     // The page for people.
     let page = app

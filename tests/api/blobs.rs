@@ -521,6 +521,37 @@ async fn uploads_past_the_store_limit_get_507_and_leave_nothing(db: crate::helpe
         .get(0);
     assert_eq!(stored, 2);
     assert_eq!(app.store().stored_bytes().await.unwrap(), 3 << 20);
+    // A file the full store holds already is taken again (it adds nothing), and counts
+    // as stored now; as raw body and as multipart.
+    let before: i64 = sqlx::query("SELECT created_at FROM blobs WHERE size_bytes = $1")
+        .bind(2i64 << 20)
+        .fetch_one(app.store().pool())
+        .await
+        .unwrap()
+        .get(0);
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let again = post(vec![1u8; 2 << 20]).await.unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["size_bytes"], 2 << 20, "{again}");
+    let form = Form::new().part("file", Part::bytes(vec![3u8; 1 << 20]));
+    let response = app
+        .client
+        .post(app.url("/v1/blobs"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let after: i64 = sqlx::query("SELECT created_at FROM blobs WHERE size_bytes = $1")
+        .bind(2i64 << 20)
+        .fetch_one(app.store().pool())
+        .await
+        .unwrap()
+        .get(0);
+    assert!(after > before, "{before} -> {after}");
+    assert_eq!(staged_chunks(&app).await, 0);
+    assert_eq!(app.store().stored_bytes().await.unwrap(), 3 << 20);
     app.stop().await;
 }
 
@@ -565,4 +596,29 @@ async fn a_sqlite_write_locked_out_by_others_is_503_not_500() {
     assert_eq!(answer.status_code(), StatusCode::INTERNAL_SERVER_ERROR);
     drop(holder);
     store.close().await;
+}
+
+#[tokio::test]
+async fn a_multipart_content_type_in_any_case_stores_the_file_not_the_envelope() {
+    let app = spawn_app(Options::default()).await;
+    let body = "--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.pt\"\r\n\r\nhello\n\r\n--XX--\r\n";
+    for content_type in [
+        "multipart/form-data; boundary=XX",
+        "Multipart/Form-Data; boundary=XX",
+        "MULTIPART/FORM-DATA;boundary=XX",
+    ] {
+        let response = app
+            .client
+            .post(app.url("/v1/blobs"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{content_type}");
+        let blob: Value = response.json().await.unwrap();
+        assert_eq!(blob["size_bytes"], 6, "{content_type}: {blob}");
+        assert_eq!(blob["sha256"], hex::encode(Sha256::digest(b"hello\n")));
+    }
+    app.stop().await;
 }

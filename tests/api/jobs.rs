@@ -71,6 +71,22 @@ async fn client_mistakes_get_4xx_problem_documents() {
         problem["detail"].as_str().unwrap().contains("clean"),
         "{problem}"
     );
+    // An array would be taken as the settings by position, device unchecked.
+    let positional_config = post(json!({
+        "model": blob, "clean": blob, "config": ["benign_salience", 0, "cuda:7"]
+    }));
+    assert_problem(
+        positional_config.await.unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_config",
+    )
+    .await;
+    assert_problem(
+        post(json!([blob, blob])).await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+    )
+    .await;
     let unknown_setting =
         post(json!({ "model": blob, "clean": blob, "config": { "learning_rate": 1 } }));
     assert_problem(
@@ -233,6 +249,15 @@ async fn idempotency_key_returns_the_first_job_and_refuses_a_different_request()
         .await
         .unwrap();
     assert_problem(different, StatusCode::CONFLICT, "idempotency_key_reused").await;
+    // Pinning the job to the device the config names by default is another request: the
+    // first may run on any slot.
+    let pinned = json!({ "model": blob, "clean": blob, "config": { "seed": 3, "device": "cpu" } });
+    assert_problem(
+        send(pinned).await.unwrap(),
+        StatusCode::CONFLICT,
+        "idempotency_key_reused",
+    )
+    .await;
     let (_, list) = app.get_json("/v1/jobs").await;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
     app.stop().await;
@@ -329,10 +354,24 @@ async fn a_full_queue_refuses_new_jobs_with_503_until_one_leaves_it() {
             .send()
     };
     let first: Value = submit(1).await.unwrap().json().await.unwrap();
-    assert_eq!(submit(2).await.unwrap().status(), StatusCode::ACCEPTED);
+    let keyed = || {
+        app.client
+            .post(app.url("/v1/jobs"))
+            .header("Idempotency-Key", "nightly-7")
+            .json(&json!({ "model": blob, "clean": blob, "config": { "seed": 2 } }))
+            .send()
+    };
+    let second = keyed().await.unwrap();
+    assert_eq!(second.status(), StatusCode::ACCEPTED);
+    let second: Value = second.json().await.unwrap();
     let refused = submit(3).await.unwrap();
     assert_eq!(refused.headers()["retry-after"], "30");
     assert_problem(refused, StatusCode::SERVICE_UNAVAILABLE, "queue_full").await;
+    // A client whose answer was lost learns its job even though the queue is full.
+    let replay = keyed().await.unwrap();
+    assert_eq!(replay.status(), StatusCode::OK);
+    let replay: Value = replay.json().await.unwrap();
+    assert_eq!(replay["id"], second["id"]);
     // Cancelling a queued job frees its place.
     let cancelled = app
         .client
@@ -344,5 +383,74 @@ async fn a_full_queue_refuses_new_jobs_with_503_until_one_leaves_it() {
     assert_eq!(submit(3).await.unwrap().status(), StatusCode::ACCEPTED);
     let (_, list) = app.get_json("/v1/jobs?state=queued").await;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 2);
+    app.stop().await;
+}
+
+/// Sends a `/v1/scans` request whose body is `head` and then nothing, as a client still
+/// uploading a large model would, and reads the answer: one that comes was decided
+/// without the files. Raw HTTP/1.1, since an HTTP client answers only once it has sent
+/// the whole body. The status and the problem document.
+async fn scan_answer_before_the_files(app: &crate::helpers::TestApp, head: &str) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = app.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!(
+        "POST /v1/scans HTTP/1.1\r\nHost: {address}\r\n\
+         Content-Type: multipart/form-data; boundary=XX\r\n\
+         Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{head}\r\n",
+        head.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buffer).await.unwrap();
+            answer.extend_from_slice(&buffer[..n]);
+            let text = String::from_utf8_lossy(&answer);
+            if n == 0 || text.contains("\r\n\r\n{") && text.ends_with('}') {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), read)
+        .await
+        .expect("answered before the files arrived");
+    let text = String::from_utf8(answer).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    (status, serde_json::from_str(body).unwrap())
+}
+
+#[tokio::test]
+async fn a_scan_request_is_refused_before_its_files_when_it_cannot_be_queued() {
+    let app = spawn_app(Options {
+        max_queued_jobs: Some(1),
+        ..Options::default()
+    })
+    .await;
+    let config_part = |config: &str| {
+        format!(
+            "--XX\r\nContent-Disposition: form-data; name=\"config\"\r\n\r\n{config}\r\n\
+             --XX\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.pt\"\r\n\r\nmodel"
+        )
+    };
+    let (status, problem) =
+        scan_answer_before_the_files(&app, &config_part(r#"{"batch_size": 1}"#)).await;
+    assert_eq!((status, &problem["code"]), (422, &json!("invalid_config")));
+    assert!(
+        problem["detail"].as_str().unwrap().contains("batch_size"),
+        "{problem}"
+    );
+
+    let blob = app.upload(b"model bytes".to_vec()).await;
+    app.create_job(&json!({ "model": blob, "clean": blob }))
+        .await;
+    let (status, problem) = scan_answer_before_the_files(&app, &config_part("{}")).await;
+    assert_eq!((status, &problem["code"]), (503, &json!("queue_full")));
+    assert!(
+        problem["detail"].as_str().unwrap().contains("1 job is"),
+        "{problem}"
+    );
     app.stop().await;
 }

@@ -3,7 +3,7 @@ use std::path::Path;
 
 use bdscan::server::openapi::METHODS;
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::helpers::{assert_problem, first_answer, spawn_app, Options};
 
@@ -65,6 +65,56 @@ async fn health_readiness_metrics_and_openapi_answer() {
         "/v1/scans",
     ] {
         assert!(spec["paths"][path].is_object(), "openapi lacks {path}");
+    }
+    app.stop().await;
+}
+
+/// Whether `value` is of the JSON Schema `kind` (a type name, or a list of them).
+fn of_schema_type(kind: &Value, value: &Value) -> bool {
+    match kind {
+        Value::Array(kinds) => kinds.iter().any(|k| of_schema_type(k, value)),
+        Value::String(kind) => match kind.as_str() {
+            "object" => value.is_object(),
+            "array" => value.is_array(),
+            "string" => value.is_string(),
+            "boolean" => value.is_boolean(),
+            "number" => value.is_number(),
+            "integer" => value.is_i64() || value.is_u64(),
+            "null" => value.is_null(),
+            other => panic!("unknown schema type {other}"),
+        },
+        other => panic!("schema type {other}"),
+    }
+}
+
+#[tokio::test]
+async fn every_scan_setting_s_default_fits_its_documented_type_and_is_accepted() {
+    let app = spawn_app(Options::default()).await;
+    let (_, spec) = app.get_json("/v1/openapi.json").await;
+    let settings = spec["components"]["schemas"]["ScanConfig"]["properties"]
+        .as_object()
+        .unwrap();
+    let blob = app.upload(b"model".to_vec()).await;
+    for (name, schema) in settings {
+        let Some(default) = schema.get("default") else {
+            continue;
+        };
+        assert!(of_schema_type(&schema["type"], default), "{name}: {schema}");
+        if let (Some(items), Some(values)) = (schema.get("items"), default.as_array()) {
+            for value in values {
+                assert!(of_schema_type(&items["type"], value), "{name}: {schema}");
+            }
+        }
+        // A client that sends the documented default is understood.
+        let body = json!({ "model": blob, "clean": blob, "config": { name: default } });
+        let response = app
+            .client
+            .post(app.url("/v1/jobs"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED, "{name}: {default}");
     }
     app.stop().await;
 }

@@ -43,7 +43,7 @@ async fn upload(
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("multipart/form-data"));
+        .is_some_and(is_multipart_form);
     let blob = if is_multipart {
         let mut multipart = Multipart::from_request(request, &state)
             .await
@@ -66,6 +66,13 @@ async fn upload(
     };
     let location = format!("/v1/blobs/{}", blob.sha256);
     Ok((status, [(header::LOCATION, location)], Json(blob)))
+}
+
+/// Whether a `Content-Type` value is `multipart/form-data`: media types compare
+/// ignoring case (RFC 9110 §8.3.1), and parameters (the boundary) follow a `;`.
+fn is_multipart_form(content_type: &str) -> bool {
+    let media_type = content_type.split(';').next().unwrap_or_default().trim();
+    media_type.eq_ignore_ascii_case("multipart/form-data")
 }
 
 async fn info(
@@ -126,9 +133,6 @@ where
              (max_store_bytes); delete finished jobs to free space"
         ))
     };
-    if room == Some(0) {
-        return Err(store_full());
-    }
     let mut upload = state.store.begin_upload();
     let mut body = std::pin::pin!(body);
     let failure = loop {
@@ -141,8 +145,12 @@ where
                         "{what} exceeds the limit of {limit} bytes"
                     )));
                 }
-                if room.is_some_and(|room| upload.bytes_so_far() + bytes.len() as u64 > room) {
-                    break Some(store_full());
+                if upload.is_staging()
+                    && room.is_some_and(|room| upload.bytes_so_far() + bytes.len() as u64 > room)
+                {
+                    // It does not fit, but it may be a file the store holds (a client
+                    // re-sending it to keep it): hash the rest without storing it.
+                    upload.stop_staging().await;
                 }
                 if let Err(e) = upload.write(&bytes).await {
                     break Some(e.into());
@@ -161,7 +169,11 @@ where
             format!("{what} is empty"),
         ));
     }
-    let blob = upload.finish().await?;
+    let blob = if upload.is_staging() {
+        upload.finish().await?
+    } else {
+        upload.finish_if_stored().await?.ok_or_else(store_full)?
+    };
     state
         .metrics
         .blob_bytes_received

@@ -49,9 +49,22 @@ pub struct JobRequest {
 async fn submit(
     State(state): State<AppState>,
     headers: HeaderMap,
-    AppJson(request): AppJson<JobRequest>,
+    AppJson(body): AppJson<serde_json::Value>,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
+    // serde takes a JSON array for a struct too (fields by position): refuse it.
+    if !body.is_object() {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "the body must be a JSON object (JobRequest in /v1/openapi.json)",
+        ));
+    }
+    let request: JobRequest = serde_json::from_value(body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_request",
+            format!("Failed to deserialize the JSON body into the target type: {e}"),
+        )
+    })?;
     let (job, created) = submit_job(&state, request, key).await?;
     let status = if created {
         StatusCode::ACCEPTED
@@ -116,21 +129,18 @@ pub async fn submit_job(
         });
     }
     let device = requested_device(state, request.config.as_ref())?;
-    if let Some(max) = state.config.max_queued_jobs {
-        // A replay of an Idempotency-Key is refused too while the queue is full; the
-        // client's retry then finds its job.
-        if state.store.queued_jobs().await? >= max {
-            return Err(ApiError::QueueFull(format!(
-                "{max} jobs are already waiting (max_queued_jobs); try again later"
-            )));
-        }
-    }
     let config_json = serde_json::to_string(&config).map_err(ApiError::internal)?;
     let fingerprint = key.as_ref().map(|_| {
-        let canonical =
-            serde_json::json!([blobs, request.target_label, config_json, max_attempts]).to_string();
-        hex::encode(Sha256::digest(canonical.as_bytes()))
+        let mut canonical =
+            serde_json::json!([blobs, request.target_label, config_json, max_attempts]);
+        // The config always holds a device ("cpu" by default), so whether the client
+        // pinned one counts separately; left out when none was, as before it counted.
+        if let (Some(device), Some(fields)) = (&device, canonical.as_array_mut()) {
+            fields.push(serde_json::json!(device));
+        }
+        hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
     });
+    refuse_if_queue_full(state, key.as_deref()).await?;
     let [model, clean, test, poison] = <[Option<String>; 4]>::try_from(blobs)
         .map_err(|_| ApiError::internal(anyhow::anyhow!("four roles")))?;
     let new = NewJob {
@@ -177,6 +187,33 @@ pub async fn submit_job(
     }
 }
 
+/// 503 when `max_queued_jobs` jobs wait already, unless `key` names a job created
+/// before: a replay finds its job even while the queue is full.
+pub async fn refuse_if_queue_full(state: &AppState, key: Option<&str>) -> Result<(), ApiError> {
+    let Some(max) = state.config.max_queued_jobs else {
+        return Ok(());
+    };
+    let replay = match key {
+        Some(key) => state.store.job_with_idempotency_key(key).await?.is_some(),
+        None => false,
+    };
+    if !replay && state.store.queued_jobs().await? >= max {
+        let jobs = if max == 1 { "job is" } else { "jobs are" };
+        return Err(ApiError::QueueFull(format!(
+            "{max} {jobs} already waiting (max_queued_jobs); try again later"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a config a job could not run with (as `POST /v1/jobs` would), before any
+/// file of a scan request is received.
+pub fn check_config(state: &AppState, config: &serde_json::Value) -> Result<(), ApiError> {
+    parse_config(Some(config))?;
+    requested_device(state, Some(config))?;
+    Ok(())
+}
+
 /// The device a job's config names explicitly (`None` when it names none: any slot may
 /// run it). A server with worker slots refuses a device none of them has; an API-only
 /// server cannot know the other replicas' slots and queues the job for them.
@@ -210,6 +247,14 @@ fn requested_device(
 fn parse_config(value: Option<&serde_json::Value>) -> Result<ScanConfig, ApiError> {
     let config: ScanConfig = match value {
         None | Some(serde_json::Value::Null) => ScanConfig::default(),
+        // serde would take an array as the settings by position, where `device` (read
+        // by `requested_device`) has no name.
+        Some(value) if !value.is_object() => {
+            return Err(ApiError::unprocessable(
+                "invalid_config",
+                "config must be a JSON object of scan settings",
+            ))
+        }
         Some(value) => serde_json::from_value(value.clone())
             .map_err(|e| ApiError::unprocessable("invalid_config", format!("config: {e}")))?,
     };
@@ -404,6 +449,14 @@ async fn report_page(
     ))
 }
 
+/// Whether an `If-None-Match` list names `etag` (weak comparison) or is `*`: the
+/// client holds this file already.
+fn none_match_fails(tags: &str, etag: &str) -> bool {
+    tags.split(',')
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag)
+}
+
 async fn artifact(
     State(state): State<AppState>,
     AppPath(id): AppPath<String>,
@@ -417,9 +470,27 @@ async fn artifact(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("job {id}")))?;
     let size = blob.size_bytes;
+    let etag = format!("\"{sha256}\"");
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|tags| none_match_fails(tags, &etag))
+    {
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        response.headers_mut().insert(
+            header::ETAG,
+            HeaderValue::from_str(&etag).map_err(ApiError::internal)?,
+        );
+        return Ok(response);
+    }
+    // RFC 9110 §13.1.5: with `If-Range`, the range applies only to the file it names
+    // (its ETag; no Last-Modified is sent, so a date never matches); else the whole file.
+    let range_applies = headers
+        .get(header::IF_RANGE)
+        .is_none_or(|validator| validator.as_bytes() == etag.as_bytes());
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
-        Some(spec) => parse_range(spec, size)?,
-        None => None,
+        Some(spec) if range_applies => parse_range(spec, size)?,
+        _ => None,
     };
     let (status, start, end) = match range {
         Some((start, end)) => (StatusCode::PARTIAL_CONTENT, start, end),
@@ -437,7 +508,7 @@ async fn artifact(
     );
     h.insert(header::CONTENT_LENGTH, value((end - start).to_string())?);
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(header::ETAG, value(format!("\"{sha256}\""))?);
+    h.insert(header::ETAG, value(etag)?);
     h.insert("x-content-sha256", value(sha256.clone())?);
     h.insert(
         header::CONTENT_DISPOSITION,

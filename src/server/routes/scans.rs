@@ -12,7 +12,9 @@ use axum::Router;
 use serde::Deserialize;
 
 use super::blobs::{field_stream, multipart_limit, store_upload};
-use super::jobs::{idempotency_key, job_response, submit_job, JobRequest};
+use super::jobs::{
+    check_config, idempotency_key, job_response, refuse_if_queue_full, submit_job, JobRequest,
+};
 use crate::server::config::ServerConfig;
 use crate::server::error::AppQuery;
 use crate::server::{ApiError, AppState};
@@ -93,6 +95,8 @@ async fn submit_form(
     key: Option<String>,
     stored_here: &mut Vec<String>,
 ) -> Result<Job, ApiError> {
+    // What can be refused without the files is refused before they are received.
+    refuse_if_queue_full(state, key.as_deref()).await?;
     let mut files: [Option<String>; 4] = Default::default();
     let mut target_label = None;
     let mut config = None;
@@ -142,6 +146,7 @@ async fn submit_form(
                 }
                 let value: serde_json::Value = serde_json::from_str(&text)
                     .map_err(|e| ApiError::unprocessable("invalid_config", format!("config is not JSON: {e}")))?;
+                check_config(state, &value)?;
                 config = Some(value);
             }
             other => {
