@@ -637,7 +637,37 @@ fn job_command(
     for name in secret_variables(parent_variables) {
         command.env_remove(name);
     }
+    die_with_the_server(&mut command);
     command
+}
+
+/// Has the kernel kill the child when the server dies (Linux `PR_SET_PDEATHSIG`). The
+/// child stops by itself when its stdin closes, but only between steps: a model stuck in
+/// a TorchScript loop would outlive a crashed server, holding its slot (and GPU memory)
+/// while the job runs again elsewhere. The signal comes when the *thread* that spawned
+/// the child ends; workers spawn from the async runtime's threads, which live as long as
+/// the server.
+fn die_with_the_server(command: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        let server = std::process::id();
+        // SAFETY: between fork and exec the closure makes only async-signal-safe calls
+        // (prctl, getppid, _exit) and allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The server died before the call: no signal would ever come.
+                if libc::getppid() as u32 != server {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
 }
 
 /// The environment variables a job's child must not inherit: the database's address and
@@ -896,6 +926,57 @@ pub async fn relay_queue_notifications(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether process `pid` is gone or a zombie (killed, not yet reaped).
+    fn dead(pid: u32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // The state follows the command name, which is in parentheses.
+            Ok(stat) => stat
+                .rsplit(')')
+                .next()
+                .unwrap_or_default()
+                .trim_start()
+                .starts_with('Z'),
+            Err(_) => true,
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_child_dies_when_the_thread_that_started_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("stuck-bdscan");
+        std::fs::write(&exe, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        // Stands in for the server: a thread that starts the child and then ends.
+        let spawner = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let child = job_command(&exe, Path::new("/dev/null"), std::iter::empty())
+                    .spawn()
+                    .unwrap();
+                let pid = child.id().unwrap();
+                // Running now, and not only because it has not started yet.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                assert!(!dead(pid));
+                std::mem::forget(child);
+                pid
+            })
+        });
+        let pid = spawner.join().unwrap();
+        let started = Instant::now();
+        while !dead(pid) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the child outlived its parent"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 
     #[test]
     fn the_child_inherits_no_database_credentials() {
