@@ -177,12 +177,19 @@ impl Worker {
     /// Records how the attempt ended, trying again after a store error: one failed write
     /// (a busy SQLite, a PostgreSQL failover) would otherwise throw a finished scan away
     /// and leave the job to run again, or to fail as `lease_expired` on its last attempt
-    /// with its real outcome lost. Every step can be repeated: storing the artifact
-    /// again finds it stored, and the outcome is written only while this worker owns
-    /// the job.
+    /// with its real outcome lost. Only database errors are tried again (a purified model
+    /// the scan did not write stays a failure). Every step can be repeated: storing the
+    /// artifact again finds it stored, and the outcome is written only while this worker
+    /// owns the job.
     async fn record(&self, claimed: &Claimed, outcome: &Outcome) -> Result<JobState, StoreError> {
         let step = || self.record_once(claimed, outcome);
-        retrying(&claimed.job.id, "recording the outcome", |_| true, step).await
+        retrying(
+            &claimed.job.id,
+            "recording the outcome",
+            StoreError::is_database,
+            step,
+        )
+        .await
     }
 
     async fn record_once(
@@ -348,6 +355,12 @@ impl Worker {
         }
     }
 
+    async fn write_held_progress(&self, claimed: &Claimed, progress: &mut ProgressRelay) {
+        if let Some(held) = progress.take_held() {
+            self.write_progress(claimed, held).await;
+        }
+    }
+
     /// Runs the child and watches it: progress, heartbeats, cancellation, exit.
     async fn supervise(
         &self,
@@ -427,11 +440,7 @@ impl Worker {
                         self.write_progress(claimed, due).await;
                     }
                 }
-                Event::HeldProgress => {
-                    if let Some(held) = progress.take_held() {
-                        self.write_progress(claimed, held).await;
-                    }
-                }
+                Event::HeldProgress => self.write_held_progress(claimed, &mut progress).await,
                 Event::Heartbeat => match self.store.heartbeat(claimed, lease_ms).await {
                     Ok(None) => {
                         let _ = child.kill().await;
@@ -449,14 +458,17 @@ impl Worker {
                 },
                 Event::Shutdown => {
                     let _ = child.kill().await;
+                    self.write_held_progress(claimed, &mut progress).await;
                     return Ok(Outcome::ShutDown);
                 }
                 Event::KillNow => {
                     let _ = child.kill().await;
+                    self.write_held_progress(claimed, &mut progress).await;
                     return Ok(Outcome::Cancelled);
                 }
                 Event::OutOfTime => {
                     let _ = child.kill().await;
+                    self.write_held_progress(claimed, &mut progress).await;
                     let phase = match progress.phase() {
                         Some(phase) => format!(" during `{phase}`"),
                         None => String::new(),
@@ -474,9 +486,7 @@ impl Worker {
         };
         drop(stdin);
         // The last step the scan reached stays on the job, whatever the outcome.
-        if let Some(held) = progress.take_held() {
-            self.write_progress(claimed, held).await;
-        }
+        self.write_held_progress(claimed, &mut progress).await;
         if cancelling || status.code() == Some(i32::from(EXIT_CANCELLED)) {
             return Ok(Outcome::Cancelled);
         }

@@ -50,8 +50,8 @@ enum Spare {
     Nothing,
     /// Those last stored at or after this time (ms).
     StoredSince(i64),
-    /// Those stored again after a job or report last named them (`named_at`).
-    StoredSinceNamed,
+    /// Those uploaded again since a job or report last named them (`resent`).
+    Resent,
 }
 
 /// The SQL condition that no job names the blob `sha256` (an SQL expression: a
@@ -195,16 +195,13 @@ impl Store {
         self.free_blob(sha256, Spare::StoredSince(cutoff_ms)).await
     }
 
-    /// [`Store::free_blob_if_unreferenced`], unless the blob was stored again after a
+    /// [`Store::free_blob_if_unreferenced`], unless the blob was uploaded again since a
     /// job or report last named it: deleting a job frees its blobs this way, so a client
-    /// that has just re-sent a file to name it in a new job (the upload answered "already
-    /// stored") does not lose it to the deletion of an old job that used it. Such a blob
-    /// is left like any upload not yet used, to its retention.
-    pub async fn free_blob_unless_stored_since_named(
-        &self,
-        sha256: &str,
-    ) -> Result<bool, StoreError> {
-        self.free_blob(sha256, Spare::StoredSinceNamed).await
+    /// that has just re-sent a file to name it in a new job (the upload answered
+    /// "already stored") does not lose it to the deletion of an old job that used it.
+    /// Such a blob is left like any upload not yet used, to its retention.
+    pub async fn free_blob_unless_resent(&self, sha256: &str) -> Result<bool, StoreError> {
+        self.free_blob(sha256, Spare::Resent).await
     }
 
     async fn free_blob(&self, sha256: &str, spare: Spare) -> Result<bool, StoreError> {
@@ -215,10 +212,7 @@ impl Store {
         let sql = match spare {
             Spare::Nothing => delete,
             Spare::StoredSince(_) => format!("{delete} AND created_at < $2"),
-            // NULL: named only before the column existed.
-            Spare::StoredSinceNamed => {
-                format!("{delete} AND (named_at IS NULL OR created_at <= named_at)")
-            }
+            Spare::Resent => format!("{delete} AND resent = 0"),
         };
         let attempt = async {
             let mut tx = self.pool().begin().await?;
@@ -332,13 +326,18 @@ impl BlobUpload {
 
     /// Drops what was staged and only hashes the rest: for an upload past the store's
     /// room, which may still be a file the store holds (see `finish_if_stored`).
-    pub async fn stop_staging(&mut self) {
-        remove_staging(&self.store, &self.staging_key).await;
+    /// On an error nothing changed: `abort` (or drop) still removes what was staged.
+    pub async fn stop_staging(&mut self) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM blob_chunks WHERE blob_key = $1")
+            .bind(&self.staging_key)
+            .execute(self.store.pool())
+            .await?;
         self.unstaged_bytes = self.bytes_so_far();
         self.staging = false;
         self.pending.clear();
         self.stored_bytes = 0;
         self.next_seq = 0;
+        Ok(())
     }
 
     /// Ends an upload after `stop_staging`: if the store holds a file with this hash,
@@ -346,12 +345,13 @@ impl BlobUpload {
     pub async fn finish_if_stored(mut self) -> Result<Option<BlobInfo>, StoreError> {
         self.settled = true;
         let sha256 = hex::encode(self.hasher.clone().finalize());
-        let row =
-            sqlx::query("UPDATE blobs SET created_at = $1 WHERE sha256 = $2 RETURNING size_bytes")
-                .bind(now_ms())
-                .bind(&sha256)
-                .fetch_optional(self.store.pool())
-                .await?;
+        let row = sqlx::query(
+            "UPDATE blobs SET created_at = $1, resent = 1 WHERE sha256 = $2 RETURNING size_bytes",
+        )
+        .bind(now_ms())
+        .bind(&sha256)
+        .fetch_optional(self.store.pool())
+        .await?;
         Ok(row.map(|r| BlobInfo {
             sha256,
             size_bytes: r.get::<i64, _>(0) as u64,
@@ -409,18 +409,20 @@ impl BlobUpload {
         // Write first so the transaction takes the write lock at once (SQLite). The same
         // bytes already stored: they count as stored now, so the retention sweep (which
         // deletes unused blobs by `created_at`) does not take the blob this upload
-        // answers with; the update also locks the row against a sweep deleting it now
+        // answers with, and as re-sent, so deleting a job that used them does not either
+        // (`free_blob_unless_resent`); the update also locks the row against a sweep deleting it now
         // (PostgreSQL). Not stored: insert, and a concurrent upload of the same bytes
         // waits on the primary key; if it got there first, its row is refreshed instead.
         let mut stored = None;
         for _ in 0..3 {
-            let refreshed = sqlx::query("UPDATE blobs SET created_at = $1 WHERE sha256 = $2")
-                .bind(now)
-                .bind(&sha256)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                == 1;
+            let refreshed =
+                sqlx::query("UPDATE blobs SET created_at = $1, resent = 1 WHERE sha256 = $2")
+                    .bind(now)
+                    .bind(&sha256)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                    == 1;
             if refreshed {
                 stored = Some(false);
                 break;

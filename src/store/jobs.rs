@@ -225,16 +225,7 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
         if let Some(job) = inserted {
-            // An upload before this no longer spares the blobs at the deletion of a job
-            // (`free_blob_unless_stored_since_named`); the job's reference keeps them now.
-            sqlx::query("UPDATE blobs SET named_at = $1 WHERE sha256 IN ($2, $3, $4, $5)")
-                .bind(now)
-                .bind(&job.model_sha256)
-                .bind(&job.clean_sha256)
-                .bind(&job.test_sha256)
-                .bind(&job.poison_sha256)
-                .execute(&mut *tx)
-                .await?;
+            mark_named(&mut *tx, &job).await?;
             tx.commit().await?;
             // The job exists: a failed notification must not tell the client otherwise
             // (a retry without an idempotency key would queue it twice). Idle workers
@@ -247,14 +238,15 @@ impl Store {
         drop(tx);
         // Only a repeated idempotency key makes the insert a no-op.
         let key = new.idempotency_key.as_deref().unwrap_or_default();
-        let earlier = self.job_with_idempotency_key(key).await?;
-        Ok(earlier.map(|earlier| {
-            if earlier.idempotency_fingerprint == new.idempotency_fingerprint {
-                CreateOutcome::Existing(earlier)
-            } else {
-                CreateOutcome::KeyReused(earlier)
-            }
-        }))
+        let Some(earlier) = self.job_with_idempotency_key(key).await? else {
+            return Ok(None);
+        };
+        if earlier.idempotency_fingerprint != new.idempotency_fingerprint {
+            return Ok(Some(CreateOutcome::KeyReused(earlier)));
+        }
+        // A replay names the blobs again: the client re-sent them for this very job.
+        mark_named(self.pool(), &earlier).await?;
+        Ok(Some(CreateOutcome::Existing(earlier)))
     }
 
     pub async fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
@@ -438,8 +430,7 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE blobs SET named_at = $1 WHERE sha256 = $2")
-            .bind(now)
+        sqlx::query("UPDATE blobs SET resent = 0 WHERE sha256 = $1")
             .bind(artifact_sha256)
             .execute(&mut *tx)
             .await?;
@@ -599,8 +590,8 @@ impl Store {
     }
 
     /// Deletes a finished job, its report, and then every blob it used (inputs and
-    /// artifact) that nothing else references any more and nobody stored again since a
-    /// job or report last named it. `Ok(None)`: there is no
+    /// artifact) that nothing else references any more and nobody uploaded again since
+    /// a job or report last named it. `Ok(None)`: there is no
     /// finished job with this id (none at all, or it is still queued or running).
     pub async fn purge_job(&self, id: &str) -> Result<Option<Purged>, StoreError> {
         // Every statement writes: on SQLite a transaction that reads first and writes
@@ -637,7 +628,7 @@ impl Store {
         candidates.dedup();
         let mut freed_blobs = Vec::new();
         for sha in candidates {
-            if self.free_blob_unless_stored_since_named(&sha).await? {
+            if self.free_blob_unless_resent(&sha).await? {
                 freed_blobs.push(sha);
             }
         }
@@ -670,4 +661,20 @@ impl Store {
             .await?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
+}
+
+/// Records that `job` names its input blobs: an upload of them before this no longer
+/// spares them when a job that used them is deleted (`free_blob_unless_resent`).
+async fn mark_named<'e, E>(executor: E, job: &Job) -> Result<(), StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    sqlx::query("UPDATE blobs SET resent = 0 WHERE sha256 IN ($1, $2, $3, $4)")
+        .bind(&job.model_sha256)
+        .bind(&job.clean_sha256)
+        .bind(&job.test_sha256)
+        .bind(&job.poison_sha256)
+        .execute(executor)
+        .await?;
+    Ok(())
 }

@@ -317,18 +317,28 @@ async fn a_file_sent_again_outlives_the_deletion_of_an_old_job_that_used_it(db: 
         .await;
     let old = old["id"].as_str().unwrap().to_string();
     finish(old.clone()).await;
-    // The same millisecond as the job's creation counts as before it.
-    tokio::time::sleep(Duration::from_millis(5)).await;
     assert_eq!(app.upload(b"model bytes".to_vec()).await, model);
 
     assert_eq!(delete(&app, &old).await.status(), StatusCode::NO_CONTENT);
     assert_eq!(blob_status(&app, &model).await, StatusCode::OK);
     assert_eq!(blob_status(&app, &clean).await, StatusCode::NOT_FOUND);
 
+    // The new job, its answer lost: the client re-sends both files and the request, and
+    // gets the same job; the files are named again by it.
     let clean = app.upload(b"clean bytes".to_vec()).await;
-    let new = app
-        .create_job(&json!({ "model": model, "clean": clean }))
-        .await;
+    let submit = || {
+        app.client
+            .post(app.url("/v1/jobs"))
+            .header("Idempotency-Key", "nightly-scan")
+            .json(&json!({ "model": model, "clean": clean }))
+            .send()
+    };
+    assert_eq!(submit().await.unwrap().status(), StatusCode::ACCEPTED);
+    app.upload(b"model bytes".to_vec()).await;
+    app.upload(b"clean bytes".to_vec()).await;
+    let replay = submit().await.unwrap();
+    assert_eq!(replay.status(), StatusCode::OK);
+    let new: Value = replay.json().await.unwrap();
     let new = new["id"].as_str().unwrap().to_string();
     finish(new.clone()).await;
     assert_eq!(delete(&app, &new).await.status(), StatusCode::NO_CONTENT);

@@ -561,19 +561,24 @@ async fn a_pool_of_workers_runs_every_job_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_phase_s_last_step_reaches_the_job_when_the_scan_then_goes_quiet() {
     // `load 1/1` comes right after `load 0/1`, inside the progress rate limit, and then
-    // nothing for seconds (the scan evaluates): the job must not show 0/1 meanwhile.
+    // nothing until the test lets the scan go on (it evaluates, say): the job must not
+    // show 0/1 meanwhile.
     let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
     let exe = fake_child(
         dir.path(),
         "quiet-bdscan",
-        r#"#!/bin/sh
+        &format!(
+            r#"#!/bin/sh
 work=$(dirname "$3")
-echo '{"phase":"load","step":0,"total":1}'
-echo '{"phase":"load","step":1,"total":1}'
-sleep 2
-printf '{"code":"invalid_input","message":"fake"}' > "$work/error.json"
+echo '{{"phase":"load","step":0,"total":1}}'
+echo '{{"phase":"load","step":1,"total":1}}'
+while [ ! -e '{}' ]; do sleep 0.1; done
+printf '{{"code":"invalid_input","message":"fake"}}' > "$work/error.json"
 exit 2
 "#,
+            go.display()
+        ),
     );
     let app = spawn_app(Options {
         exe: Some(exe),
@@ -583,14 +588,12 @@ exit 2
     let id = queue_job_over_one_file(&app).await;
     let worker = app.worker("w");
     let running = tokio::spawn(async move { worker.run_once(&CancellationToken::new()).await });
-    app.wait_for(&id, Duration::from_secs(30), |j| {
-        j["progress"]["phase"] == "load"
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let (_, job) = app.get_json(&format!("/v1/jobs/{id}")).await;
+    let job = app
+        .wait_for(&id, Duration::from_secs(30), |j| j["progress"]["step"] == 1)
+        .await;
     assert_eq!(job["state"], "running", "{job}");
-    assert_eq!(job["progress"]["step"], 1, "{job}");
+    assert_eq!(job["progress"]["phase"], "load", "{job}");
+    std::fs::write(&go, b"").unwrap();
     assert_eq!(running.await.unwrap().unwrap(), Some(JobState::Failed));
     let (_, job) = app.get_json(&format!("/v1/jobs/{id}")).await;
     assert_eq!(job["progress"]["step"], 1, "{job}");

@@ -150,7 +150,9 @@ where
                 {
                     // It does not fit, but it may be a file the store holds (a client
                     // re-sending it to keep it): hash the rest without storing it.
-                    upload.stop_staging().await;
+                    if let Err(e) = upload.stop_staging().await {
+                        break Some(e.into());
+                    }
                 }
                 if let Err(e) = upload.write(&bytes).await {
                     break Some(e.into());
