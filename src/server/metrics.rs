@@ -52,13 +52,14 @@ impl Histogram {
 
 /// The job error codes counted one by one; any other is counted as `other`, so a code
 /// never seen before cannot add a series.
-pub const FAILURE_CODES: [&str; 7] = [
+pub const FAILURE_CODES: [&str; 8] = [
     "invalid_input",
     "diverged",
     "memory_limit",
     "timed_out",
     "worker_crashed",
     "internal",
+    "lease_expired",
     "other",
 ];
 
@@ -83,7 +84,8 @@ pub struct Metrics {
     pub jobs_expired: AtomicU64,
     /// HTTP responses by status class: 1xx..5xx.
     pub responses: [AtomicU64; 5],
-    /// Failed jobs this process's workers recorded, by error code (`FAILURE_CODES`).
+    /// Failed jobs this process's workers and reaper recorded, by error code
+    /// (`FAILURE_CODES`).
     pub failures: [AtomicU64; FAILURE_CODES.len()],
 }
 

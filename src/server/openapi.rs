@@ -41,8 +41,8 @@ pub fn openapi() -> Value {
         &["invalid_path"],
     );
     let not_ready = problem(
-        "the job has not succeeded (reports and artifacts exist only for succeeded jobs)",
-        &["not_ready"],
+        "the job has not succeeded: `not_ready` while it is queued or running, `no_report` once it failed or was cancelled (reports and artifacts exist only for succeeded jobs)",
+        &["not_ready", "no_report"],
     );
     let mut document = json!({
         "openapi": "3.1.0",

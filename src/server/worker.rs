@@ -201,12 +201,16 @@ impl Worker {
         let (state, owned) = match outcome {
             Outcome::Succeeded { report, artifact } => {
                 let blob = store.put_file(artifact).await?;
-                (
-                    JobState::Succeeded,
-                    store
-                        .finish_succeeded(claimed, report, &blob.sha256)
-                        .await?,
-                )
+                let owned = store
+                    .finish_succeeded(claimed, report, &blob.sha256)
+                    .await?;
+                if !owned {
+                    // No report names the artifact: it would stay in the store for good.
+                    if let Err(e) = store.free_blob_if_unreferenced(&blob.sha256).await {
+                        tracing::warn!(job = %claimed.job.id, "freeing a discarded artifact: {e}");
+                    }
+                }
+                (JobState::Succeeded, owned)
             }
             Outcome::Failed { code, message } => {
                 let owned = store
@@ -796,6 +800,9 @@ pub async fn run_reaper(
                 Ok(n) => tracing::warn!(chunks = n, "removed chunks of abandoned uploads"),
                 Err(e) => tracing::error!("sweeping abandoned uploads: {e}"),
             }
+            if !settings.keep_work_dirs {
+                sweep_work_dirs(&store, &settings.work_dir).await;
+            }
         }
         if let Some(retention) = settings.job_retention {
             let expired = delete_expired(&store, &settings, retention, &shutdown).await;
@@ -812,6 +819,14 @@ pub async fn run_reaper(
                         .leases_reaped
                         .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 }
+                // Outcomes the reaper decided count as a worker's would.
+                for _ in &reaped.failed {
+                    metrics.record_outcome(JobState::Failed);
+                    metrics.record_failure("lease_expired");
+                }
+                for _ in &reaped.cancelled {
+                    metrics.record_outcome(JobState::Cancelled);
+                }
             }
             Err(e) => tracing::error!("reaper: {e}"),
         }
@@ -819,6 +834,42 @@ pub async fn run_reaper(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(settings.reap_interval) => {}
         }
+    }
+}
+
+/// Removes the work folders (copies of a job's inputs, `{job id}-{attempt}`) that no
+/// attempt still runs in: what a server that crashed, or was killed, left behind. A
+/// worker removes its own folder when its attempt ends. A folder whose job is running
+/// that very attempt stays, whichever process runs it.
+pub async fn sweep_work_dirs(store: &Store, work_dir: &Path) {
+    let Ok(mut entries) = tokio::fs::read_dir(work_dir).await else {
+        return;
+    };
+    let mut removed = 0;
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // A job id is a UUID (hyphens inside), then `-attempt`.
+        let Some((id, attempt)) = name.rsplit_once('-') else {
+            continue;
+        };
+        let Ok(attempt) = attempt.parse::<i64>() else {
+            continue;
+        };
+        let in_use = match store.job(id).await {
+            Ok(Some(job)) => job.state == JobState::Running && job.attempts == attempt,
+            Ok(None) => false,
+            // Unknown: leave it for the next sweep.
+            Err(_) => true,
+        };
+        if !in_use && tokio::fs::remove_dir_all(entry.path()).await.is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::warn!(
+            folders = removed,
+            "removed work folders of attempts that ended without their worker"
+        );
     }
 }
 

@@ -484,15 +484,23 @@ impl Store {
             .bind(now_ms())
             .fetch_optional(self.pool())
             .await?;
-        row.map(|r| {
-            let state: String = r.get(0);
-            JobState::parse(&state).ok_or_else(|| {
-                StoreError::Database(sqlx::Error::Decode(
-                    format!("unknown job state `{state}`").into(),
-                ))
+        let state = row
+            .map(|r| {
+                let state: String = r.get(0);
+                JobState::parse(&state).ok_or_else(|| {
+                    StoreError::Database(sqlx::Error::Decode(
+                        format!("unknown job state `{state}`").into(),
+                    ))
+                })
             })
-        })
-        .transpose()
+            .transpose()?;
+        if state == Some(JobState::Queued) {
+            // Another replica still running may take it now rather than at its next poll.
+            if let Err(e) = self.announce_queued().await {
+                tracing::warn!(job = %claimed.job.id, "announcing a job handed back: {e}");
+            }
+        }
+        Ok(state)
     }
 
     /// How many jobs wait in the queue.

@@ -726,5 +726,112 @@ async fn a_job_claimed_with_a_pending_cancel_is_cancelled_without_running() {
     assert_eq!(state, Some(JobState::Cancelled), "{job}");
     assert_eq!(job["state"], "cancelled", "{job}");
     assert!(!dir.path().join("ran").exists(), "the scan process ran");
+    // A job that will never have one says so, unlike one still on its way.
+    let response = app
+        .client
+        .get(app.url(&format!("/v1/jobs/{id}/report")))
+        .send()
+        .await
+        .unwrap();
+    crate::helpers::assert_problem(response, StatusCode::CONFLICT, "no_report").await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_died_on_its_last_attempt_fails_and_is_counted() {
+    let app = spawn_app(Options::default()).await;
+    let id = crate::helpers::queue_job(app.store(), 1).await;
+    // Claimed with a 1 ms lease that is never renewed: the app's reaper ends the job.
+    app.store()
+        .claim_job("dead-worker", 1)
+        .await
+        .unwrap()
+        .unwrap();
+    let job = app
+        .wait_for(&id, Duration::from_secs(30), |j| j["state"] == "failed")
+        .await;
+    assert_eq!(job["error"]["code"], "lease_expired", "{job}");
+    let metrics = app.metrics_text().await;
+    assert!(
+        metrics.contains("bdscan_jobs_failed_total{code=\"lease_expired\"} 1\n")
+            && metrics.contains("bdscan_jobs_finished_total{outcome=\"failed\"} 1\n"),
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_stored_by_a_worker_that_lost_its_lease_is_not_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = fake_child(
+        dir.path(),
+        "succeeding-bdscan",
+        r#"#!/bin/sh
+work=$(dirname "$3")
+printf '{}' > "$work/report.json"
+printf 'a discarded artifact' > "$work/purified.pt"
+sleep 1
+exit 0
+"#,
+    );
+    let app = spawn_app(Options {
+        exe: Some(exe),
+        ..Options::default()
+    })
+    .await;
+    let id = queue_job_over_one_file(&app).await;
+    // A worker whose heartbeat would come only after the scan: it learns that it lost
+    // the lease when it records the outcome, after storing the artifact.
+    let mut state = app.state.clone();
+    let mut config = (*state.config).clone();
+    config.worker.heartbeat = Duration::from_secs(600);
+    state.config = std::sync::Arc::new(config);
+    let worker = state.worker("w");
+    let running = tokio::spawn(async move { worker.run_once(&CancellationToken::new()).await });
+    app.wait_for(&id, Duration::from_secs(30), |j| j["state"] == "running")
+        .await;
+    sqlx::query("UPDATE jobs SET lease_owner = 'another-worker' WHERE id = $1")
+        .bind(&id)
+        .execute(app.store().pool())
+        .await
+        .unwrap();
+    assert_eq!(running.await.unwrap().unwrap(), Some(JobState::Running));
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        b"a discarded artifact",
+    ));
+    let (status, _) = app.get_json(&format!("/v1/blobs/{sha}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_folders_no_attempt_runs_in_are_swept() {
+    let app = spawn_app(Options::default()).await;
+    let store = app.store();
+    let running = crate::helpers::queue_job(store, 3).await;
+    store.claim_job("w", 60_000).await.unwrap().unwrap();
+    let finished = crate::helpers::queue_job(store, 3).await;
+    let claimed = store.claim_job("w", 60_000).await.unwrap().unwrap();
+    store
+        .finish_unsuccessful(&claimed, JobState::Failed, "internal", "test")
+        .await
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let folder = |name: String| {
+        let path = work.path().join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(path.join("model.pt"), b"copy").unwrap();
+        path
+    };
+    let live = folder(format!("{running}-1"));
+    let earlier_attempt = folder(format!("{running}-0"));
+    let ended = folder(format!("{finished}-1"));
+    let deleted = folder(format!("{}-1", uuid::Uuid::new_v4()));
+    let other = folder("not-a-job".into());
+    bdscan::server::worker::sweep_work_dirs(store, work.path()).await;
+    assert!(live.exists() && other.exists());
+    for gone in [&earlier_attempt, &ended, &deleted] {
+        assert!(!gone.exists(), "{}", gone.display());
+    }
     app.stop().await;
 }

@@ -401,14 +401,26 @@ async fn delete_job(
 /// The stored report and artifact hash of a job that succeeded.
 async fn finished_report(state: &AppState, id: &str) -> Result<(String, String), ApiError> {
     let job = find_job(state, id).await?;
-    if job.state != JobState::Succeeded {
-        return Err(ApiError::Conflict {
-            code: "not_ready",
-            message: format!(
-                "job {id} is {}; reports exist only for succeeded jobs",
-                job.state.as_str()
-            ),
-        });
+    match job.state {
+        JobState::Succeeded => {}
+        JobState::Queued | JobState::Running => {
+            return Err(ApiError::Conflict {
+                code: "not_ready",
+                message: format!(
+                    "job {id} is {}; its report comes when it succeeds",
+                    job.state.as_str()
+                ),
+            })
+        }
+        JobState::Failed | JobState::Cancelled => {
+            return Err(ApiError::Conflict {
+                code: "no_report",
+                message: format!(
+                    "job {id} is {} and has no report; its `error` says why",
+                    job.state.as_str()
+                ),
+            })
+        }
     }
     // Gone between the two reads: deleted (a client's DELETE, or retention) just now.
     state
