@@ -70,8 +70,25 @@ pub fn router(state: AppState) -> Router {
             count_responses,
         ))
         .layer(RequestBodyTimeoutLayer::new(state.config.body_idle_timeout))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().on_failure(log_failure))
         .with_state(state)
+}
+
+/// Server errors at ERROR, except the two a full service answers by design (503
+/// `queue_full` or `unavailable`, 507 `store_full`): those are load, logged at WARN, so
+/// that alerts on ERROR lines mean something broke.
+fn log_failure(
+    failure: tower_http::classify::ServerErrorsFailureClass,
+    latency: std::time::Duration,
+    _span: &tracing::Span,
+) {
+    use tower_http::classify::ServerErrorsFailureClass::StatusCode as Status;
+    match failure {
+        Status(status) if status.as_u16() == 503 || status.as_u16() == 507 => {
+            tracing::warn!(%status, ?latency, "request refused: the service is full or busy")
+        }
+        other => tracing::error!(classification = %other, ?latency, "response failed"),
+    }
 }
 
 async fn count_responses(
