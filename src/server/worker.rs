@@ -401,6 +401,8 @@ impl Worker {
         let mut heartbeat = tokio::time::interval(self.settings.heartbeat);
         heartbeat.tick().await;
         let mut progress = ProgressRelay::default();
+        // When the lease was last renewed (the claim renewed it just before).
+        let mut renewed = Instant::now();
         let mut kill_at: Option<tokio::time::Instant> = None;
         let mut cancelling = false;
         let time_limit = self.settings.job_timeout;
@@ -450,13 +452,24 @@ impl Worker {
                         let _ = child.kill().await;
                         return Ok(Outcome::LeaseLost);
                     }
-                    Ok(Some(true)) if !cancelling => {
-                        // Closing stdin asks the scan to stop at its next step.
-                        cancelling = true;
-                        stdin = None;
-                        kill_at = Some(tokio::time::Instant::now() + self.settings.cancel_grace);
+                    Ok(Some(cancel)) => {
+                        renewed = Instant::now();
+                        if cancel && !cancelling {
+                            // Closing stdin asks the scan to stop at its next step.
+                            cancelling = true;
+                            stdin = None;
+                            kill_at =
+                                Some(tokio::time::Instant::now() + self.settings.cancel_grace);
+                        }
                     }
-                    Ok(Some(_)) => {}
+                    // Past the lease without renewing it, the job is no longer this
+                    // worker's: a reaper (of any replica, once the database answers) puts it
+                    // back in the queue, and two copies of a scan must not run at once.
+                    Err(e) if renewed.elapsed() >= self.settings.lease => {
+                        tracing::error!(job = %claimed.job.id, "heartbeat: {e}; the lease ran out, stopping the scan");
+                        let _ = child.kill().await;
+                        return Ok(Outcome::LeaseLost);
+                    }
                     // A database hiccup: keep going; the lease outlives a few missed beats.
                     Err(e) => tracing::warn!(job = %claimed.job.id, "heartbeat: {e}"),
                 },

@@ -668,7 +668,7 @@ fn long_child(dir: &std::path::Path) -> std::path::PathBuf {
         dir,
         "long-bdscan",
         &format!(
-            "#!/bin/sh\ntouch '{}'\necho '{{\"phase\":\"purify\",\"step\":1,\"total\":9}}'\nsleep 60\n",
+            "#!/bin/sh\ntouch '{}'\necho '{{\"phase\":\"purify\",\"step\":1,\"total\":9}}'\nexec sleep 60\n",
             marker.display()
         ),
     )
@@ -833,5 +833,37 @@ async fn work_folders_no_attempt_runs_in_are_swept() {
     for gone in [&earlier_attempt, &ended, &deleted] {
         assert!(!gone.exists(), "{}", gone.display());
     }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_renew_its_lease_stops_the_scan_when_the_lease_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = spawn_app(Options {
+        exe: Some(long_child(dir.path())),
+        ..Options::default()
+    })
+    .await;
+    let id = queue_job_over_one_file(&app).await;
+    let worker = app.worker("w");
+    let running = tokio::spawn(async move { worker.run_once(&CancellationToken::new()).await });
+    app.wait_for(&id, Duration::from_secs(30), |j| {
+        j["progress"]["phase"] == "purify"
+    })
+    .await;
+    // The database stops answering the worker's heartbeats (its jobs table is away).
+    let pool = app.store().pool().clone();
+    sqlx::query("ALTER TABLE jobs RENAME TO jobs_away")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let lease = app.state.config.worker.lease;
+    let stopped = tokio::time::timeout(lease + Duration::from_secs(10), running).await;
+    sqlx::query("ALTER TABLE jobs_away RENAME TO jobs")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let state = stopped.expect("the scan was stopped when the lease ran out");
+    assert_eq!(state.unwrap().unwrap(), Some(JobState::Running));
     app.stop().await;
 }
