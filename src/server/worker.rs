@@ -206,7 +206,7 @@ impl Worker {
                     .await?;
                 if !owned {
                     // No report names the artifact: it would stay in the store for good.
-                    if let Err(e) = store.free_blob_if_unreferenced(&blob.sha256).await {
+                    if let Err(e) = store.free_blob_unless_resent(&blob.sha256).await {
                         tracing::warn!(job = %claimed.job.id, "freeing a discarded artifact: {e}");
                     }
                 }

@@ -51,14 +51,15 @@ async fn scan(
     let mut multipart =
         multipart.map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))?;
     // Blobs this request stored for the first time: a request that then fails leaves
-    // them to no job, so they go with it.
+    // them to no job, so they go with it, unless another client sent the same bytes
+    // meanwhile (for a job of its own).
     let mut stored_here = Vec::new();
     let submitted = submit_form(&state, &mut multipart, key, &mut stored_here).await;
     let mut job = match submitted {
         Ok(job) => job,
         Err(e) => {
             for sha in &stored_here {
-                if let Err(free) = state.store.free_blob_if_unreferenced(sha).await {
+                if let Err(free) = state.store.free_blob_unless_resent(sha).await {
                     tracing::warn!(blob = %sha, "freeing an upload of a refused scan: {free}");
                 }
             }
