@@ -763,16 +763,20 @@ async fn a_job_whose_worker_died_on_its_last_attempt_fails_and_is_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_artifact_stored_by_a_worker_that_lost_its_lease_is_not_kept() {
     let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
     let exe = fake_child(
         dir.path(),
         "succeeding-bdscan",
-        r#"#!/bin/sh
+        &format!(
+            r#"#!/bin/sh
 work=$(dirname "$3")
-printf '{}' > "$work/report.json"
+printf '{{}}' > "$work/report.json"
 printf 'a discarded artifact' > "$work/purified.pt"
-sleep 1
+while [ ! -e '{}' ]; do sleep 0.1; done
 exit 0
 "#,
+            go.display()
+        ),
     );
     let app = spawn_app(Options {
         exe: Some(exe),
@@ -795,6 +799,7 @@ exit 0
         .execute(app.store().pool())
         .await
         .unwrap();
+    std::fs::write(&go, b"").unwrap();
     assert_eq!(running.await.unwrap().unwrap(), Some(JobState::Running));
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
         b"a discarded artifact",
