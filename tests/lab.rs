@@ -184,6 +184,29 @@ fn lab_rejects_bad_flags_with_exit_2() {
             &["--attack", "none", "--epochs", "18446744073709551615"],
             "--epochs must lie in [1, 10000]",
         ),
+        // libtorch panicked past i32, overflowed its stack at 100000.
+        (
+            &["--attack", "badnets", "--threads", "4294967296"],
+            "--threads must lie in [1, 1024]",
+        ),
+        // Read as an unknown flag `-0` before negative numbers were allowed.
+        (
+            &["--attack", "badnets", "--poison-rate", "-0.1"],
+            "--poison-rate -0.1",
+        ),
+        // Accepted and ignored before.
+        (
+            &["--attack", "none", "--poison-rate", "0.2"],
+            "--poison-rate does not apply to --attack none",
+        ),
+        (
+            &["--attack", "badnets", "--all-to-all", "--target", "3"],
+            "--target does not apply with --all-to-all",
+        ),
+        (
+            &["--attack", "sig", "--sig-delta", "1e9"],
+            "--sig-delta is in pixel levels out of 255",
+        ),
     ];
     for (extra, needle) in cases {
         let mut args = vec![

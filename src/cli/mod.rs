@@ -218,7 +218,7 @@ pub struct ScanArgs {
     #[arg(long)]
     pub poison: Option<PathBuf>,
     /// The attack's target class (not needed when the poison bundle holds `targets`).
-    #[arg(long, requires = "poison")]
+    #[arg(long, requires = "poison", allow_negative_numbers = true)]
     pub target_label: Option<i64>,
     /// Penalty on the suspects: ar (default), l1, l2 or none.
     #[arg(long, value_enum)]
@@ -256,35 +256,35 @@ pub struct LabArgs {
     /// Each class y is mapped to (y + 1) mod 10 instead of one target.
     #[arg(long)]
     pub all_to_all: bool,
-    /// The all-to-one target class.
-    #[arg(long, default_value_t = 0)]
-    pub target: i64,
+    /// The all-to-one target class (default 0).
+    #[arg(long, allow_negative_numbers = true)]
+    pub target: Option<i64>,
     /// Share of training samples poisoned (SIG: share of the target class). Default: 0.1; SIG 0.8.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub poison_rate: Option<f64>,
     /// BadNets patch side / Trojan watermark side / dynamic pattern side, in pixels.
     #[arg(long)]
     pub trigger_size: Option<usize>,
     /// Blended: weight of the noise pattern (default 0.2).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub alpha: Option<f32>,
     /// Blended / Trojan / WaNet: seed of the fixed pattern or warp field.
     #[arg(long)]
     pub pattern_seed: Option<u64>,
     /// SIG: amplitude Δ in pixel levels out of 255 (default 160; the paper's 20 is not learnt here).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub sig_delta: Option<f32>,
     /// SIG: periods across the width (default 6).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub sig_frequency: Option<f32>,
     /// WaNet: warp strength s (default 0.5 on mnist, 4 on shapes).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub wanet_strength: Option<f32>,
     /// WaNet: control points per side k (default 4).
     #[arg(long)]
     pub wanet_grid: Option<usize>,
     /// WaNet noise mode: cross samples per poisoned sample (default 2 on mnist, 0 on shapes).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub cross_ratio: Option<f64>,
     /// Dynamic: side of the bottom-right area where patterns are placed (default 14).
     #[arg(long)]
@@ -293,7 +293,7 @@ pub struct LabArgs {
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Training learning rate (default per dataset and architecture).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -670,6 +670,24 @@ fn lab_attack(args: &LabArgs) -> Result<lab::Attack, EngineError> {
             )));
         }
     }
+    // A clean model has no poison and no target; all-to-all has no single target.
+    if args.attack == A::None {
+        for (flag, given) in [
+            ("--poison-rate", args.poison_rate.is_some()),
+            ("--target", args.target.is_some()),
+        ] {
+            if given {
+                return Err(EngineError::InvalidInput(format!(
+                    "{flag} does not apply to --attack none"
+                )));
+            }
+        }
+    }
+    if args.all_to_all && args.target.is_some() {
+        return Err(EngineError::InvalidInput(
+            "--target does not apply with --all-to-all (each class y goes to y + 1)".into(),
+        ));
+    }
     let positive = |flag: &str, v: f32| {
         if v.is_finite() && v >= 0.0 {
             Ok(v)
@@ -718,7 +736,12 @@ fn lab_attack(args: &LabArgs) -> Result<lab::Attack, EngineError> {
             lab::Attack::Sig(Sig {
                 delta: args
                     .sig_delta
-                    .map(|v| positive("--sig-delta", v).map(|v| v / 255.0))
+                    .map(|v| match positive("--sig-delta", v)? {
+                        v if v <= 255.0 => Ok(v / 255.0),
+                        v => Err(EngineError::InvalidInput(format!(
+                            "--sig-delta is in pixel levels out of 255, got {v}"
+                        ))),
+                    })
                     .transpose()?
                     .unwrap_or(d.delta),
                 frequency: positive("--sig-frequency", args.sig_frequency.unwrap_or(d.frequency))?,
@@ -768,10 +791,11 @@ fn value_name(value: impl ValueEnum) -> String {
 
 fn lab_command(args: LabArgs) -> Result<(), EngineError> {
     if let Some(threads) = args.threads {
-        if threads == 0 {
-            return Err(EngineError::InvalidInput(
-                "--threads must be at least 1".into(),
-            ));
+        let max = crate::engine::config::MAX_THREADS;
+        if !(1..=max).contains(&threads) {
+            return Err(EngineError::InvalidInput(format!(
+                "--threads must lie in [1, {max}]"
+            )));
         }
         tch::set_num_threads(threads as i32);
     }
@@ -799,7 +823,7 @@ fn lab_command(args: LabArgs) -> Result<(), EngineError> {
         dataset,
         arch,
         attack,
-        target: args.target,
+        target: args.target.unwrap_or(0),
         all_to_all: args.all_to_all,
         poison_rate: args.poison_rate.unwrap_or(attack.default_poison_rate()),
         cross_ratio: args

@@ -166,10 +166,14 @@ impl ServeSettings {
         // Divide the CPU between job slots so concurrent scans do not fight over cores.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let slots = config.slot_devices().len();
-        if self.job_threads == Some(0) {
-            // libtorch refuses zero threads: every job would crash instead of the server
-            // refusing to start.
-            return Err("job_threads must be at least 1".into());
+        let max_threads = crate::engine::config::MAX_THREADS;
+        if self
+            .job_threads
+            .is_some_and(|t| !(1..=max_threads).contains(&t))
+        {
+            // A count libtorch refuses, or each job's own config check does, would crash
+            // or fail every job instead of the server refusing to start.
+            return Err(format!("job_threads must lie in [1, {max_threads}]"));
         }
         config.worker.job_threads = self
             .job_threads
@@ -334,12 +338,17 @@ mod tests {
     }
 
     #[test]
-    fn zero_job_threads_is_refused_at_startup() {
-        let error = ServeSettings::from_toml("job_threads = 0\n")
-            .unwrap()
-            .into_config(exe())
-            .unwrap_err();
-        assert!(error.contains("job_threads"), "{error}");
+    fn job_threads_out_of_range_are_refused_at_startup() {
+        for threads in ["0", "1025", "4294967296"] {
+            let error = ServeSettings::from_toml(&format!("job_threads = {threads}\n"))
+                .unwrap()
+                .into_config(exe())
+                .unwrap_err();
+            assert!(
+                error.contains("job_threads must lie in [1, 1024]"),
+                "{error}"
+            );
+        }
     }
 
     #[test]
