@@ -285,6 +285,9 @@ def main(out_dir: str) -> None:
         print(f"wrote {out / name}.pt")
     torch.jit.script(TinyMlp()).save(str(out / "tiny_mlp.pt"))
     print(f"wrote {out / 'tiny_mlp.pt'}")
+    # The most common wrong model file: weights saved with torch.save, not TorchScript.
+    torch.save(TinyMlp().state_dict(), str(out / "tiny_mlp_state_dict.pt"))
+    print(f"wrote {out / 'tiny_mlp_state_dict.pt'}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bdscan::engine::bundle::{RawTensor, TensorDtype};
@@ -207,6 +207,17 @@ fn not_a_bundle_not_a_model_and_missing_files() {
         &scan(dir.path(), &junk, &clean, &[]),
         "not a loadable TorchScript archive",
     );
+    // Weights saved with torch.save: libtorch blamed a corrupted checkpoint.
+    let state_dict =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny_mlp_state_dict.pt");
+    assert_input_error(
+        &scan(dir.path(), &state_dict, &clean, &[]),
+        "written by torch.save: save the model as TorchScript",
+    );
+    // A model archive given as the bundle: its entries are named, but not all 30-odd.
+    let outcome = scan(dir.path(), &mnist_model(), &mnist_model(), &[]);
+    assert_input_error(&outcome, "more)");
+    assert!(outcome.stderr.len() < 1000, "{}", outcome.stderr);
     assert_input_error(
         &scan(dir.path(), &dir.path().join("absent.pt"), &clean, &[]),
         "cannot read",
@@ -267,6 +278,18 @@ fn usage_errors_exit_2() {
         .output()
         .unwrap();
     assert_input_error(&Outcome::of(demo), "--work-dir");
+    // A device the machine lacks was refused only after training the demo's model, and
+    // its temporary folder stayed behind.
+    let temp = tempfile::tempdir().unwrap();
+    let demo = Command::new(bdscan_bin())
+        .args(["demo", "--device", "cuda:63"])
+        .env("TMPDIR", temp.path())
+        .output()
+        .unwrap();
+    let trained = String::from_utf8_lossy(&demo.stdout).contains("training");
+    assert_input_error(&Outcome::of(demo), "cuda:63");
+    assert!(!trained, "the demo trained before refusing the device");
+    assert_eq!(std::fs::read_dir(temp.path()).unwrap().count(), 0);
 }
 
 #[test]
@@ -504,7 +527,7 @@ fn models_and_bundles_a_scan_cannot_use_are_refused_at_load_saying_why() {
 }
 
 #[test]
-fn an_output_directory_that_does_not_exist_is_refused_before_the_scan_runs() {
+fn outputs_the_scan_could_not_write_are_refused_before_it_runs() {
     let dir = tempfile::tempdir().unwrap();
     let clean = dir.path().join("clean.safetensors");
     write_safetensors(
@@ -514,34 +537,42 @@ fn an_output_directory_that_does_not_exist_is_refused_before_the_scan_runs() {
             ("labels", &labels(&[0; 8])),
         ],
     );
+    let clean_bytes = std::fs::read(&clean).unwrap();
+    let (o, r) = (dir.path().join("o.pt"), dir.path().join("r.json"));
     let missing = dir.path().join("missing");
-    for flag in ["--out", "--report"] {
+    let cases: [(PathBuf, PathBuf, &str); 6] = [
+        (missing.join("o.pt"), r.clone(), "does not exist"),
+        (o.clone(), missing.join("r.json"), "does not exist"),
+        // Found at the end, these failed the whole scan as internal errors, the first
+        // leaving `<dir>.pt.partial` behind.
+        (dir.path().to_path_buf(), r.clone(), "is a directory"),
+        ("/proc/o.pt".into(), r.clone(), "cannot write in /proc"),
+        // Accepted: one output overwrote the other, or the clean bundle.
+        (
+            o.clone(),
+            o.clone(),
+            "--out and --report name the same file",
+        ),
+        (o.clone(), clean.clone(), "--report names the --clean file"),
+    ];
+    for (out_path, report_path, needle) in cases {
         let out = Command::new(bdscan_bin())
             .args(["scan", "--model"])
             .arg(mnist_model())
             .arg("--clean")
             .arg(&clean)
             .arg("--out")
-            .arg(if flag == "--out" {
-                missing.join("o.pt")
-            } else {
-                dir.path().join("o.pt")
-            })
+            .arg(&out_path)
             .arg("--report")
-            .arg(if flag == "--report" {
-                missing.join("r.json")
-            } else {
-                dir.path().join("r.json")
-            })
+            .arg(&report_path)
             .env("RUST_LOG", "warn")
             .output()
             .unwrap();
-        let outcome = Outcome {
-            code: out.status.code().unwrap_or(-1),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        assert_input_error(&outcome, "does not exist");
-        assert!(!dir.path().join("o.pt").exists());
+        assert_input_error(&Outcome::of(out), needle);
+        assert!(!o.exists() && !r.exists());
+        let partial = dir.path().with_extension("pt.partial");
+        assert!(!partial.exists());
+        assert_eq!(std::fs::read(&clean).unwrap(), clean_bytes);
     }
 }
 

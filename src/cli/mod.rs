@@ -3,11 +3,12 @@
 
 mod progress;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::engine::scan::{check_writable_dir, directory_of};
 use crate::engine::{
     run_scan, EngineError, Method, Monitor, Regularizer, ScanConfig, ScanInputs, ScanReport,
 };
@@ -543,13 +544,64 @@ fn scan(args: ScanArgs) -> Result<(), EngineError> {
         target_label: args.target_label,
         out: args.out,
     };
-    crate::engine::scan::check_writable_dir(&args.report, "report")?;
+    check_writable_dir(&args.report, "report")?;
+    refuse_clashing_paths(&inputs, &args.report)?;
     let report = run_with_progress(&inputs, &config)?;
     let json =
         serde_json::to_string_pretty(&report).map_err(|e| EngineError::Internal(e.to_string()))?;
-    std::fs::write(&args.report, json)
-        .map_err(|e| EngineError::input(&format!("report {}", args.report.display()), e))?;
+    if let Err(e) = write_atomically(&args.report, json.as_bytes()) {
+        // One output without the other is a failed run: leave neither.
+        let _ = std::fs::remove_file(&inputs.out);
+        return Err(EngineError::input(
+            &format!("report {}", args.report.display()),
+            e,
+        ));
+    }
     print_summary(&report);
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it, renamed over it: a
+/// failure leaves no half-written file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = tempfile::NamedTempFile::new_in(directory_of(path))?;
+    std::io::Write::write_all(&mut file, bytes)?;
+    file.persist(path).map(|_| ()).map_err(|e| e.error)
+}
+
+/// Refuses outputs that would overwrite each other or an input (`--report` naming the
+/// clean bundle destroyed it, and `--out` = `--report` left only the report).
+fn refuse_clashing_paths(inputs: &ScanInputs, report: &Path) -> Result<(), EngineError> {
+    // The outputs' directories exist (checked before), the inputs themselves too.
+    let resolved = |path: &Path| {
+        let name = path.file_name().map(PathBuf::from).unwrap_or_default();
+        let dir = directory_of(path).canonicalize().ok()?;
+        Some(dir.join(name))
+    };
+    let out = resolved(&inputs.out);
+    if out.is_some() && out == resolved(report) {
+        return Err(EngineError::InvalidInput(
+            "--out and --report name the same file".into(),
+        ));
+    }
+    let named_inputs = [
+        ("--model", Some(&inputs.model)),
+        ("--clean", Some(&inputs.clean)),
+        ("--test", inputs.test.as_ref()),
+        ("--poison", inputs.poison.as_ref()),
+    ];
+    for (output_flag, output) in [("--out", &inputs.out), ("--report", &report.to_path_buf())] {
+        let Some(output) = resolved(output) else {
+            continue;
+        };
+        for (input_flag, input) in named_inputs {
+            if input.and_then(|p| resolved(p)).as_ref() == Some(&output) {
+                return Err(EngineError::InvalidInput(format!(
+                    "{output_flag} names the {input_flag} file: it would be overwritten"
+                )));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -563,9 +615,9 @@ fn run_with_progress(inputs: &ScanInputs, config: &ScanConfig) -> Result<ScanRep
 
 fn demo_command(args: DemoArgs) -> Result<(), EngineError> {
     let config = base_config(&args.run)?;
-    if let Some(threads) = config.threads {
-        tch::set_num_threads(threads as i32);
-    }
+    // Before the training, not after it: a device the machine lacks is refused at once.
+    crate::engine::scan::open_device(&config)?;
+    // Removed when this returns, failed or not (`--work-dir` keeps everything).
     let temp;
     let dir = match &args.work_dir {
         // Made here, where a failure is still the caller's path to fix (a file in the
@@ -577,8 +629,11 @@ fn demo_command(args: DemoArgs) -> Result<(), EngineError> {
             dir.clone()
         }
         None => {
-            temp = tempdir()?;
-            temp.clone()
+            temp = tempfile::Builder::new()
+                .prefix("bdscan-demo-")
+                .tempdir()
+                .map_err(|e| EngineError::Internal(format!("creating a temporary folder: {e}")))?;
+            temp.path().to_path_buf()
         }
     };
     println!(
@@ -625,8 +680,6 @@ fn demo_command(args: DemoArgs) -> Result<(), EngineError> {
             "files: {} (purified.pt, report.json, bundles)",
             dir.display()
         );
-    } else {
-        let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())
 }
@@ -862,13 +915,6 @@ fn lab_command(args: LabArgs) -> Result<(), EngineError> {
         }
     );
     Ok(())
-}
-
-fn tempdir() -> Result<PathBuf, EngineError> {
-    let dir = std::env::temp_dir().join(format!("bdscan-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| EngineError::Internal(format!("creating {}: {e}", dir.display())))?;
-    Ok(dir)
 }
 
 fn percent(x: Option<f64>) -> String {

@@ -399,10 +399,12 @@ pub fn parse_bundle_owned(bytes: Vec<u8>) -> Result<Bundle, BundleError> {
 /// The bundle from its arrays, checked.
 fn assemble(parsed: Parsed) -> Result<Bundle, BundleError> {
     let (mut images, mut labels, targets, names) = parsed;
-    let found = if names.is_empty() {
-        "nothing".to_string()
-    } else {
-        names.join(", ")
+    // Named in the error; a model archive given as a bundle holds dozens of entries.
+    const SHOWN: usize = 8;
+    let found = match names.len() {
+        0 => "nothing".to_string(),
+        n if n <= SHOWN => names.join(", "),
+        n => format!("{}, and {} more", names[..SHOWN].join(", "), n - SHOWN),
     };
     let images = images.take().ok_or(BundleError::MissingTensor {
         missing: "images",

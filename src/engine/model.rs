@@ -36,9 +36,18 @@ impl ScanModel {
     /// Loads the archive and checks it maps `sample` (a few clean images) to N×K logits.
     pub fn load(path: &Path, device: Device, sample: &Tensor) -> Result<Self, EngineError> {
         let mut module = CModule::load_on_device(path, device).map_err(|e| {
+            let text = e.to_string();
+            // A zip without TorchScript's constants: what `torch.save` writes (a
+            // state_dict or a pickled module), the most common wrong file.
+            let hint = if text.contains("constants.pkl") {
+                " (this looks like a file written by torch.save: save the model as \
+                 TorchScript, torch.jit.script(model).save(path) or torch.jit.trace)"
+            } else {
+                ""
+            };
             EngineError::InvalidInput(format!(
-                "model: not a loadable TorchScript archive: {}",
-                cause_line(&e.to_string())
+                "model: not a loadable TorchScript archive: {}{hint}",
+                cause_line(&text)
             ))
         })?;
         module.f_set_eval()?;
@@ -413,9 +422,18 @@ impl ScanModel {
     pub fn save(&mut self, path: &Path) -> Result<(), EngineError> {
         self.set_eval()?;
         let tmp = path.with_extension("pt.partial");
-        self.module.save(&tmp)?;
-        std::fs::rename(&tmp, path)
-            .map_err(|e| EngineError::Internal(format!("writing {}: {e}", path.display())))
+        let saved = self
+            .module
+            .save(&tmp)
+            .map_err(EngineError::from)
+            .and_then(|()| {
+                std::fs::rename(&tmp, path)
+                    .map_err(|e| EngineError::Internal(format!("writing {}: {e}", path.display())))
+            });
+        if saved.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        saved
     }
 }
 

@@ -343,7 +343,8 @@ pub fn run_scan(
     })
 }
 
-fn open_device(config: &ScanConfig) -> Result<Device, EngineError> {
+/// The scan's device, refused if this machine lacks it; also sets the thread count.
+pub fn open_device(config: &ScanConfig) -> Result<Device, EngineError> {
     let device = parse_device(&config.device)?;
     if let Device::Cuda(index) = device {
         let available = tch::Cuda::device_count();
@@ -361,21 +362,36 @@ fn open_device(config: &ScanConfig) -> Result<Device, EngineError> {
     Ok(device)
 }
 
-/// Refuses an output path whose directory does not exist: found only at the end, it
-/// threw away the whole scan.
-pub fn check_writable_dir(path: &Path, role: &str) -> Result<(), EngineError> {
-    let dir = match path.parent() {
+/// The directory a file path is in (`.` for a bare file name).
+pub fn directory_of(path: &Path) -> &Path {
+    match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
-    };
-    if dir.is_dir() {
-        Ok(())
-    } else {
-        Err(EngineError::InvalidInput(format!(
-            "{role}: directory {} does not exist",
-            dir.display()
-        )))
     }
+}
+
+/// Refuses an output path the scan could not write: found only at the end, it threw
+/// away the whole scan. The path must name a file (not a directory) in an existing
+/// directory where a file can be created, and an existing file there must be writable.
+pub fn check_writable_dir(path: &Path, role: &str) -> Result<(), EngineError> {
+    let refuse = |why: String| Err(EngineError::InvalidInput(format!("{role}: {why}")));
+    if path.is_dir() {
+        return refuse(format!("{} is a directory; name a file", path.display()));
+    }
+    let dir = directory_of(path);
+    if !dir.is_dir() {
+        return refuse(format!("directory {} does not exist", dir.display()));
+    }
+    // What the write at the end does: a new file beside it (then renamed over it).
+    if let Err(e) = tempfile::NamedTempFile::new_in(dir) {
+        return refuse(format!("cannot write in {}: {e}", dir.display()));
+    }
+    if path.exists() {
+        if let Err(e) = std::fs::OpenOptions::new().append(true).open(path) {
+            return refuse(format!("cannot replace {}: {e}", path.display()));
+        }
+    }
+    Ok(())
 }
 
 fn digest_file(path: &Path, role: &str) -> Result<FileDigest, EngineError> {
