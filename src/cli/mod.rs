@@ -438,8 +438,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         let app = crate::server::Application::build(config)
             .await
             .map_err(|e| match e {
-                // A setting the user can fix: a usage error, like a bad flag.
-                crate::server::StartError::Config(_) => (EXIT_INPUT, e.to_string()),
+                // A setting the user can fix: a usage error, like a bad flag. A listen
+                // address another process holds is one too.
+                crate::server::StartError::Config(_) | crate::server::StartError::Bind(..) => {
+                    (EXIT_INPUT, e.to_string())
+                }
                 other => (EXIT_INTERNAL, other.to_string()),
             })?;
         let authenticated = app.state().config.api_token.is_some();

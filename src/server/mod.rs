@@ -147,9 +147,19 @@ impl Application {
     /// Connects to the database, applies migrations and binds the listener (port 0 picks one).
     pub async fn build(config: ServerConfig) -> Result<Application, StartError> {
         config.validate().map_err(StartError::Config)?;
-        std::fs::create_dir_all(&config.data_dir)?;
-        std::fs::create_dir_all(&config.worker.work_dir)?;
-        let store = Store::connect(&config.database_url).await?;
+        // The data directory is the user's setting: a file in the way or no permission is
+        // theirs to fix, said with the path.
+        for dir in [&config.data_dir, &config.worker.work_dir] {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StartError::Config(format!("data_dir: cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let store = Store::connect(&config.database_url)
+            .await
+            .map_err(|e| match e {
+                crate::store::StoreError::UnsupportedUrl(_) => StartError::Config(e.to_string()),
+                other => StartError::Store(other),
+            })?;
         if store.backend() == Backend::Sqlite {
             // A single process owns a SQLite database, so unfinished uploads are orphans.
             store.sweep_staging().await?;

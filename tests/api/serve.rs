@@ -259,3 +259,35 @@ fn container_files_use_settings_that_serve_knows() {
     assert_eq!(config.listen.port(), 8080);
     assert_eq!(config.data_dir, std::path::PathBuf::from("/data"));
 }
+
+#[test]
+fn serve_refuses_its_own_settings_it_cannot_use_as_usage_errors() {
+    // A data directory where a file is: was exit 3 with only "File exists".
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"in the way").unwrap();
+    let output = serve_command()
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("data_dir") && stderr.contains("a-file"),
+        "{stderr}"
+    );
+    // A database the store cannot use, and an address another process holds.
+    let stderr = refused_serve(&[], &[("DATABASE_URL", "mysql://db.example/bdscan")]);
+    assert!(stderr.contains("unsupported database URL"), "{stderr}");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let output = serve_command()
+        .args(["--listen", &address, "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&address), "{stderr}");
+}
