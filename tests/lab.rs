@@ -157,6 +157,36 @@ fn lab_writes_model_bundles_and_meta_and_scan_reads_all_to_all_targets() {
 }
 
 #[test]
+fn a_lab_run_that_fails_leaves_nothing_and_takes_an_earlier_run_s_files_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    assert!(lab_all_to_all(&run).status.success());
+    // A rerun into the same folder that diverges: before, the earlier run's model and
+    // meta.json stayed beside this run's bundles, looking like one set.
+    let out = run_bdscan(&[
+        "lab",
+        "--dataset",
+        "mnist",
+        "--arch",
+        "cnn",
+        "--attack",
+        "blended",
+        "--lr",
+        "1e30",
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("diverged"), "{}", stderr(&out));
+    let left: Vec<_> = std::fs::read_dir(&run).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
 fn lab_rejects_bad_flags_with_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().to_str().unwrap();

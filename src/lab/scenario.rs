@@ -294,18 +294,58 @@ pub struct LabFiles {
     pub meta: PathBuf,
 }
 
-/// Runs `spec` and writes everything to `dir`.
+/// Every file a run writes in its folder (`architecture.pt` only while it trains).
+const RUN_FILES: [&str; 6] = [
+    "meta.json",
+    "model.pt",
+    "clean.safetensors",
+    "test.safetensors",
+    "poison.safetensors",
+    "architecture.pt",
+];
+
+fn writing_error(what: &Path) -> impl Fn(std::io::Error) -> EngineError {
+    let what = what.display().to_string();
+    move |e: std::io::Error| EngineError::InvalidInput(format!("writing {what}: {e}"))
+}
+
+/// Runs `spec` and writes everything to `dir`. An earlier run's files there go first, and
+/// a run that fails removes what it wrote: a failed run never leaves bundles beside a
+/// model and metadata they do not belong to. `meta.json` is written last, so a folder
+/// without it (a run stopped by a signal) is visibly unfinished.
 pub fn run_lab(
     spec: &LabSpec,
     dir: &Path,
     monitor: &mut Monitor,
 ) -> Result<(LabMeta, LabFiles), EngineError> {
     spec.validate()?;
-    let io = |what: &Path| {
-        let what = what.display().to_string();
-        move |e: std::io::Error| EngineError::InvalidInput(format!("writing {what}: {e}"))
+    std::fs::create_dir_all(dir).map_err(writing_error(dir))?;
+    let remove_run_files = || -> Result<(), EngineError> {
+        for name in RUN_FILES {
+            let path = dir.join(name);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(writing_error(&path)(e))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    remove_run_files()?;
+    let ran = write_run(spec, dir, monitor);
+    if ran.is_err() {
+        let _ = remove_run_files();
+    }
+    ran
+}
+
+fn write_run(
+    spec: &LabSpec,
+    dir: &Path,
+    monitor: &mut Monitor,
+) -> Result<(LabMeta, LabFiles), EngineError> {
+    let io = writing_error;
     let (train, clean, test) = splits(spec.dataset);
     // The trainer seeds its own generator with the same seed; poisoning draws from another
     // stream, or its shuffle would equal the first epoch's batch order and the first
@@ -335,11 +375,6 @@ pub fn run_lab(
     std::fs::write(&files.test, test.to_safetensors()).map_err(io(&files.test))?;
     if let (Some(bundle), Some(path)) = (&poison, &files.poison) {
         std::fs::write(path, bundle.to_safetensors()).map_err(io(path))?;
-    } else {
-        let stale = dir.join("poison.safetensors");
-        if stale.exists() {
-            std::fs::remove_file(&stale).map_err(io(&stale))?;
-        }
     }
     let arch_path = dir.join("architecture.pt");
     std::fs::write(&arch_path, architecture(spec.dataset, spec.arch)).map_err(io(&arch_path))?;
