@@ -87,13 +87,14 @@ fn purifies_a_backdoored_mnist_cnn_and_keeps_its_accuracy() {
     let (before, after) = (&report.metrics.before, &report.metrics.after);
     let (asr_before, asr_after) = (before.asr.unwrap(), after.asr.unwrap());
     println!(
-        "clean acc {:.4} -> {:.4}, ASR {:.4} -> {:.4}, DER {:.4}, flagged {}",
+        "clean acc {:.4} -> {:.4}, ASR {:.4} -> {:.4}, DER {:.4}, flagged {}, suspect weights {}",
         before.clean_acc,
         after.clean_acc,
         asr_before,
         asr_after,
         report.der.unwrap(),
-        report.flagged_count
+        report.flagged_count,
+        report.suspect_weight_count,
     );
     assert!(
         asr_before > 0.9,
@@ -106,18 +107,67 @@ fn purifies_a_backdoored_mnist_cnn_and_keeps_its_accuracy() {
         before.clean_acc,
         after.clean_acc
     );
-    assert!(report.flagged_count > 0);
-    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
-    // Identification alone already takes some of the backdoor out of this model, and
-    // zeroing neuron and weight suspects together stays within their two budgets.
+    // Identification flags the largest tried share whose removal costs at most its
+    // budget. How large that is depends on the demo model, which the lab trains here and
+    // whose draw depends on the host's kernels: on an AVX-512 EPYC the first 5% of its
+    // neurons cost 52 points of held-out accuracy and nothing is flagged (purification
+    // alone then removes the backdoor), where earlier hosts' draws flagged neurons.
+    let config = ScanConfig::default();
+    let selection = &report.selection;
+    for (level, trials, chosen, budget) in [
+        (
+            "neurons",
+            &selection.neuron_trials,
+            selection.neuron_fraction,
+            config.neuron_drop_budget,
+        ),
+        (
+            "weights",
+            &selection.weight_trials,
+            selection.weight_fraction,
+            config.weight_drop_budget,
+        ),
+    ] {
+        let within = |acc: f64| selection.held_out_acc - acc <= budget + 1e-12;
+        let largest_within = trials
+            .iter()
+            .take_while(|t| within(t.held_out_acc))
+            .last()
+            .map_or(0.0, |t| t.fraction);
+        assert_eq!(chosen, largest_within, "{level}: {selection:?}");
+        // The trials stop at the first share over the budget.
+        let before_last = &trials[..trials.len().saturating_sub(1)];
+        assert!(
+            before_last.iter().all(|t| within(t.held_out_acc)),
+            "{level}: {selection:?}"
+        );
+    }
+    assert_eq!(report.flagged_count > 0, selection.neuron_fraction > 0.0);
+    // Nothing else to warn about; a scan that flagged nothing says so.
+    let flagged_nothing = report.flagged_count == 0 && report.suspect_weight_count == 0;
+    assert_eq!(
+        report.warnings.len(),
+        usize::from(flagged_nothing),
+        "{:?}",
+        report.warnings
+    );
+    assert!(
+        report.warnings.iter().all(|w| w.starts_with("no suspects")),
+        "{:?}",
+        report.warnings
+    );
     let removed = report.suspects_removed.as_ref().unwrap();
     println!("suspects zeroed: {removed:?}");
-    assert!(
-        removed.asr.unwrap() < asr_before,
-        "ASR with the suspects zeroed {:?}",
-        removed.asr
-    );
-    let config = ScanConfig::default();
+    if report.flagged_count > 0 || report.suspect_weight_count > 0 {
+        // On this model's draws that flag anything, zeroing the suspects alone already
+        // takes some of the backdoor out.
+        assert!(
+            removed.asr.unwrap() < asr_before,
+            "ASR with the suspects zeroed {:?}",
+            removed.asr
+        );
+    }
+    // Zeroing neuron and weight suspects together stays within their two budgets.
     assert!(
         report.selection.held_out_acc - removed.held_out_acc
             <= config.neuron_drop_budget + config.weight_drop_budget,
