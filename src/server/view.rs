@@ -51,7 +51,7 @@ pub struct ErrorView {
 pub struct TimingsView {
     /// From creation to the (first) start, or until now while queued.
     pub queued_ms: Option<i64>,
-    /// From the first start to the end, or until now while running.
+    /// From the first start to the end, or until now while running; none while queued.
     pub running_ms: Option<i64>,
 }
 
@@ -110,8 +110,11 @@ impl JobView {
                     None if job.state == JobState::Queued => Some(now - job.created_at),
                     None => None,
                 },
+                // None while queued, also for a job handed back after it ran: it is
+                // not running, and a clock counting on would say it is.
                 running_ms: job
                     .started_at
+                    .filter(|_| job.state != JobState::Queued)
                     .map(|started| job.finished_at.unwrap_or(now) - started),
             },
             links: Links {

@@ -463,7 +463,7 @@ impl Store {
     }
 
     /// Gives a job back to the queue without counting the attempt (graceful shutdown),
-    /// or ends it `cancelled` if a client asked to cancel it meanwhile: re-queued, that
+    /// its progress cleared (the next claim starts over), or ends it `cancelled` if a client asked to cancel it meanwhile: re-queued, that
     /// request would be lost (`request_cancel` cancels only what is queued when it
     /// looks). One statement, so a cancel landing at the same moment is seen by either
     /// this or `request_cancel`. `Ok(None)`: this worker no longer owns the job.
@@ -475,6 +475,9 @@ impl Store {
              finished_at = CASE WHEN {cancelled} THEN $3 ELSE finished_at END, \
              error_code = CASE WHEN {cancelled} THEN 'cancelled' ELSE error_code END, \
              error = CASE WHEN {cancelled} THEN 'cancelled by request as the service stopped' ELSE error END, \
+             progress_phase = CASE WHEN {cancelled} THEN progress_phase ELSE NULL END, \
+             progress_step = CASE WHEN {cancelled} THEN progress_step ELSE 0 END, \
+             progress_total = CASE WHEN {cancelled} THEN progress_total ELSE 0 END, \
              lease_owner = NULL, lease_until = NULL \
              WHERE id = $1 AND lease_owner = $2 AND state = 'running' RETURNING state"
         );

@@ -407,6 +407,13 @@ async fn shutting_down_hands_running_jobs_back_to_the_queue() {
     assert_eq!(job.state, JobState::Queued, "{job:?}");
     assert_eq!(job.attempts, 0, "a hand-back does not use up an attempt");
     assert!(job.lease_owner.is_none());
+    // Queued again: no progress of the stopped attempt, and no running clock.
+    assert!(
+        job.progress_phase.is_none() && job.progress_step == 0,
+        "{job:?}"
+    );
+    let view = bdscan::server::view::JobView::new(&job);
+    assert!(view.timings.running_ms.is_none() && view.timings.queued_ms.is_some());
 }
 
 async fn a_job_whose_worker_died_is_run_again(db: Db) {
