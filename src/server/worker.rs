@@ -587,8 +587,13 @@ impl ProgressRelay {
             return None;
         }
         self.held = None;
+        Some(self.written_now(line))
+    }
+
+    /// Records `line` as written now, and returns it for the writing.
+    fn written_now(&mut self, line: ProgressLine) -> ProgressLine {
         self.written = Some((line.phase.clone(), tokio::time::Instant::now()));
-        Some(line)
+        line
     }
 
     /// When the held line is due, if one is held.
@@ -600,8 +605,7 @@ impl ProgressRelay {
     /// The held line, now written.
     fn take_held(&mut self) -> Option<ProgressLine> {
         let line = self.held.take()?;
-        self.written = Some((line.phase.clone(), tokio::time::Instant::now()));
-        Some(line)
+        Some(self.written_now(line))
     }
 
     /// The phase the job was last seen in.

@@ -328,10 +328,7 @@ impl BlobUpload {
     /// room, which may still be a file the store holds (see `finish_if_stored`).
     /// On an error nothing changed: `abort` (or drop) still removes what was staged.
     pub async fn stop_staging(&mut self) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM blob_chunks WHERE blob_key = $1")
-            .bind(&self.staging_key)
-            .execute(self.store.pool())
-            .await?;
+        delete_staging(&self.store, &self.staging_key).await?;
         self.unstaged_bytes = self.bytes_so_far();
         self.staging = false;
         self.pending.clear();
@@ -345,16 +342,10 @@ impl BlobUpload {
     pub async fn finish_if_stored(mut self) -> Result<Option<BlobInfo>, StoreError> {
         self.settled = true;
         let sha256 = hex::encode(self.hasher.clone().finalize());
-        let row = sqlx::query(
-            "UPDATE blobs SET created_at = $1, resent = 1 WHERE sha256 = $2 RETURNING size_bytes",
-        )
-        .bind(now_ms())
-        .bind(&sha256)
-        .fetch_optional(self.store.pool())
-        .await?;
-        Ok(row.map(|r| BlobInfo {
+        let stored = mark_stored_again(self.store.pool(), &sha256, now_ms()).await?;
+        Ok(stored.map(|size_bytes| BlobInfo {
             sha256,
-            size_bytes: r.get::<i64, _>(0) as u64,
+            size_bytes,
             created: Some(false),
         }))
     }
@@ -415,14 +406,7 @@ impl BlobUpload {
         // waits on the primary key; if it got there first, its row is refreshed instead.
         let mut stored = None;
         for _ in 0..3 {
-            let refreshed =
-                sqlx::query("UPDATE blobs SET created_at = $1, resent = 1 WHERE sha256 = $2")
-                    .bind(now)
-                    .bind(&sha256)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected()
-                    == 1;
+            let refreshed = mark_stored_again(&mut *tx, &sha256, now).await?.is_some();
             if refreshed {
                 stored = Some(false);
                 break;
@@ -504,12 +488,39 @@ impl Drop for BlobUpload {
     }
 }
 
-async fn remove_staging(store: &Store, staging_key: &str) {
-    let result = sqlx::query("DELETE FROM blob_chunks WHERE blob_key = $1")
+async fn delete_staging(store: &Store, staging_key: &str) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM blob_chunks WHERE blob_key = $1")
         .bind(staging_key)
         .execute(store.pool())
-        .await;
-    if let Err(e) = result {
+        .await?;
+    Ok(())
+}
+
+/// [`delete_staging`] where nobody waits for the answer: a failure is logged, and the
+/// chunks wait for the sweep of abandoned uploads.
+async fn remove_staging(store: &Store, staging_key: &str) {
+    if let Err(e) = delete_staging(store, staging_key).await {
         tracing::warn!(key = %staging_key, "could not remove an unfinished upload: {e}");
     }
+}
+
+/// Marks the stored blob `sha256`, if there is one, as stored again now by an upload
+/// (`created_at`, which the retention sweep reads, and `resent`, which a job's deletion
+/// reads); its size, or `None` when no such blob is stored.
+async fn mark_stored_again<'e, E>(
+    executor: E,
+    sha256: &str,
+    now: i64,
+) -> Result<Option<u64>, StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
+    let row = sqlx::query(
+        "UPDATE blobs SET created_at = $1, resent = 1 WHERE sha256 = $2 RETURNING size_bytes",
+    )
+    .bind(now)
+    .bind(sha256)
+    .fetch_optional(executor)
+    .await?;
+    Ok(row.map(|r| r.get::<i64, _>(0) as u64))
 }
