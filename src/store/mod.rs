@@ -10,7 +10,7 @@ pub mod jobs;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Executor};
+use sqlx::{AnyConnection, AnyPool, Connection, Executor};
 
 pub use blobs::{BlobInfo, BlobUpload, CHUNK_BYTES};
 pub use jobs::{Claimed, CreateOutcome, Job, JobPage, JobState, NewJob, Purged, Reaped};
@@ -26,6 +26,10 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported database URL `{0}` (expected sqlite:// or postgres://)")]
     UnsupportedUrl(String),
+    /// The first connection failed: the database's own reason (refused, unknown host,
+    /// authentication, no such database), or no answer in time, with the URL redacted.
+    #[error("cannot connect to the database at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
     #[error("file {path}: {source}")]
     Io {
         path: String,
@@ -64,6 +68,9 @@ pub enum Backend {
     Postgres,
 }
 
+/// How long the first connection at start may take before the start fails.
+const FIRST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A handle to the database; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -83,6 +90,28 @@ impl Store {
             return Err(StoreError::UnsupportedUrl(redact_url(url)));
         };
         let options: AnyConnectOptions = url.parse()?;
+        // One plain connection first: the pool retries a failing connect until its
+        // acquire timeout (30 s) and then reports only "pool timed out", which hides
+        // "connection refused" or "password authentication failed".
+        match tokio::time::timeout(FIRST_CONNECT_TIMEOUT, AnyConnection::connect_with(&options))
+            .await
+        {
+            Ok(Ok(probe)) => {
+                let _ = probe.close().await;
+            }
+            Ok(Err(e)) => {
+                return Err(StoreError::Unreachable {
+                    url: redact_url(url),
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(StoreError::Unreachable {
+                    url: redact_url(url),
+                    reason: format!("no answer within {} s", FIRST_CONNECT_TIMEOUT.as_secs()),
+                })
+            }
+        }
         let pool = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 4 } else { 10 })
             .after_connect(move |conn, _meta| {

@@ -291,3 +291,50 @@ fn serve_refuses_its_own_settings_it_cannot_use_as_usage_errors() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains(&address), "{stderr}");
 }
+
+#[test]
+fn serve_names_why_it_cannot_reach_its_database() {
+    // A port nothing listens on: the database's own reason, at once. It used to retry
+    // for the pool's 30 s and then say only "pool timed out".
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("postgres://bdscan:s3cret-pass@{closed}/bdscan");
+    let output = serve_command()
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot connect to the database at postgres://bdscan:***@{closed}/bdscan"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.to_lowercase().contains("refused"), "{stderr}");
+    assert!(!stderr.contains("s3cret-pass"), "{stderr}");
+    assert!(!stderr.contains("pool timed out"), "{stderr}");
+
+    // A server that accepts the connection and never answers: the start fails after the
+    // first connection's timeout instead of hanging on it.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_address = silent.local_addr().unwrap();
+    let output = serve_command()
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env(
+            "DATABASE_URL",
+            format!("postgres://bdscan@{silent_address}/bdscan"),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("no answer within 10 s"), "{stderr}");
+    drop(silent);
+}
