@@ -101,6 +101,11 @@ pub struct ServeArgs {
     /// 60 [default: for ever].
     #[arg(long, env = "BDSCAN_JOB_RETENTION_SECS")]
     pub job_retention_secs: Option<u64>,
+    /// Confine each job's process (Landlock, Linux): it may write only in its job's
+    /// folder, read only system and libtorch files (CPU slots), execute nothing and reach
+    /// no network; `false` only where it gets in a device driver's way [default: true].
+    #[arg(long, env = "BDSCAN_JOB_SANDBOX")]
+    pub job_sandbox: Option<bool>,
     /// Bearer token every /v1 request must carry, at least 32 characters; set it in the
     /// environment, where `ps` does not show it [default: none, the API is open].
     #[arg(long, env = "BDSCAN_API_TOKEN", hide_env_values = true)]
@@ -137,8 +142,30 @@ impl ServeArgs {
             job_memory_limit: self.job_memory_limit,
             job_timeout_secs: self.job_timeout_secs,
             job_retention_secs: self.job_retention_secs,
+            job_sandbox: self.job_sandbox,
             api_token: self.api_token.clone(),
         }
+    }
+}
+
+/// Closes the server's environment to its job processes (see `sandbox`), and says at
+/// start whether they will be confined, and how far this kernel can.
+fn log_job_sandbox(enabled: bool) {
+    if let Err(e) = crate::server::sandbox::protect_server_process() {
+        tracing::warn!(
+            "making the server non-dumpable: {e}: a job process may read its environment"
+        );
+    }
+    if !enabled {
+        tracing::warn!("job_sandbox is off: each job's process (the uploaded TorchScript) runs unconfined, as the server's user");
+        return;
+    }
+    match crate::server::sandbox::kernel_support() {
+        Ok(abi) => tracing::info!(landlock_abi = abi, "job processes are sandboxed"),
+        Err(e) => tracing::warn!(
+            "this kernel has no Landlock ({e}): each job's process (the uploaded \
+             TorchScript) runs unconfined, as the server's user"
+        ),
     }
 }
 
@@ -460,6 +487,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                  in front"
             );
         }
+        log_job_sandbox(app.state().config.worker.job_sandbox);
         let token = app.shutdown_token();
         tokio::spawn(async move {
             shutdown_signal().await;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::sandbox::{confine, Confined, Confinement};
 use crate::engine::{run_scan, EngineError, Monitor, Progress, ScanConfig, ScanInputs};
 
 pub const EXIT_OK: u8 = 0;
@@ -38,6 +39,9 @@ pub struct JobSpec {
     /// reads anything; `None`: the limit it inherited.
     #[serde(default)]
     pub memory_limit: Option<u64>,
+    /// How the child confines itself before it opens the model; `None`: not at all.
+    #[serde(default)]
+    pub confinement: Option<Confinement>,
     /// Where to write the purified model, the report and (on failure) the error.
     pub artifact: PathBuf,
     pub report: PathBuf,
@@ -73,6 +77,23 @@ pub fn run_job_process(spec_path: &Path) -> u8 {
         if let Err(e) = limit_data_memory(limit) {
             eprintln!("error: setting the job's memory limit: {e}");
             return EXIT_INTERNAL;
+        }
+    }
+    // Before any other thread starts (libtorch's pools, the stdin watcher), so that
+    // every one of them is confined too.
+    if let Some(confinement) = &spec.confinement {
+        match confine(confinement) {
+            Ok(Confined::Fully) => {}
+            Ok(Confined::Partly) => {
+                eprintln!("warning: this kernel's Landlock enforces only part of the job's sandbox")
+            }
+            Ok(Confined::Not) => {
+                eprintln!("warning: no Landlock on this kernel: the job runs unconfined")
+            }
+            Err(e) => {
+                eprintln!("error: confining the job: {e}");
+                return EXIT_INTERNAL;
+            }
         }
     }
     if let Some(threads) = spec.config.threads {

@@ -71,6 +71,9 @@ pub struct WorkerSettings {
     /// Most private writable memory (RLIMIT_DATA) a job's child on a CPU slot may map,
     /// in bytes; `None`: no limit. CUDA slots are not limited (see `Worker::memory_limit`).
     pub job_memory_limit: Option<u64>,
+    /// Confine each job's child with Landlock (see `sandbox`); off only where the
+    /// sandbox gets in the way of a device's drivers.
+    pub job_sandbox: bool,
     /// How long one attempt at a job may run before it is stopped and fails with
     /// `timed_out` (a model that loops for ever would hold its slot for good); `None`:
     /// no limit.
@@ -113,6 +116,7 @@ impl ServerConfig {
                 job_threads: None,
                 default_max_attempts: 3,
                 keep_work_dirs: false,
+                job_sandbox: true,
                 job_memory_limit: None,
                 job_timeout: None,
                 job_retention: None,

@@ -13,6 +13,7 @@ pub mod html;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
+pub mod sandbox;
 pub mod settings;
 pub mod view;
 pub mod worker;

@@ -63,6 +63,9 @@ pub struct ServeSettings {
     /// (for at least a day); unset: for ever.
     #[serde(alias = "job-retention-secs")]
     pub job_retention_secs: Option<u64>,
+    /// Confine each job's process with Landlock; unset: true.
+    #[serde(alias = "job-sandbox")]
+    pub job_sandbox: Option<bool>,
     /// The bearer token of the API; unset: no authentication.
     #[serde(alias = "api-token")]
     pub api_token: Option<String>,
@@ -98,6 +101,7 @@ impl ServeSettings {
             job_memory_limit: self.job_memory_limit.or(lower.job_memory_limit),
             job_timeout_secs: self.job_timeout_secs.or(lower.job_timeout_secs),
             job_retention_secs: self.job_retention_secs.or(lower.job_retention_secs),
+            job_sandbox: self.job_sandbox.or(lower.job_sandbox),
             api_token: self.api_token.or(lower.api_token),
         }
     }
@@ -155,6 +159,7 @@ impl ServeSettings {
             return Err("job_timeout_secs must be at least 1".into());
         }
         config.worker.job_timeout = self.job_timeout_secs.map(Duration::from_secs);
+        config.worker.job_sandbox = self.job_sandbox.unwrap_or(true);
         // Under a minute, a client polling its job could miss the outcome altogether.
         if self.job_retention_secs.is_some_and(|secs| secs < 60) {
             return Err("job_retention_secs must be at least 60".into());
@@ -215,6 +220,7 @@ impl std::fmt::Debug for ServeSettings {
             .field("job_memory_limit", &self.job_memory_limit)
             .field("job_timeout_secs", &self.job_timeout_secs)
             .field("job_retention_secs", &self.job_retention_secs)
+            .field("job_sandbox", &self.job_sandbox)
             .field("api_token", &self.api_token.as_ref().map(|_| "<set>"))
             .finish()
     }
@@ -243,10 +249,18 @@ mod tests {
             "workers = 7\nlease_secs = 90\nmax-blob-bytes = 1000\ndata_dir = \"/srv/bdscan\"\n\
              max_store_bytes = 5000\nmax-queued-jobs = 12\nmax_connections = 64\n\
              job-memory-limit = 8589934592\njob_timeout_secs = 3600\n\
-             job_retention_secs = 604800\n",
+             job_retention_secs = 604800\njob-sandbox = false\n",
         )
         .unwrap();
+        assert!(
+            ServeSettings::default()
+                .into_config(exe())
+                .unwrap()
+                .worker
+                .job_sandbox
+        );
         let config = flags.or(env).or(file).into_config(exe()).unwrap();
+        assert!(!config.worker.job_sandbox);
         assert_eq!(config.max_store_bytes, Some(5000));
         assert_eq!(config.max_queued_jobs, Some(12));
         assert_eq!(config.max_connections, 64);

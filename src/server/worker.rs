@@ -18,6 +18,7 @@ use super::child::{
 };
 use super::config::WorkerSettings;
 use super::metrics::Metrics;
+use super::sandbox::Confinement;
 use crate::engine::ScanConfig;
 use crate::store::{Claimed, JobState, Store, StoreError};
 
@@ -336,6 +337,11 @@ impl Worker {
             target_label: job.target_label,
             config,
             memory_limit: self.memory_limit(),
+            confinement: self.settings.job_sandbox.then(|| Confinement {
+                work_dir: dir.to_path_buf(),
+                // See `memory_limit`: what the CUDA runtime reads could not be tested.
+                restrict_reads: self.device == "cpu",
+            }),
             artifact: dir.join("purified.pt"),
             report: dir.join("report.json"),
             error: dir.join("error.json"),
@@ -665,6 +671,11 @@ fn job_command(
 ) -> Command {
     let mut command = Command::new(exe);
     command.arg("job").arg("--spec").arg(spec_path);
+    // Scratch files (a purification kept while a second one runs) go in the job's
+    // folder: it is the only place a confined child may write, and it is removed after.
+    if let Some(dir) = spec_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        command.env("TMPDIR", dir);
+    }
     for name in secret_variables(parent_variables) {
         command.env_remove(name);
     }
@@ -1091,7 +1102,13 @@ mod tests {
         .map(std::ffi::OsString::from);
         expected.sort();
         assert_eq!(removed, expected, "removed from the child's environment");
-        assert_eq!(std.get_envs().count(), 5, "and nothing else touched");
+        // Scratch files in the job's folder, the only place a confined child may write.
+        let set: Vec<_> = std
+            .get_envs()
+            .filter_map(|(name, value)| Some((name.to_os_string(), value?.to_os_string())))
+            .collect();
+        assert_eq!(set, [("TMPDIR".into(), "/tmp".into())]);
+        assert_eq!(std.get_envs().count(), 6, "and nothing else touched");
         let args: Vec<_> = std.get_args().collect();
         assert_eq!(args, ["job", "--spec", "/tmp/spec.json"]);
     }

@@ -879,3 +879,46 @@ async fn a_worker_that_cannot_renew_its_lease_stops_the_scan_when_the_lease_runs
     assert_eq!(state.unwrap().unwrap(), Some(JobState::Running));
     app.stop().await;
 }
+
+/// What the worker hands its child: a spec asking to be confined to the job's folder
+/// (reads too, on this CPU slot), inputs inside that folder, and TMPDIR there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_child_is_asked_to_keep_to_its_job_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("seen");
+    std::fs::create_dir(&seen).unwrap();
+    let exe = fake_child(
+        dir.path(),
+        "spec-reading-bdscan",
+        &format!(
+            "#!/bin/sh\ncp \"$3\" {seen}/spec.json\nprintf '%s' \"$TMPDIR\" > {seen}/tmpdir\nexit 3\n",
+            seen = seen.display()
+        ),
+    );
+    let app = spawn_app(Options {
+        exe: Some(exe),
+        ..Options::default()
+    })
+    .await;
+    let id = queue_job_over_one_file(&app).await;
+    let (state, job) = run_next_job(&app, "w", &id).await;
+    assert_eq!(state, Some(JobState::Failed), "{job}");
+    let spec: Value =
+        serde_json::from_slice(&std::fs::read(seen.join("spec.json")).unwrap()).unwrap();
+    let folder = std::path::Path::new(spec["confinement"]["work_dir"].as_str().unwrap());
+    assert!(
+        folder.starts_with(&app.state.config.worker.work_dir),
+        "{spec}"
+    );
+    assert_eq!(spec["confinement"]["restrict_reads"], true, "{spec}");
+    for input in ["model", "clean", "artifact", "report", "error"] {
+        let path = std::path::Path::new(spec[input].as_str().unwrap());
+        assert!(
+            path.starts_with(folder),
+            "{input} outside {folder:?}: {spec}"
+        );
+    }
+    let tmpdir = std::fs::read_to_string(seen.join("tmpdir")).unwrap();
+    assert_eq!(std::path::Path::new(&tmpdir), folder);
+    app.stop().await;
+}
