@@ -159,9 +159,10 @@ struct Scene {
     listener: std::net::TcpListener,
 }
 
-fn scene() -> Scene {
-    // Under the build folder, not /tmp: the system's temporary folder is itself probed.
-    let root = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+/// `under`: the folder that holds the scene, never /tmp (the system's temporary folder
+/// is itself probed).
+fn scene(under: &Path) -> Scene {
+    let root = tempfile::tempdir_in(under).unwrap();
     let work = root.path().join("work");
     let secret = root.path().join("data");
     std::fs::create_dir_all(&work).unwrap();
@@ -202,7 +203,7 @@ fn a_confined_process_keeps_to_its_job_folder() {
     if !landlock_available() {
         return;
     }
-    let scene = scene();
+    let scene = scene(Path::new(env!("CARGO_TARGET_TMPDIR")));
     let port = scene.listener.local_addr().unwrap().port();
 
     // Unconfined, every probe succeeds: the denials below are the sandbox's doing.
@@ -274,6 +275,31 @@ fn a_confined_process_keeps_to_its_job_folder() {
         assert_outcome(&cuda, name, false);
     }
     drop(scene.listener);
+}
+
+/// A server installed beside its data (`/srv/bdscan/bdscan`, data in `/srv/bdscan/data`):
+/// the folder of a loaded file (here this test binary's) holds the job's folder, and its
+/// neighbours stay closed all the same.
+#[test]
+fn a_job_folder_beside_the_binary_keeps_its_neighbours_closed() {
+    if !landlock_available() {
+        return;
+    }
+    let binary_folder = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let scene = scene(&binary_folder);
+    let port = scene.listener.local_addr().unwrap().port();
+    let confined = probe(&scene.work, &scene.secret, port, Some(true));
+    assert_eq!(confined["confined"], "Fully", "{confined:?}");
+    for name in ["read_work", "write_work", "libtorch"] {
+        assert_outcome(&confined, name, true);
+    }
+    for name in ["read_secret", "write_secret"] {
+        assert_outcome(&confined, name, false);
+    }
 }
 
 /// The real child: with the sandbox it cannot open a model outside its job folder, and

@@ -109,19 +109,38 @@ pub fn confine(confinement: &Confinement) -> Result<Confined, String> {
     }
 }
 
-/// The folders of the files this process maps (its executable and shared libraries),
-/// from `/proc/self/maps`: libtorch may load more of its own libraries later, and they
-/// sit beside the ones it loaded first.
-fn mapped_file_folders() -> Vec<PathBuf> {
+/// The files this process maps (its executable and shared libraries), from
+/// `/proc/self/maps`: only names that are files on disk (not `memfd:` or SysV shared
+/// memory, whose names would make their "folder" `/`).
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+fn mapped_files() -> Vec<PathBuf> {
     let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
         return Vec::new();
     };
-    let mut folders: Vec<PathBuf> = maps
+    let mut files: Vec<PathBuf> = maps
         .lines()
         // address perms offset dev inode path: the path is the sixth field.
         .filter_map(|line| line.split_whitespace().nth(5))
-        .filter(|path| path.starts_with('/'))
-        .filter_map(|path| Path::new(path).parent().map(Path::to_path_buf))
+        .map(PathBuf::from)
+        .filter(|path| path.is_absolute() && path.is_file())
+        .collect();
+    files.sort();
+    files.dedup();
+    files
+}
+
+/// The folders of `mapped` files a confined child may read, since libtorch may load more
+/// of its own libraries later and they sit beside the ones it loaded first; but not a
+/// folder that holds the job's own folder (a server installed as `/srv/bdscan/bdscan`
+/// with its data in `/srv/bdscan/data`), which would open the data directory and every
+/// other job's folder. Those files are allowed one by one instead.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+fn library_folders(mapped: &[PathBuf], work_dir: &Path) -> Vec<PathBuf> {
+    let mut folders: Vec<PathBuf> = mapped
+        .iter()
+        .filter_map(|file| file.parent())
+        .filter(|folder| folder.parent().is_some() && !work_dir.starts_with(folder))
+        .map(Path::to_path_buf)
         .collect();
     folders.sort();
     folders.dedup();
@@ -137,7 +156,7 @@ mod linux {
         RulesetCreatedAttr, RulesetStatus, Scope, ABI,
     };
 
-    use super::{mapped_file_folders, Confined, Confinement};
+    use super::{library_folders, mapped_files, Confined, Confinement};
 
     /// The newest Landlock ABI whose rights this policy names; the crate degrades it to
     /// what the running kernel knows.
@@ -220,7 +239,13 @@ mod linux {
         let mut readable: Vec<std::path::PathBuf> = Vec::new();
         if confinement.restrict_reads {
             readable.extend(SYSTEM_READ.iter().map(std::path::PathBuf::from));
-            readable.extend(mapped_file_folders());
+            // Relative to the server's folder as given; compared with libraries' absolute
+            // folders once made absolute.
+            let work_dir = std::fs::canonicalize(&confinement.work_dir)
+                .map_err(|e| fail("resolving the job folder", &e))?;
+            let mapped = mapped_files();
+            readable.extend(library_folders(&mapped, &work_dir));
+            readable.extend(mapped);
         } else {
             readable.push("/".into());
         }
@@ -268,5 +293,46 @@ mod linux {
         ruleset
             .add_rule(PathBeneath::new(fd, access))
             .map_err(|e| format!("allowing {}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn library_folders_never_hold_the_job_folder() {
+        let mapped: Vec<PathBuf> = [
+            "/srv/bdscan/bdscan",
+            "/opt/torch/lib/libtorch_cpu.so",
+            "/opt/torch/lib/libc10.so",
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            "/libtiny.so",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        let folders = library_folders(&mapped, Path::new("/srv/bdscan/data/work/job-1"));
+        assert_eq!(
+            folders,
+            [
+                PathBuf::from("/opt/torch/lib"),
+                PathBuf::from("/usr/lib/x86_64-linux-gnu")
+            ],
+            "not /srv/bdscan (it holds the data), not /"
+        );
+    }
+
+    #[test]
+    fn mapped_files_are_files_on_disk() {
+        let files = mapped_files();
+        assert!(!files.is_empty());
+        assert!(
+            files.iter().all(|f| f.is_absolute() && f.is_file()),
+            "{files:?}"
+        );
+        // This test binary is one of them.
+        let exe = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
+        assert!(files.contains(&exe), "{exe:?} not in {files:?}");
     }
 }
