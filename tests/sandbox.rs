@@ -98,14 +98,7 @@ fn probe_entry() {
     // Signal 0 checks the right to signal without sending anything.
     // SAFETY: kill with signal 0 only checks permissions.
     let signalled = unsafe { libc::kill(parent as libc::pid_t, 0) };
-    report(
-        "signal_parent",
-        if signalled == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        },
-    );
+    report("signal_parent", os_result(signalled == 0));
     report(
         "execute",
         Command::new("/bin/sh")
@@ -117,6 +110,33 @@ fn probe_entry() {
         "connect_tcp",
         std::net::TcpStream::connect(("127.0.0.1", port)).map(drop),
     );
+    report(
+        "rename_work",
+        std::fs::write(work.join("model.pt.partial"), b"weights")
+            .and_then(|()| std::fs::rename(work.join("model.pt.partial"), work.join("model.pt"))),
+    );
+    // Kinds of file the server would trip over when it reads the job's outputs.
+    report(
+        "make_symlink",
+        std::os::unix::fs::symlink(secret.join("secret.txt"), work.join("purified.pt")),
+    );
+    let fifo = std::ffi::CString::new(
+        work.join("report.json")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path, which lives until it returns.
+    let made = unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) };
+    report("make_fifo", os_result(made == 0));
+    report(
+        "connect_unix",
+        std::os::unix::net::UnixStream::connect(secret.join("server.sock")).map(drop),
+    );
+    report("udp", std::net::UdpSocket::bind("127.0.0.1:0").map(drop));
+    // SAFETY: setsid takes no arguments; the probe process is not a group leader.
+    let session = unsafe { libc::setsid() };
+    report("new_session", os_result(session >= 0));
     // The system's temporary folder: a confined child writes scratch files in its own
     // folder, through TMPDIR, instead.
     report(
@@ -150,6 +170,15 @@ fn probe_entry() {
     );
 }
 
+/// A system call's outcome: `Ok` where it succeeded, its errno otherwise.
+fn os_result(succeeded: bool) -> std::io::Result<()> {
+    if succeeded {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// The parts of the machine a probe is pointed at: the job's folder with an input, a
 /// folder beside it with a secret, and a listening TCP port.
 struct Scene {
@@ -157,6 +186,7 @@ struct Scene {
     work: std::path::PathBuf,
     secret: std::path::PathBuf,
     listener: std::net::TcpListener,
+    _unix_listener: std::os::unix::net::UnixListener,
 }
 
 /// `under`: the folder that holds the scene, never /tmp (the system's temporary folder
@@ -169,7 +199,9 @@ fn scene(under: &Path) -> Scene {
     std::fs::create_dir_all(&secret).unwrap();
     std::fs::write(work.join("input.txt"), b"model").unwrap();
     std::fs::write(secret.join("secret.txt"), b"another client's upload").unwrap();
+    let unix_listener = std::os::unix::net::UnixListener::bind(secret.join("server.sock")).unwrap();
     Scene {
+        _unix_listener: unix_listener,
         _root: root,
         work,
         secret,
@@ -177,9 +209,17 @@ fn scene(under: &Path) -> Scene {
     }
 }
 
+/// Whether this kernel's Landlock enforces the whole policy (ABI 6: Linux 6.12); the
+/// tests are skipped, saying so, where it does not.
 fn landlock_available() -> bool {
     match kernel_support() {
-        Ok(_) => true,
+        Ok(abi) if abi >= 6 => true,
+        Ok(abi) => {
+            eprintln!(
+                "skipped: this kernel's Landlock (ABI {abi}) enforces only part of the sandbox"
+            );
+            false
+        }
         Err(e) => {
             eprintln!("skipped: this kernel has no Landlock ({e})");
             false
@@ -219,12 +259,21 @@ fn a_confined_process_keeps_to_its_job_folder() {
         "execute",
         "connect_tcp",
         "write_tmp",
+        "rename_work",
+        "make_symlink",
+        "make_fifo",
+        "connect_unix",
+        "udp",
+        "new_session",
         "load_library",
         "libtorch",
     ] {
         assert_outcome(&open, name, true);
     }
     std::fs::remove_file(scene.secret.join("planted.txt")).unwrap();
+    for planted in ["purified.pt", "report.json"] {
+        std::fs::remove_file(scene.work.join(planted)).unwrap();
+    }
 
     // What `serve` does at start: this process stands for the server below.
     bdscan::server::sandbox::protect_server_process().unwrap();
@@ -236,6 +285,7 @@ fn a_confined_process_keeps_to_its_job_folder() {
         "read_work",
         "write_work",
         "read_proc_cpuinfo",
+        "rename_work",
         "load_library",
         "libtorch",
     ] {
@@ -249,6 +299,11 @@ fn a_confined_process_keeps_to_its_job_folder() {
         "execute",
         "connect_tcp",
         "write_tmp",
+        "make_symlink",
+        "make_fifo",
+        "connect_unix",
+        "udp",
+        "new_session",
     ] {
         assert_outcome(&confined, name, false);
     }
@@ -271,6 +326,11 @@ fn a_confined_process_keeps_to_its_job_folder() {
         "signal_parent",
         "execute",
         "connect_tcp",
+        "make_symlink",
+        "make_fifo",
+        "connect_unix",
+        "udp",
+        "new_session",
     ] {
         assert_outcome(&cuda, name, false);
     }
@@ -278,8 +338,8 @@ fn a_confined_process_keeps_to_its_job_folder() {
 }
 
 /// A server installed beside its data (`/srv/bdscan/bdscan`, data in `/srv/bdscan/data`):
-/// the folder of a loaded file (here this test binary's) holds the job's folder, and its
-/// neighbours stay closed all the same.
+/// the executable's folder (here this test binary's) holds the job's folder, and is not
+/// opened (only shared libraries' folders are, and never one that holds the job's).
 #[test]
 fn a_job_folder_beside_the_binary_keeps_its_neighbours_closed() {
     if !landlock_available() {

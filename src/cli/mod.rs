@@ -161,7 +161,13 @@ fn log_job_sandbox(enabled: bool) {
         return;
     }
     match crate::server::sandbox::kernel_support() {
-        Ok(abi) => tracing::info!(landlock_abi = abi, "job processes are sandboxed"),
+        Ok(abi) if abi >= 6 => tracing::info!(landlock_abi = abi, "job processes are sandboxed"),
+        Ok(abi) => tracing::warn!(
+            landlock_abi = abi,
+            "this kernel's Landlock enforces only part of the job sandbox (before Linux 6.12: \
+             no signal or abstract-socket scoping; before 6.7: no TCP rules; before 6.2: \
+             no control of truncation): see README, The job's child process"
+        ),
         Err(e) => tracing::warn!(
             "this kernel has no Landlock ({e}): each job's process (the uploaded \
              TorchScript) runs unconfined, as the server's user"

@@ -4,17 +4,22 @@
 //! that found a way to open files could read every other client's uploads and reports in
 //! the data directory, the settings file, or the server's environment (its database
 //! password and API token), and could reach the network. On Linux the child confines
-//! itself with Landlock before it opens the model:
-//! - it may write only in its job's folder (inputs, outputs, scratch files: the worker
-//!   points `TMPDIR` there), and execute no file at all;
+//! itself before it opens the model:
+//! - Landlock: it may write only in its job's folder (inputs, outputs, scratch files:
+//!   the worker points `TMPDIR` there), and there make only plain files and folders (no
+//!   link, FIFO, socket or device, which the server would meet when it reads the job's
+//!   outputs); it may execute no file at all;
 //! - on a CPU slot it may read only its job's folder, the system's library folders
-//!   (`/usr`, `/lib*`), the folders of the libraries it already maps (libtorch), its own
-//!   `/proc/self` and a few machine-wide `/proc` files, `/sys`, and a few device files; a
-//!   CUDA slot keeps read access everywhere, since the driver's files cannot be listed
-//!   without a GPU to test on;
+//!   (`/usr`, `/lib*`), the libraries it already maps and their folders (libtorch's),
+//!   its own `/proc/self` and a few machine-wide `/proc` files, `/sys`, and a few device
+//!   files; a CUDA slot keeps read access everywhere and may also drive `/dev/nvidia*`,
+//!   since what the driver reads cannot be listed without a GPU to test on;
 //! - it may neither bind nor connect TCP sockets, signal a process outside its sandbox
 //!   (the server), connect to abstract UNIX sockets made outside it, nor open another
-//!   process's memory.
+//!   process's memory;
+//! - seccomp: `socket` and `io_uring_setup` fail (no UNIX socket by path, UDP or TCP
+//!   `listen`, which Landlock does not govern on these kernels), and so do `setsid` and
+//!   `setpgid`, so that what it forks stays in the process group the worker kills.
 //!
 //! Landlock lets a confined process read another process's `/proc/<pid>/environ` and
 //! `maps` (ptrace's "read" mode), so two more steps keep the server's environment from a
@@ -23,10 +28,11 @@
 //! `CAP_SYS_PTRACE`, and the child drops every capability it has (a server run as root
 //! would otherwise hand them on).
 //!
-//! Landlock needs no privileges. On a kernel without it (before 5.13, or not enabled)
-//! the child runs unconfined, and [`kernel_support`] lets the server say so at start;
-//! older kernels enforce the part they know (file rules from 5.13, TCP from 6.7,
-//! signals and abstract sockets from 6.12).
+//! Landlock needs no privileges. On a kernel without it (before 5.13, or not enabled,
+//! or refused by a container's seccomp profile) the child runs unconfined but for the
+//! seccomp filter, and [`kernel_support`] lets the server say so at start; older
+//! kernels enforce the part they know (files from 5.13, truncation from 6.2, TCP from
+//! 6.7, signals and abstract sockets from 6.12).
 
 use std::path::{Path, PathBuf};
 
@@ -119,9 +125,10 @@ fn mapped_files() -> Vec<PathBuf> {
     };
     let mut files: Vec<PathBuf> = maps
         .lines()
-        // address perms offset dev inode path: the path is the sixth field.
-        .filter_map(|line| line.split_whitespace().nth(5))
-        .map(PathBuf::from)
+        // address perms offset dev inode path: no field before the path has a `/`, and
+        // the path runs to the end of the line (it may hold spaces).
+        .filter_map(|line| line.find('/').map(|at| &line[at..]))
+        .map(|path| PathBuf::from(path.trim_end_matches(" (deleted)")))
         .filter(|path| path.is_absolute() && path.is_file())
         .collect();
     files.sort();
@@ -129,15 +136,25 @@ fn mapped_files() -> Vec<PathBuf> {
     files
 }
 
-/// The folders of `mapped` files a confined child may read, since libtorch may load more
-/// of its own libraries later and they sit beside the ones it loaded first; but not a
-/// folder that holds the job's own folder (a server installed as `/srv/bdscan/bdscan`
-/// with its data in `/srv/bdscan/data`), which would open the data directory and every
-/// other job's folder. Those files are allowed one by one instead.
+/// The folders of the shared libraries among `mapped` files, which a confined child may
+/// read, since libtorch may load more of its own libraries later and they sit beside the
+/// ones it loaded first. Not the executable's folder (a settings file or `.env` may sit
+/// beside the binary), and not a folder that holds the job's own folder (libraries
+/// installed beside the data, as in `/srv/bdscan/lib` with `/srv/bdscan`'s data), which
+/// would open the data directory and every other job's folder: those files are allowed
+/// one by one instead.
+/// `libfoo.so`, `libfoo.so.1.2`: a shared library by its name.
+fn is_shared_library(file: &Path) -> bool {
+    file.file_name()
+        .map(|name| name.to_string_lossy())
+        .is_some_and(|name| name.ends_with(".so") || name.contains(".so."))
+}
+
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn library_folders(mapped: &[PathBuf], work_dir: &Path) -> Vec<PathBuf> {
     let mut folders: Vec<PathBuf> = mapped
         .iter()
+        .filter(|file| is_shared_library(file))
         .filter_map(|file| file.parent())
         .filter(|folder| folder.parent().is_some() && !work_dir.starts_with(folder))
         .map(Path::to_path_buf)
@@ -229,12 +246,22 @@ mod linux {
             .map_err(|e| fail("scoping signals and sockets", &e))?
             .create()
             .map_err(|e| fail("creating the ruleset", &e))?;
-        // Execution is handled and never granted, so no file can be executed; the
-        // dynamic loader maps libraries by reading them, which needs only `read`.
+        // In its folder the job makes, writes, truncates, renames (in place) and removes
+        // plain files and folders, and nothing else: no symbolic link, FIFO, socket or
+        // device node, which the server would meet when it reads the job's outputs, and
+        // no hard link or move from elsewhere (`Refer` is handled and never granted).
+        // Execution is handled and never granted anywhere, so no file can be executed;
+        // the dynamic loader maps libraries by reading them, which needs only `read`.
+        let job_folder = read_write
+            | AccessFs::Truncate
+            | AccessFs::MakeReg
+            | AccessFs::MakeDir
+            | AccessFs::RemoveFile
+            | AccessFs::RemoveDir;
         let work_dir =
             PathFd::new(&confinement.work_dir).map_err(|e| fail("opening the job folder", &e))?;
         ruleset = ruleset
-            .add_rule(PathBeneath::new(work_dir, every & !AccessFs::Execute))
+            .add_rule(PathBeneath::new(work_dir, job_folder))
             .map_err(|e| fail("allowing the job folder", &e))?;
         let mut readable: Vec<std::path::PathBuf> = Vec::new();
         if confinement.restrict_reads {
@@ -252,22 +279,97 @@ mod linux {
         for path in readable {
             ruleset = allow(ruleset, &path, read)?;
         }
-        if confinement.restrict_reads {
-            for device in DEVICES {
-                ruleset = allow(ruleset, Path::new(device), read_write)?;
+        for device in DEVICES {
+            ruleset = allow(ruleset, Path::new(device), read_write)?;
+        }
+        if !confinement.restrict_reads {
+            // CUDA opens its devices read-write and drives them with ioctl; the rest of
+            // /dev (/dev/shm, other devices) stays closed to writes.
+            for device in nvidia_devices() {
+                ruleset = allow(ruleset, &device, read_write | AccessFs::IoctlDev)?;
             }
-        } else {
-            // CUDA opens /dev/nvidia* read-write and drives them with ioctl.
-            ruleset = allow(ruleset, Path::new("/dev"), read_write | AccessFs::IoctlDev)?;
         }
         let status = ruleset
             .restrict_self()
             .map_err(|e| fail("restricting the process", &e))?;
+        refuse_sockets_and_new_groups().map_err(|e| fail("refusing sockets", &e))?;
         Ok(match status.ruleset {
             RulesetStatus::FullyEnforced => Confined::Fully,
             RulesetStatus::PartiallyEnforced => Confined::Partly,
             RulesetStatus::NotEnforced => Confined::Not,
         })
+    }
+
+    /// `/dev/nvidia*` (`nvidia0`, `nvidiactl`, `nvidia-uvm`, …) as they exist now.
+    fn nvidia_devices() -> Vec<std::path::PathBuf> {
+        std::fs::read_dir("/dev")
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("nvidia"))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A seccomp filter that fails `socket` and `io_uring_setup` (whose requests can make
+    /// sockets without the `socket` call) with EACCES: a scan needs no socket, and
+    /// Landlock governs only TCP `bind` and `connect` here (UNIX sockets by path, UDP and
+    /// TCP `listen` need a newer Landlock or none at all). `setsid` and `setpgid` fail
+    /// too, so that a process the job forks stays in the job's process group, which the
+    /// worker kills when the job ends. A system call of another
+    /// architecture's numbering (x32, or i386 through `int 0x80`) fails the same way,
+    /// since the numbers checked are this architecture's.
+    fn refuse_sockets_and_new_groups() -> std::io::Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        const AUDIT_ARCH: u32 = 0xC000_003E;
+        #[cfg(target_arch = "aarch64")]
+        const AUDIT_ARCH: u32 = 0xC000_00B7;
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        return Ok(());
+        // Classic BPF opcodes (linux/bpf_common.h) and `struct seccomp_data` offsets.
+        const LOAD_WORD: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+        const JUMP_IF_EQUAL: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+        const JUMP_IF_AT_LEAST: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+        const RETURN: u16 = 0x06; // BPF_RET | BPF_K
+        const SYSCALL_NUMBER: u32 = 0;
+        const ARCHITECTURE: u32 = 4;
+        // x32 system calls carry this bit on x86_64; no aarch64 number reaches it.
+        const X32_BIT: u32 = 0x4000_0000;
+        let refuse = libc::SECCOMP_RET_ERRNO | libc::EACCES as u32;
+        let step = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+        let mut program = [
+            step(LOAD_WORD, 0, 0, ARCHITECTURE),
+            step(JUMP_IF_EQUAL, 1, 0, AUDIT_ARCH),
+            step(RETURN, 0, 0, refuse),
+            step(LOAD_WORD, 0, 0, SYSCALL_NUMBER),
+            step(JUMP_IF_AT_LEAST, 5, 0, X32_BIT),
+            step(JUMP_IF_EQUAL, 4, 0, libc::SYS_socket as u32),
+            step(JUMP_IF_EQUAL, 3, 0, libc::SYS_io_uring_setup as u32),
+            step(JUMP_IF_EQUAL, 2, 0, libc::SYS_setsid as u32),
+            step(JUMP_IF_EQUAL, 1, 0, libc::SYS_setpgid as u32),
+            step(RETURN, 0, 0, libc::SECCOMP_RET_ALLOW),
+            step(RETURN, 0, 0, refuse),
+        ];
+        let filter = libc::sock_fprog {
+            len: program.len() as u16,
+            filter: program.as_mut_ptr(),
+        };
+        // SAFETY: prctl reads the flag, and the program through `filter`, which outlives
+        // the call; the kernel copies the program.
+        unsafe {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &filter as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
     }
 
     /// Adds a rule for `path` with the rights a file or a folder can carry; a path this
@@ -303,7 +405,8 @@ mod tests {
     #[test]
     fn library_folders_never_hold_the_job_folder() {
         let mapped: Vec<PathBuf> = [
-            "/srv/bdscan/bdscan",
+            "/srv/bdscan/lib/libtorch_cpu.so",
+            "/opt/bdscan/bin/bdscan",
             "/opt/torch/lib/libtorch_cpu.so",
             "/opt/torch/lib/libc10.so",
             "/usr/lib/x86_64-linux-gnu/libc.so.6",
@@ -312,14 +415,14 @@ mod tests {
         .iter()
         .map(PathBuf::from)
         .collect();
-        let folders = library_folders(&mapped, Path::new("/srv/bdscan/data/work/job-1"));
+        let folders = library_folders(&mapped, Path::new("/srv/bdscan/lib/data/work/job-1"));
         assert_eq!(
             folders,
             [
                 PathBuf::from("/opt/torch/lib"),
                 PathBuf::from("/usr/lib/x86_64-linux-gnu")
             ],
-            "not /srv/bdscan (it holds the data), not /"
+            "not /srv/bdscan/lib (it holds the data), not the executable's folder, not /"
         );
     }
 

@@ -20,6 +20,7 @@ use super::config::WorkerSettings;
 use super::metrics::Metrics;
 use super::sandbox::Confinement;
 use crate::engine::ScanConfig;
+use crate::store::blobs::open_regular_file;
 use crate::store::{Claimed, JobState, Store, StoreError};
 
 /// How often progress is written to the database at most (phase changes always are).
@@ -387,6 +388,7 @@ impl Worker {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("starting {}: {e}", self.settings.exe.display()))?;
+        let _group = GroupKiller(child.id());
         let mut stdin = child.stdin.take();
         let mut stdout = child.stdout.take().map(child_lines);
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
@@ -514,16 +516,32 @@ impl Worker {
             return Ok(Outcome::Cancelled);
         }
         if status.success() {
-            let report = tokio::fs::read_to_string(&spec.report)
-                .await
-                .map_err(|e| format!("the scan process exited without a report: {e}"))?;
+            let outputs = async {
+                let report = read_child_output(&spec.report, MAX_REPORT_BYTES)
+                    .await
+                    .map_err(|e| format!("its report: {e}"))?;
+                // Checked here for a clear failure; storing it checks again on the file
+                // it opens.
+                open_regular_file(&spec.artifact)
+                    .map_err(|e| format!("its purified model: {e}"))?;
+                Ok::<_, String>(report)
+            };
+            let report = match outputs.await {
+                Ok(report) => report,
+                Err(e) => {
+                    return Ok(Outcome::Failed {
+                        code: "internal".into(),
+                        message: format!("the scan process ended without usable outputs: {e}"),
+                    })
+                }
+            };
             return Ok(Outcome::Succeeded {
                 report,
                 artifact: spec.artifact.clone(),
             });
         }
         if status.code().is_some() {
-            if let Ok(text) = tokio::fs::read_to_string(&spec.error).await {
+            if let Ok(text) = read_child_output(&spec.error, MAX_ERROR_BYTES).await {
                 if let Ok(error) = serde_json::from_str::<ChildError>(&text) {
                     return Ok(Outcome::Failed {
                         code: error.code,
@@ -664,6 +682,33 @@ async fn next_child_line<R: AsyncRead + Unpin>(lines: &mut ChildLines<R>) -> Opt
 
 /// The command that runs a job's child: `exe job --spec SPEC`, without the secrets
 /// among `parent_variables` (the names of this process's environment).
+/// Largest report a job's process may leave: reports of the default scan are tens of
+/// KiB; the limit keeps a process that wrote without end from filling the server's memory.
+const MAX_REPORT_BYTES: u64 = 64 << 20;
+/// Largest error file, whose message is cut to 4,096 characters anyway.
+const MAX_ERROR_BYTES: u64 = 1 << 20;
+
+/// Reads a small output of the job's process (its report or its error): a regular file
+/// (not a link the process planted, nor a FIFO: see `open_regular_file`) of at most
+/// `limit` bytes.
+async fn read_child_output(path: &Path, limit: u64) -> Result<String, String> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let file = open_regular_file(&path).map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        file.take(limit + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| e.to_string())?;
+        if text.len() as u64 > limit {
+            return Err(format!("{} is larger than {limit} bytes", path.display()));
+        }
+        Ok(text)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
 fn job_command(
     exe: &Path,
     spec_path: &Path,
@@ -680,7 +725,28 @@ fn job_command(
         command.env_remove(name);
     }
     die_with_the_server(&mut command);
+    // A group of its own, which `GroupKiller` ends with the job: a process the scan
+    // forked (a model's native code could) would otherwise outlive it.
+    #[cfg(unix)]
+    command.process_group(0);
     command
+}
+
+/// Kills the job's process group (see `job_command`) when dropped, on every way out of
+/// `supervise`: what the child forked dies with it. The child itself has exited or been
+/// killed by then.
+struct GroupKiller(Option<u32>);
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Some(leader) = self.0.and_then(|pid| libc::pid_t::try_from(pid).ok()) {
+            // SAFETY: kill takes plain integers. ESRCH (no such group left) is expected.
+            unsafe {
+                libc::kill(-leader, libc::SIGKILL);
+            }
+        }
+    }
 }
 
 /// Has the kernel kill the child when the server dies (Linux `PR_SET_PDEATHSIG`). The

@@ -83,12 +83,14 @@ impl Store {
     }
 
     /// Stores a file (a purified artifact) as a blob.
+    /// Stores the regular file at `path`, which an untrusted process may have written:
+    /// see [`open_regular_file`].
     pub async fn put_file(&self, path: &Path) -> Result<BlobInfo, StoreError> {
         let io = |source| StoreError::Io {
             path: path.display().to_string(),
             source,
         };
-        let mut file = tokio::fs::File::open(path).await.map_err(io)?;
+        let mut file = tokio::fs::File::from_std(open_regular_file(path).map_err(io)?);
         let mut upload = self.begin_upload();
         let mut buf = vec![0u8; CHUNK_BYTES];
         loop {
@@ -523,4 +525,26 @@ where
     .fetch_optional(executor)
     .await?;
     Ok(row.map(|r| r.get::<i64, _>(0) as u64))
+}
+
+/// Opens `path` for reading only if it is a regular file itself: not a symbolic link
+/// (which a job's process could point at the database, the settings file or another
+/// job's files, for the server to store as its output), nor a FIFO or device (which
+/// would block or never end). The check is on the opened file, so swapping the path
+/// after it cannot fool it.
+pub fn open_regular_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        // O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let kind = file.metadata()?.file_type();
+    if !kind.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
 }

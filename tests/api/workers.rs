@@ -922,3 +922,77 @@ async fn the_child_is_asked_to_keep_to_its_job_folder() {
     assert_eq!(std::path::Path::new(&tmpdir), folder);
     app.stop().await;
 }
+
+/// Outputs a job's process planted for the unconfined server to read: a link named as
+/// the purified model (to a file the server can read and the job could not), a FIFO
+/// named as the report (which would block the worker for good), and a process it forked
+/// to outlive it. Each job fails with a clear message; nothing the link names is stored;
+/// the forked process dies with the job. The fake children are shell scripts, not
+/// sandboxed: these are the server's own defences, for a kernel without Landlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_a_job_process_planted_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("settings.toml");
+    std::fs::write(&secret, b"api_token = \"not for the model\"").unwrap();
+    let forked = dir.path().join("forked.pid");
+    let scripts = [
+        (
+            "link",
+            format!(
+                "#!/bin/sh\nwork=$(dirname \"$3\")\nln -s {} \"$work/purified.pt\"\n\
+                 printf '{{}}' > \"$work/report.json\"\nexit 0\n",
+                secret.display()
+            ),
+        ),
+        (
+            "fifo",
+            "#!/bin/sh\nwork=$(dirname \"$3\")\nmkfifo \"$work/report.json\"\n\
+             printf 'x' > \"$work/purified.pt\"\nexit 0\n"
+                .to_string(),
+        ),
+        (
+            "fork",
+            format!(
+                "#!/bin/sh\nsleep 300 &\necho $! > {}\nexit 3\n",
+                forked.display()
+            ),
+        ),
+    ];
+    for (name, script) in scripts {
+        let exe = fake_child(dir.path(), &format!("{name}-bdscan"), &script);
+        let app = spawn_app(Options {
+            exe: Some(exe),
+            ..Options::default()
+        })
+        .await;
+        let id = queue_job_over_one_file(&app).await;
+        let (state, job) =
+            tokio::time::timeout(Duration::from_secs(60), run_next_job(&app, "w", &id))
+                .await
+                .unwrap_or_else(|_| panic!("{name}: the worker hung"));
+        assert_eq!(state, Some(JobState::Failed), "{name}: {job}");
+        let message = job["error"]["message"].as_str().unwrap();
+        match name {
+            "link" => {
+                assert_eq!(job["error"]["code"], "internal", "{job}");
+                assert!(message.contains("its purified model"), "{message}");
+                assert!(job["links"]["artifact"].is_null(), "{job}");
+            }
+            "fifo" => {
+                assert!(
+                    message.contains("its report: not a regular file"),
+                    "{message}"
+                );
+            }
+            _ => {
+                let pid = std::fs::read_to_string(&forked).unwrap();
+                let alive = std::path::Path::new(&format!("/proc/{}", pid.trim())).exists()
+                    && !std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+                        .unwrap_or_default()
+                        .contains(") Z ");
+                assert!(!alive, "the forked process {} outlived its job", pid.trim());
+            }
+        }
+        app.stop().await;
+    }
+}
