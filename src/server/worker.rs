@@ -380,8 +380,7 @@ impl Worker {
         spec_path: &Path,
         shutdown: &CancellationToken,
     ) -> Result<Outcome, String> {
-        let parent_variables = std::env::vars_os().map(|(name, _)| name);
-        let mut child = job_command(&self.settings.exe, spec_path, parent_variables)
+        let mut child = job_command(&self.settings.exe, spec_path, std::env::vars_os())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -680,8 +679,6 @@ async fn next_child_line<R: AsyncRead + Unpin>(lines: &mut ChildLines<R>) -> Opt
     }
 }
 
-/// The command that runs a job's child: `exe job --spec SPEC`, without the secrets
-/// among `parent_variables` (the names of this process's environment).
 /// Largest report a job's process may leave: reports of the default scan are tens of
 /// KiB; the limit keeps a process that wrote without end from filling the server's memory.
 const MAX_REPORT_BYTES: u64 = 64 << 20;
@@ -709,20 +706,23 @@ async fn read_child_output(path: &Path, limit: u64) -> Result<String, String> {
     .map_err(|e| e.to_string())?
 }
 
+/// The command that runs a job's child: `exe job --spec SPEC`, with only the variables
+/// of `parent_environment` (this process's) that the scan needs, and `TMPDIR`.
 fn job_command(
     exe: &Path,
     spec_path: &Path,
-    parent_variables: impl Iterator<Item = std::ffi::OsString>,
+    parent_environment: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
 ) -> Command {
     let mut command = Command::new(exe);
     command.arg("job").arg("--spec").arg(spec_path);
+    command.env_clear();
+    for (name, value) in parent_environment.filter(|(name, _)| passed_to_the_child(name)) {
+        command.env(name, value);
+    }
     // Scratch files (a purification kept while a second one runs) go in the job's
     // folder: it is the only place a confined child may write, and it is removed after.
     if let Some(dir) = spec_path.parent().filter(|d| !d.as_os_str().is_empty()) {
         command.env("TMPDIR", dir);
-    }
-    for name in secret_variables(parent_variables) {
-        command.env_remove(name);
     }
     die_with_the_server(&mut command);
     // A group of its own, which `GroupKiller` ends with the job: a process the scan
@@ -778,20 +778,44 @@ fn die_with_the_server(command: &mut Command) {
     let _ = command;
 }
 
-/// The environment variables a job's child must not inherit: the database's address and
-/// credentials (`DATABASE_URL`, libpq's `PG*`), the API's token and the settings file
-/// that may name them.
-/// The child runs a model that is untrusted code and needs none of them.
-fn secret_variables(names: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    names
-        .filter(|name| {
-            let name = name.to_string_lossy();
-            name == "DATABASE_URL"
-                || name == "BDSCAN_CONFIG"
-                || name == "BDSCAN_API_TOKEN"
-                || name.starts_with("PG")
-        })
-        .collect()
+/// Whether a job's child keeps the environment variable `name`: where the libraries are
+/// and how they run (the loader, libtorch, OpenMP, MKL, oneDNN, CUDA, glibc's allocator),
+/// locale and logging. Everything else stays with the server: the database's address
+/// and credentials (`DATABASE_URL`, libpq's `PG*`), the API's token, the settings file
+/// that may name them, a cloud provider's keys. The child runs a model that is untrusted
+/// code, and a confined child can still read its own `/proc/self/environ`.
+fn passed_to_the_child(name: &std::ffi::OsStr) -> bool {
+    const NAMES: [&str; 9] = [
+        "PATH",
+        "HOME",
+        "LANG",
+        "TZ",
+        "LD_LIBRARY_PATH",
+        "GLIBC_TUNABLES",
+        "RUST_LOG",
+        "RUST_BACKTRACE",
+        "RUST_LIB_BACKTRACE",
+    ];
+    const PREFIXES: [&str; 14] = [
+        "LC_",
+        "OMP_",
+        "KMP_",
+        "GOMP_",
+        "MKL_",
+        "DNNL_",
+        "ONEDNN_",
+        "OPENBLAS_",
+        "CUDA_",
+        "CUBLAS",
+        "CUDNN_",
+        "NVIDIA_",
+        "PYTORCH_",
+        "TORCH_",
+    ];
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    NAMES.contains(&name) || PREFIXES.iter().any(|prefix| name.starts_with(prefix))
 }
 
 /// Runs `step` up to `STORE_TRIES` times while it fails with an error `worth_retrying`
@@ -1134,47 +1158,56 @@ mod tests {
     }
 
     #[test]
-    fn the_child_inherits_no_database_credentials() {
-        let names = [
+    fn the_child_inherits_only_what_the_scan_needs() {
+        let parent = [
             "DATABASE_URL",
             "PGPASSWORD",
             "PGPASSFILE",
             "BDSCAN_CONFIG",
             "BDSCAN_API_TOKEN",
+            "AWS_SECRET_ACCESS_KEY",
+            "SSH_AUTH_SOCK",
+            "BDSCAN_JOB_THREADS",
             "PATH",
             "LD_LIBRARY_PATH",
             "RUST_LOG",
-            "BDSCAN_JOB_THREADS",
+            "OMP_NUM_THREADS",
+            "CUDA_VISIBLE_DEVICES",
+            "LC_ALL",
         ]
-        .map(std::ffi::OsString::from);
+        .map(|name| (name.into(), format!("value of {name}").into()));
         let command = job_command(
             Path::new("/bin/bdscan"),
             Path::new("/tmp/spec.json"),
-            names.into_iter(),
+            parent.into_iter(),
         );
         let std = command.as_std();
-        let removed: Vec<_> = std
+        let mut passed: Vec<(String, String)> = std
             .get_envs()
-            .filter(|(_, value)| value.is_none())
-            .map(|(name, _)| name.to_os_string())
+            .map(|(name, value)| {
+                let value = value.expect("set, not removed: the environment starts empty");
+                (
+                    name.to_string_lossy().into_owned(),
+                    value.to_string_lossy().into_owned(),
+                )
+            })
             .collect();
-        let mut expected = [
-            "DATABASE_URL",
-            "PGPASSWORD",
-            "PGPASSFILE",
-            "BDSCAN_CONFIG",
-            "BDSCAN_API_TOKEN",
+        passed.sort();
+        let mut expected: Vec<(String, String)> = [
+            "PATH",
+            "LD_LIBRARY_PATH",
+            "RUST_LOG",
+            "OMP_NUM_THREADS",
+            "CUDA_VISIBLE_DEVICES",
+            "LC_ALL",
         ]
-        .map(std::ffi::OsString::from);
-        expected.sort();
-        assert_eq!(removed, expected, "removed from the child's environment");
+        .iter()
+        .map(|name| (name.to_string(), format!("value of {name}")))
         // Scratch files in the job's folder, the only place a confined child may write.
-        let set: Vec<_> = std
-            .get_envs()
-            .filter_map(|(name, value)| Some((name.to_os_string(), value?.to_os_string())))
-            .collect();
-        assert_eq!(set, [("TMPDIR".into(), "/tmp".into())]);
-        assert_eq!(std.get_envs().count(), 6, "and nothing else touched");
+        .chain([("TMPDIR".to_string(), "/tmp".to_string())])
+        .collect();
+        expected.sort();
+        assert_eq!(passed, expected);
         let args: Vec<_> = std.get_args().collect();
         assert_eq!(args, ["job", "--spec", "/tmp/spec.json"]);
     }
