@@ -533,6 +533,19 @@ def left_to_remove(same, floors, variants=None):
                  for label in variants]
         by_attack.append(f"{name} " + " / ".join(f"{x:.2%}" for x in cells))
     lines.append(f"  - excess per attack ({' / '.join(variants)}): " + "; ".join(by_attack))
+    # How far apart the variants could be at all: DER with nothing left to remove, and the
+    # best variant picked run by run (an oracle: the pick reads the poisoned test data).
+    before = {model_key(r): r["asr_before"] for r in shared}
+    ceiling = mean([(before[k] + 1) / 2 for k in measured])
+    ceiling_at_rate = mean([(max(0.0, before[k] - rate[k]) + 1) / 2 for k in measured])
+    der_of = {(model_key(r), r["defense"]): r["der"] for r in shared}
+    oracle = mean([max(der_of[(k, label)] for label in variants if (k, label) in der_of) for k in measured])
+    means = [mean([r["der"] for r in shared if r["defense"] == label]) for label in variants]
+    lines.append(f"  - room left on those runs: mean DER with no clean accuracy lost would be {ceiling:.4f} "
+                 f"with ASR after 0, and {ceiling_at_rate:.4f} with ASR after at the never-backdoored "
+                 f"model's rate; the best of the {len(variants)} variants picked run by run (an oracle: the "
+                 f"pick reads the poisoned test data) {oracle:.4f}; the variants' means span "
+                 f"{min(means):.4f} to {max(means):.4f}")
     return lines
 
 
