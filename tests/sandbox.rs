@@ -137,6 +137,15 @@ fn probe_entry() {
     // SAFETY: setsid takes no arguments; the probe process is not a group leader.
     let session = unsafe { libc::setsid() };
     report("new_session", os_result(session >= 0));
+    // SAFETY: the forked copy only calls _exit; the parent reaps it.
+    let forked = unsafe { libc::fork() };
+    if forked == 0 {
+        unsafe { libc::_exit(0) };
+    }
+    if forked > 0 {
+        unsafe { libc::waitpid(forked, std::ptr::null_mut(), 0) };
+    }
+    report("fork", os_result(forked > 0));
     // The system's temporary folder: a confined child writes scratch files in its own
     // folder, through TMPDIR, instead.
     report(
@@ -265,6 +274,7 @@ fn a_confined_process_keeps_to_its_job_folder() {
         "connect_unix",
         "udp",
         "new_session",
+        "fork",
         "load_library",
         "libtorch",
     ] {
@@ -304,6 +314,7 @@ fn a_confined_process_keeps_to_its_job_folder() {
         "connect_unix",
         "udp",
         "new_session",
+        "fork",
     ] {
         assert_outcome(&confined, name, false);
     }
@@ -331,6 +342,7 @@ fn a_confined_process_keeps_to_its_job_folder() {
         "connect_unix",
         "udp",
         "new_session",
+        "fork",
     ] {
         assert_outcome(&cuda, name, false);
     }
@@ -383,7 +395,7 @@ fn the_job_child_reads_only_inside_its_folder() {
         serde_json::json!({"method": "ft", "ft": {"epochs": 1}, "threads": 1}),
     )
     .unwrap();
-    let run = |model: &Path| {
+    let run_confined_to = |model: &Path, confined_to: &Path| {
         let spec = JobSpec {
             model: model.to_path_buf(),
             clean: work.join("clean.safetensors"),
@@ -393,7 +405,7 @@ fn the_job_child_reads_only_inside_its_folder() {
             config: config.clone(),
             memory_limit: None,
             confinement: Some(Confinement {
-                work_dir: work.clone(),
+                work_dir: confined_to.to_path_buf(),
                 restrict_reads: true,
             }),
             artifact: work.join("purified.pt"),
@@ -422,6 +434,7 @@ fn the_job_child_reads_only_inside_its_folder() {
         }
         (output, error)
     };
+    let run = |model: &Path| run_confined_to(model, &work);
 
     let (output, error) = run(&outside);
     assert_eq!(output.status.code(), Some(2), "{error}");
@@ -443,4 +456,12 @@ fn the_job_child_reads_only_inside_its_folder() {
         "fully confined, no warning: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+
+    // A sandbox that cannot be set up fails the job, saying why, rather than running it
+    // unconfined: here its folder is gone.
+    std::fs::remove_file(work.join("report.json")).unwrap();
+    let (output, error) = run_confined_to(&inside, &root.path().join("gone"));
+    assert_eq!(output.status.code(), Some(3), "{error}");
+    assert!(error.contains("confining the job's process"), "{error}");
+    assert!(!work.join("report.json").exists());
 }

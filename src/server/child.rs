@@ -91,7 +91,18 @@ pub fn run_job_process(spec_path: &Path) -> u8 {
                 eprintln!("warning: no Landlock on this kernel: the job runs unconfined")
             }
             Err(e) => {
-                eprintln!("error: confining the job: {e}");
+                // Said in the job's error, not only on stderr: every job on this machine
+                // fails the same way until the sandbox works or is turned off.
+                let error = ChildError {
+                    code: "internal".into(),
+                    message: format!(
+                        "confining the job's process: {e} (job_sandbox = false runs jobs unconfined)"
+                    ),
+                };
+                eprintln!("error: {}", error.message);
+                if let Ok(json) = serde_json::to_string(&error) {
+                    let _ = std::fs::write(&spec.error, json);
+                }
                 return EXIT_INTERNAL;
             }
         }

@@ -18,8 +18,8 @@
 //!   (the server), connect to abstract UNIX sockets made outside it, nor open another
 //!   process's memory;
 //! - seccomp: `socket` and `io_uring_setup` fail (no UNIX socket by path, UDP or TCP
-//!   `listen`, which Landlock does not govern on these kernels), and so do `setsid` and
-//!   `setpgid`, so that what it forks stays in the process group the worker kills.
+//!   `listen`, which Landlock does not govern on these kernels), and so does starting a
+//!   process (threads are fine) or a new session or process group.
 //!
 //! Landlock lets a confined process read another process's `/proc/<pid>/environ` and
 //! `maps` (ptrace's "read" mode), so two more steps keep the server's environment from a
@@ -292,7 +292,7 @@ mod linux {
         let status = ruleset
             .restrict_self()
             .map_err(|e| fail("restricting the process", &e))?;
-        refuse_sockets_and_new_groups().map_err(|e| fail("refusing sockets", &e))?;
+        refuse_sockets_and_processes().map_err(|e| fail("installing the seccomp filter", &e))?;
         Ok(match status.ruleset {
             RulesetStatus::FullyEnforced => Confined::Fully,
             RulesetStatus::PartiallyEnforced => Confined::Partly,
@@ -313,45 +313,11 @@ mod linux {
             .unwrap_or_default()
     }
 
-    /// A seccomp filter that fails `socket` and `io_uring_setup` (whose requests can make
-    /// sockets without the `socket` call) with EACCES: a scan needs no socket, and
-    /// Landlock governs only TCP `bind` and `connect` here (UNIX sockets by path, UDP and
-    /// TCP `listen` need a newer Landlock or none at all). `setsid` and `setpgid` fail
-    /// too, so that a process the job forks stays in the job's process group, which the
-    /// worker kills when the job ends. A system call of another
-    /// architecture's numbering (x32, or i386 through `int 0x80`) fails the same way,
-    /// since the numbers checked are this architecture's.
-    fn refuse_sockets_and_new_groups() -> std::io::Result<()> {
-        #[cfg(target_arch = "x86_64")]
-        const AUDIT_ARCH: u32 = 0xC000_003E;
-        #[cfg(target_arch = "aarch64")]
-        const AUDIT_ARCH: u32 = 0xC000_00B7;
-        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-        return Ok(());
-        // Classic BPF opcodes (linux/bpf_common.h) and `struct seccomp_data` offsets.
-        const LOAD_WORD: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
-        const JUMP_IF_EQUAL: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
-        const JUMP_IF_AT_LEAST: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
-        const RETURN: u16 = 0x06; // BPF_RET | BPF_K
-        const SYSCALL_NUMBER: u32 = 0;
-        const ARCHITECTURE: u32 = 4;
-        // x32 system calls carry this bit on x86_64; no aarch64 number reaches it.
-        const X32_BIT: u32 = 0x4000_0000;
-        let refuse = libc::SECCOMP_RET_ERRNO | libc::EACCES as u32;
-        let step = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-        let mut program = [
-            step(LOAD_WORD, 0, 0, ARCHITECTURE),
-            step(JUMP_IF_EQUAL, 1, 0, AUDIT_ARCH),
-            step(RETURN, 0, 0, refuse),
-            step(LOAD_WORD, 0, 0, SYSCALL_NUMBER),
-            step(JUMP_IF_AT_LEAST, 5, 0, X32_BIT),
-            step(JUMP_IF_EQUAL, 4, 0, libc::SYS_socket as u32),
-            step(JUMP_IF_EQUAL, 3, 0, libc::SYS_io_uring_setup as u32),
-            step(JUMP_IF_EQUAL, 2, 0, libc::SYS_setsid as u32),
-            step(JUMP_IF_EQUAL, 1, 0, libc::SYS_setpgid as u32),
-            step(RETURN, 0, 0, libc::SECCOMP_RET_ALLOW),
-            step(RETURN, 0, 0, refuse),
-        ];
+    /// Installs [`super::seccomp::program`] on this thread (and what it starts from now on).
+    pub(super) fn refuse_sockets_and_processes() -> std::io::Result<()> {
+        let Some(mut program) = super::seccomp::program() else {
+            return Ok(());
+        };
         let filter = libc::sock_fprog {
             len: program.len() as u16,
             filter: program.as_mut_ptr(),
@@ -398,6 +364,135 @@ mod linux {
     }
 }
 
+/// The seccomp filter of a confined child: what Landlock cannot refuse on the kernels
+/// it runs on.
+#[cfg(target_os = "linux")]
+mod seccomp {
+    // Classic BPF opcodes (linux/bpf_common.h) and `struct seccomp_data` offsets.
+    const LOAD_WORD: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JUMP_IF_EQUAL: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const JUMP_IF_AT_LEAST: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+    const JUMP_IF_ANY_BIT: u16 = 0x45; // BPF_JMP | BPF_JSET | BPF_K
+    const RETURN: u16 = 0x06; // BPF_RET | BPF_K
+    const SYSCALL_NUMBER: u32 = 0;
+    const ARCHITECTURE: u32 = 4;
+    /// The low 32 bits of the first argument, on a little-endian machine.
+    const FIRST_ARGUMENT: u32 = 16;
+    /// x32 system calls carry this bit on x86_64; no aarch64 number reaches it.
+    const X32_BIT: u32 = 0x4000_0000;
+    const CLONE_THREAD: u32 = 0x0001_0000;
+
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Label {
+        Next,
+        CloneFlags,
+        Allow,
+        NoSys,
+        Refuse,
+    }
+
+    /// The program, or `None` on an architecture it does not know. It fails with EACCES:
+    /// - `socket` and `io_uring_setup` (whose requests can make sockets without the
+    ///   `socket` call): a scan needs no socket, and Landlock governs only TCP `bind` and
+    ///   `connect` on these kernels (not UNIX sockets by path, UDP or TCP `listen`);
+    /// - new processes (`fork`, `vfork`, `clone` without `CLONE_THREAD`), so that nothing
+    ///   the job starts outlives it (a scan only ever starts threads), and `setsid` and
+    ///   `setpgid`;
+    /// - any system call of another architecture's numbering (x32, or i386 through
+    ///   `int 0x80`), since the numbers checked are this architecture's.
+    ///
+    /// `clone3` fails with ENOSYS instead: its flags are in memory a filter cannot read,
+    /// and on ENOSYS glibc starts threads with `clone`, whose flags it can.
+    pub fn program() -> Option<Vec<libc::sock_filter>> {
+        #[cfg(target_arch = "x86_64")]
+        let (audit_arch, refused): (u32, &[libc::c_long]) = (
+            0xC000_003E,
+            &[
+                libc::SYS_socket,
+                libc::SYS_io_uring_setup,
+                libc::SYS_setsid,
+                libc::SYS_setpgid,
+                libc::SYS_fork,
+                libc::SYS_vfork,
+            ],
+        );
+        #[cfg(target_arch = "aarch64")]
+        let (audit_arch, refused): (u32, &[libc::c_long]) = (
+            0xC000_00B7,
+            &[
+                libc::SYS_socket,
+                libc::SYS_io_uring_setup,
+                libc::SYS_setsid,
+                libc::SYS_setpgid,
+            ],
+        );
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        let (audit_arch, refused): (u32, &[libc::c_long]) = {
+            return None;
+        };
+        use Label::*;
+        let mut steps: Vec<(Option<Label>, u16, Label, Label, u32)> = vec![
+            (None, LOAD_WORD, Next, Next, ARCHITECTURE),
+            (None, JUMP_IF_EQUAL, Next, Refuse, audit_arch),
+            (None, LOAD_WORD, Next, Next, SYSCALL_NUMBER),
+            (None, JUMP_IF_AT_LEAST, Refuse, Next, X32_BIT),
+        ];
+        for &number in refused {
+            steps.push((None, JUMP_IF_EQUAL, Refuse, Next, number as u32));
+        }
+        steps.extend([
+            (None, JUMP_IF_EQUAL, NoSys, Next, libc::SYS_clone3 as u32),
+            (
+                None,
+                JUMP_IF_EQUAL,
+                CloneFlags,
+                Allow,
+                libc::SYS_clone as u32,
+            ),
+            (Some(CloneFlags), LOAD_WORD, Next, Next, FIRST_ARGUMENT),
+            (None, JUMP_IF_ANY_BIT, Allow, Refuse, CLONE_THREAD),
+            (Some(Allow), RETURN, Next, Next, libc::SECCOMP_RET_ALLOW),
+            (
+                Some(NoSys),
+                RETURN,
+                Next,
+                Next,
+                libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+            ),
+            (
+                Some(Refuse),
+                RETURN,
+                Next,
+                Next,
+                libc::SECCOMP_RET_ERRNO | libc::EACCES as u32,
+            ),
+        ]);
+        // Jumps are relative and forward only: resolve each label to its step.
+        let at = |label: Label| steps.iter().position(|step| step.0 == Some(label));
+        let offset = |from: usize, label: Label| -> u8 {
+            match label {
+                Next => 0,
+                _ => {
+                    let to = at(label).expect("every label is placed");
+                    u8::try_from(to - from - 1).expect("a forward jump within 255 steps")
+                }
+            }
+        };
+        Some(
+            steps
+                .iter()
+                .enumerate()
+                .map(|(i, &(_, code, jt, jf, k))| libc::sock_filter {
+                    code,
+                    jt: offset(i, jt),
+                    jf: offset(i, jf),
+                    k,
+                })
+                .collect(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,6 +519,43 @@ mod tests {
             ],
             "not /srv/bdscan/lib (it holds the data), not the executable's folder, not /"
         );
+    }
+
+    /// On a thread of its own, which keeps the filter until it ends.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_seccomp_filter_refuses_sockets_and_processes_but_not_threads() {
+        let errno = || std::io::Error::last_os_error().raw_os_error();
+        std::thread::spawn(move || {
+            // SAFETY (all blocks below): plain system calls on integers or null.
+            assert!(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) } >= 0);
+            linux::refuse_sockets_and_processes().unwrap();
+            assert_eq!(
+                unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) },
+                -1
+            );
+            assert_eq!(errno(), Some(libc::EACCES));
+            assert_eq!(
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) },
+                -1
+            );
+            assert_eq!(unsafe { libc::setsid() }, -1);
+            assert_eq!(errno(), Some(libc::EACCES));
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                unsafe { libc::_exit(0) };
+            }
+            assert_eq!(pid, -1, "fork refused");
+            assert_eq!(errno(), Some(libc::EACCES));
+            let clone3 = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+            assert_eq!(clone3, -1);
+            assert_eq!(errno(), Some(libc::ENOSYS));
+            // glibc falls back from clone3 to clone for threads, which pass.
+            assert_eq!(std::thread::spawn(|| 6 * 7).join().unwrap(), 42);
+            assert!(unsafe { libc::getpid() } > 0);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

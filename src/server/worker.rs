@@ -387,7 +387,6 @@ impl Worker {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("starting {}: {e}", self.settings.exe.display()))?;
-        let _group = GroupKiller(child.id());
         let mut stdin = child.stdin.take();
         let mut stdout = child.stdout.take().map(child_lines);
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
@@ -456,7 +455,7 @@ impl Worker {
                 Event::HeldProgress => self.write_held_progress(claimed, &mut progress).await,
                 Event::Heartbeat => match self.store.heartbeat(claimed, lease_ms).await {
                     Ok(None) => {
-                        let _ = child.kill().await;
+                        kill_job(&mut child).await;
                         return Ok(Outcome::LeaseLost);
                     }
                     Ok(Some(cancel)) => {
@@ -474,24 +473,24 @@ impl Worker {
                     // back in the queue, and two copies of a scan must not run at once.
                     Err(e) if renewed.elapsed() >= self.settings.lease => {
                         tracing::error!(job = %claimed.job.id, "heartbeat: {e}; the lease ran out, stopping the scan");
-                        let _ = child.kill().await;
+                        kill_job(&mut child).await;
                         return Ok(Outcome::LeaseLost);
                     }
                     // A database hiccup: keep going; the lease outlives a few missed beats.
                     Err(e) => tracing::warn!(job = %claimed.job.id, "heartbeat: {e}"),
                 },
                 Event::Shutdown => {
-                    let _ = child.kill().await;
+                    kill_job(&mut child).await;
                     self.write_held_progress(claimed, &mut progress).await;
                     return Ok(Outcome::ShutDown);
                 }
                 Event::KillNow => {
-                    let _ = child.kill().await;
+                    kill_job(&mut child).await;
                     self.write_held_progress(claimed, &mut progress).await;
                     return Ok(Outcome::Cancelled);
                 }
                 Event::OutOfTime => {
-                    let _ = child.kill().await;
+                    kill_job(&mut child).await;
                     self.write_held_progress(claimed, &mut progress).await;
                     let phase = match progress.phase() {
                         Some(phase) => format!(" during `{phase}`"),
@@ -725,28 +724,27 @@ fn job_command(
         command.env("TMPDIR", dir);
     }
     die_with_the_server(&mut command);
-    // A group of its own, which `GroupKiller` ends with the job: a process the scan
-    // forked (a model's native code could) would otherwise outlive it.
+    // A group of its own, which `kill_job` ends with the job: a process the scan forked
+    // (a model's native code could, where the sandbox is off) would outlive a kill of the
+    // child alone. It also keeps a Ctrl-C at the server's terminal from reaching the
+    // child before the server hands its job back.
     #[cfg(unix)]
     command.process_group(0);
     command
 }
 
-/// Kills the job's process group (see `job_command`) when dropped, on every way out of
-/// `supervise`: what the child forked dies with it. The child itself has exited or been
-/// killed by then.
-struct GroupKiller(Option<u32>);
-
-impl Drop for GroupKiller {
-    fn drop(&mut self) {
-        #[cfg(unix)]
-        if let Some(leader) = self.0.and_then(|pid| libc::pid_t::try_from(pid).ok()) {
-            // SAFETY: kill takes plain integers. ESRCH (no such group left) is expected.
-            unsafe {
-                libc::kill(-leader, libc::SIGKILL);
-            }
+/// Kills a job's process and its group (see `job_command`): anything it forked dies with
+/// it (where the sandbox does not refuse forking already). The group is signalled while
+/// the process is not yet reaped, so its number cannot belong to anyone else yet.
+async fn kill_job(child: &mut tokio::process::Child) {
+    #[cfg(unix)]
+    if let Some(leader) = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok()) {
+        // SAFETY: kill takes plain integers.
+        unsafe {
+            libc::kill(-leader, libc::SIGKILL);
         }
     }
+    let _ = child.kill().await;
 }
 
 /// Has the kernel kill the child when the server dies (Linux `PR_SET_PDEATHSIG`). The
@@ -785,30 +783,38 @@ fn die_with_the_server(command: &mut Command) {
 /// that may name them, a cloud provider's keys. The child runs a model that is untrusted
 /// code, and a confined child can still read its own `/proc/self/environ`.
 fn passed_to_the_child(name: &std::ffi::OsStr) -> bool {
-    const NAMES: [&str; 9] = [
+    const NAMES: [&str; 13] = [
         "PATH",
         "HOME",
         "LANG",
         "TZ",
         "LD_LIBRARY_PATH",
+        "LD_PRELOAD",
         "GLIBC_TUNABLES",
         "RUST_LOG",
         "RUST_BACKTRACE",
         "RUST_LIB_BACKTRACE",
+        "NVIDIA_VISIBLE_DEVICES",
+        "NVIDIA_DRIVER_CAPABILITIES",
+        "NVIDIA_TF32_OVERRIDE",
     ];
-    const PREFIXES: [&str; 14] = [
+    // `ATEN_CPU_CAPABILITY` picks libtorch's CPU kernels (and so the numbers), `MALLOC_*`
+    // tunes glibc's allocator as in `bdscan scan` (see engine::allocator).
+    const PREFIXES: [&str; 16] = [
         "LC_",
         "OMP_",
         "KMP_",
         "GOMP_",
         "MKL_",
+        "MKLDNN_",
         "DNNL_",
         "ONEDNN_",
         "OPENBLAS_",
+        "ATEN_",
+        "MALLOC_",
         "CUDA_",
         "CUBLAS",
         "CUDNN_",
-        "NVIDIA_",
         "PYTORCH_",
         "TORCH_",
     ];
@@ -1167,6 +1173,7 @@ mod tests {
             "BDSCAN_API_TOKEN",
             "AWS_SECRET_ACCESS_KEY",
             "SSH_AUTH_SOCK",
+            "NVIDIA_API_KEY",
             "BDSCAN_JOB_THREADS",
             "PATH",
             "LD_LIBRARY_PATH",
@@ -1174,6 +1181,8 @@ mod tests {
             "OMP_NUM_THREADS",
             "CUDA_VISIBLE_DEVICES",
             "LC_ALL",
+            "MALLOC_ARENA_MAX_",
+            "ATEN_CPU_CAPABILITY",
         ]
         .map(|name| (name.into(), format!("value of {name}").into()));
         let command = job_command(
@@ -1200,6 +1209,8 @@ mod tests {
             "OMP_NUM_THREADS",
             "CUDA_VISIBLE_DEVICES",
             "LC_ALL",
+            "MALLOC_ARENA_MAX_",
+            "ATEN_CPU_CAPABILITY",
         ]
         .iter()
         .map(|name| (name.to_string(), format!("value of {name}")))

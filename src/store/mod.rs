@@ -68,7 +68,7 @@ pub enum Backend {
     Postgres,
 }
 
-/// How long the first connection at start may take before the start fails.
+/// How long the first connection at start may be tried for before the start fails.
 const FIRST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A handle to the database; cheap to clone.
@@ -90,27 +90,31 @@ impl Store {
             return Err(StoreError::UnsupportedUrl(redact_url(url)));
         };
         let options: AnyConnectOptions = url.parse()?;
-        // One plain connection first: the pool retries a failing connect until its
-        // acquire timeout (30 s) and then reports only "pool timed out", which hides
-        // "connection refused" or "password authentication failed".
-        match tokio::time::timeout(FIRST_CONNECT_TIMEOUT, AnyConnection::connect_with(&options))
-            .await
-        {
-            Ok(Ok(probe)) => {
-                let _ = probe.close().await;
-            }
-            Ok(Err(e)) => {
+        // Plain connections first, retried until FIRST_CONNECT_TIMEOUT (a database that
+        // is still starting refuses them for a while): the pool would retry for its 30 s
+        // acquire timeout too, but then report only "pool timed out", hiding "connection
+        // refused" or "password authentication failed".
+        let deadline = tokio::time::Instant::now() + FIRST_CONNECT_TIMEOUT;
+        let mut pause = std::time::Duration::from_millis(100);
+        loop {
+            let attempt =
+                tokio::time::timeout_at(deadline, AnyConnection::connect_with(&options)).await;
+            let reason = match attempt {
+                Ok(Ok(probe)) => {
+                    let _ = probe.close().await;
+                    break;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {} s", FIRST_CONNECT_TIMEOUT.as_secs()),
+            };
+            if tokio::time::Instant::now() + pause >= deadline {
                 return Err(StoreError::Unreachable {
                     url: redact_url(url),
-                    reason: e.to_string(),
-                })
+                    reason,
+                });
             }
-            Err(_) => {
-                return Err(StoreError::Unreachable {
-                    url: redact_url(url),
-                    reason: format!("no answer within {} s", FIRST_CONNECT_TIMEOUT.as_secs()),
-                })
-            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(2));
         }
         let pool = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 4 } else { 10 })
@@ -165,8 +169,23 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// The URL with any password replaced, for logs and errors.
+/// The URL with any password replaced, for logs and errors: in its user part, and as a
+/// `password=` query parameter.
 pub fn redact_url(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return redact_user_password(url);
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{}?{}", redact_user_password(base), query.join("&"))
+}
+
+fn redact_user_password(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let credentials = &url[scheme_end + 3..at];
@@ -196,5 +215,17 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=require&password=a@b&application_name=x"),
+            "postgres://u@h/db?sslmode=require&password=***&application_name=x"
+        );
+        assert_eq!(
+            redact_url("postgres://u:s@h/db?password=p"),
+            "postgres://u:***@h/db?password=***"
+        );
+        assert_eq!(
+            redact_url("sqlite://x.db?mode=rwc"),
+            "sqlite://x.db?mode=rwc"
+        );
     }
 }

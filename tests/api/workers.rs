@@ -925,10 +925,11 @@ async fn the_child_is_asked_to_keep_to_its_job_folder() {
 
 /// Outputs a job's process planted for the unconfined server to read: a link named as
 /// the purified model (to a file the server can read and the job could not), a FIFO
-/// named as the report (which would block the worker for good), and a process it forked
-/// to outlive it. Each job fails with a clear message; nothing the link names is stored;
-/// the forked process dies with the job. The fake children are shell scripts, not
-/// sandboxed: these are the server's own defences, for a kernel without Landlock.
+/// named as the report (which would block the worker for good); and a process it forked
+/// before it was stopped (here by the job timeout). Each job fails with a clear message;
+/// nothing the link names is stored; the forked process dies with the job. The fake
+/// children are shell scripts, not sandboxed (a sandboxed child cannot fork at all):
+/// these are the server's own defences, for a kernel without Landlock or seccomp.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_a_job_process_planted_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -953,7 +954,7 @@ async fn outputs_a_job_process_planted_are_refused() {
         (
             "fork",
             format!(
-                "#!/bin/sh\nsleep 300 &\necho $! > {}\nexit 3\n",
+                "#!/bin/sh\nsleep 300 &\necho $! > {}\nsleep 300\n",
                 forked.display()
             ),
         ),
@@ -962,6 +963,7 @@ async fn outputs_a_job_process_planted_are_refused() {
         let exe = fake_child(dir.path(), &format!("{name}-bdscan"), &script);
         let app = spawn_app(Options {
             exe: Some(exe),
+            job_timeout: Some(Duration::from_secs(2)),
             ..Options::default()
         })
         .await;
@@ -985,6 +987,7 @@ async fn outputs_a_job_process_planted_are_refused() {
                 );
             }
             _ => {
+                assert_eq!(job["error"]["code"], "timed_out", "{job}");
                 let pid = std::fs::read_to_string(&forked).unwrap();
                 let alive = std::path::Path::new(&format!("/proc/{}", pid.trim())).exists()
                     && !std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
