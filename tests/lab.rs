@@ -304,3 +304,52 @@ fn poison_targets_round_trip_through_npz() {
         "`images` holds 3 samples but `targets` holds 1"
     );
 }
+
+/// Ctrl-C (SIGINT) during training: the lab stops at its next step, removes the files it
+/// had written (its bundles are written before the training) and exits 130. Before, the
+/// process died at once and left the bundles without a model or `meta.json`.
+#[test]
+fn an_interrupted_lab_run_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let child = std::process::Command::new(bdscan_bin())
+        .args([
+            "lab",
+            "--dataset",
+            "mnist",
+            "--arch",
+            "cnn",
+            "--attack",
+            "badnets",
+            "--epochs",
+            "200",
+            "--threads",
+            "1",
+            "--out",
+        ])
+        .arg(&run)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !run.join("test.safetensors").exists() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the lab wrote no bundle"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let sent = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -INT {}", child.id()))
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+    let left: Vec<_> = std::fs::read_dir(&run).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -17,6 +17,32 @@ use progress::ProgressView;
 
 pub const EXIT_INPUT: u8 = 2;
 pub const EXIT_INTERNAL: u8 = 3;
+/// `scan`, `demo` or `lab` stopped by SIGINT or SIGTERM (128 + SIGINT, as shells report).
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// Set by the first SIGINT or SIGTERM during `scan`, `demo` or `lab`. The engine stops
+/// at its next step with `Cancelled`, and the command then removes what it had written
+/// (the lab's files, the demo's temporary folder) instead of dying half-way and leaving
+/// them. A second signal takes the default action and ends the process at once.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_signal: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn stop_on_interrupt() {
+    // SAFETY: the action is zeroed then filled in; the handler only stores to an atomic.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_interrupt as extern "C" fn(libc::c_int) as usize;
+        action.sa_flags = libc::SA_RESETHAND;
+        libc::sigemptyset(&mut action.sa_mask);
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -407,12 +433,25 @@ pub fn main() -> ExitCode {
         Command::Job(args) => {
             return ExitCode::from(crate::server::child::run_job_process(&args.spec))
         }
-        Command::Scan(args) => scan(args),
-        Command::Demo(args) => demo_command(args),
-        Command::Lab(args) => lab_command(args),
+        Command::Scan(args) => {
+            stop_on_interrupt();
+            scan(args)
+        }
+        Command::Demo(args) => {
+            stop_on_interrupt();
+            demo_command(args)
+        }
+        Command::Lab(args) => {
+            stop_on_interrupt();
+            lab_command(args)
+        }
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
+        Err(EngineError::Cancelled) => {
+            eprintln!("interrupted: stopped, and removed what this run had written");
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
         Err(err) => {
             eprintln!("error: {err}");
             ExitCode::from(if err.is_client_error() {
@@ -645,7 +684,11 @@ fn refuse_clashing_paths(inputs: &ScanInputs, report: &Path) -> Result<(), Engin
 fn run_with_progress(inputs: &ScanInputs, config: &ScanConfig) -> Result<ScanReport, EngineError> {
     let mut view = ProgressView::for_stderr();
     let mut on_progress = |p: &crate::engine::Progress| view.update(p);
-    let result = run_scan(inputs, config, &mut Monitor::new(&mut on_progress, None));
+    let result = run_scan(
+        inputs,
+        config,
+        &mut Monitor::new(&mut on_progress, Some(&INTERRUPTED)),
+    );
     view.finish();
     result
 }
@@ -688,7 +731,7 @@ fn demo_command(args: DemoArgs) -> Result<(), EngineError> {
         &dir,
         architecture,
         config.seed,
-        &mut Monitor::new(&mut on_progress, None),
+        &mut Monitor::new(&mut on_progress, Some(&INTERRUPTED)),
     )?;
     view.finish();
     println!(
@@ -933,7 +976,11 @@ fn lab_command(args: LabArgs) -> Result<(), EngineError> {
     );
     let mut view = ProgressView::for_stderr();
     let mut on_progress = |p: &crate::engine::Progress| view.update(p);
-    let (meta, files) = lab::run_lab(&spec, &args.out, &mut Monitor::new(&mut on_progress, None))?;
+    let (meta, files) = lab::run_lab(
+        &spec,
+        &args.out,
+        &mut Monitor::new(&mut on_progress, Some(&INTERRUPTED)),
+    )?;
     view.finish();
     println!(
         "clean acc {}  ASR {}  RA {}  ({:.1} s training)",
