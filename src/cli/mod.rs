@@ -196,7 +196,8 @@ fn log_job_sandbox(enabled: bool) {
         ),
         Err(e) => tracing::warn!(
             "this kernel has no Landlock ({e}): each job's process (the uploaded \
-             TorchScript) runs unconfined, as the server's user"
+             TorchScript) runs as the server's user with only the seccomp filter (no \
+             sockets, no new processes), not confined to its folder"
         ),
     }
 }
@@ -449,7 +450,10 @@ pub fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(EngineError::Cancelled) => {
-            eprintln!("interrupted: stopped, and removed what this run had written");
+            eprintln!(
+                "interrupted: stopped before its outputs were written (a lab run's files and \
+                 the demo's temporary folder are removed; a --work-dir keeps what it holds)"
+            );
             ExitCode::from(EXIT_INTERRUPTED)
         }
         Err(err) => {

@@ -73,6 +73,15 @@ impl<'a> Monitor<'a> {
         work(&mut Monitor::new(&mut scaled, self.cancel))
     }
 
+    /// `Err(Cancelled)` if the caller asked to stop, without reporting anything: for work
+    /// between steps that can take long (the shortcut search's classes).
+    pub fn check_cancelled(&self) -> Result<(), EngineError> {
+        if self.cancel.is_some_and(|flag| flag.load(Ordering::Relaxed)) {
+            return Err(EngineError::Cancelled);
+        }
+        Ok(())
+    }
+
     /// Reports a step and returns `Err(Cancelled)` if the caller asked to stop.
     pub fn step(&mut self, phase: Phase, step: u64, total: u64) -> Result<(), EngineError> {
         (self.on_progress)(&Progress { phase, step, total });

@@ -254,7 +254,9 @@ pub fn run_scan(
         bytes: file.bytes,
         parameters_sha256: model.parameters_sha256()?,
     };
-    monitor.step(Phase::Save, 1, 1)?;
+    // Past the save the run completes: a stop asked for now would leave the purified
+    // model without its report.
+    let _ = monitor.step(Phase::Save, 1, 1);
     timer.lap(Phase::Save);
 
     let mut warnings = defended.warnings;
@@ -616,6 +618,7 @@ fn search_shortcut(
     ctx: &Context,
     space: Option<InputSpace>,
     rng: &mut ChaCha8Rng,
+    monitor: &Monitor,
 ) -> Result<(Option<UnlearnPlan>, Option<TargetSearch>), EngineError> {
     let config = ctx.config;
     let wanted = config.unlearn_weight > 0.0 || config.shortcut_ranking;
@@ -634,8 +637,14 @@ fn search_shortcut(
         steps: config.unlearn_steps,
         weight: config.unlearn_weight,
     };
-    let (search, support) =
-        unlearn.search_target(model, ctx.train, model.num_classes, config.batch_size, rng)?;
+    let (search, support) = unlearn.search_target(
+        model,
+        ctx.train,
+        model.num_classes,
+        config.batch_size,
+        rng,
+        monitor,
+    )?;
     let plan = search.target.map(|target| UnlearnPlan {
         target,
         radius: search.radius,
@@ -745,7 +754,7 @@ fn purify_suspects(
     // draws from `rng` exactly as it did after identification, which draws nothing.)
     // Both unlearning terms perturb images in the space the model is fed: detect it once.
     let space = input_space(model, ctx)?;
-    let (found, shortcut_search) = search_shortcut(model, ctx, space, rng)?;
+    let (found, shortcut_search) = search_shortcut(model, ctx, space, rng, monitor)?;
     let shortcut_plan = found.as_ref().filter(|_| config.shortcut_ranking);
     let passes = if shortcut_plan.is_some() { 2 } else { 1 };
     let salience = monitor.as_pass(0, passes, |monitor| match config.method {

@@ -27,6 +27,7 @@ use tch::{Kind, Tensor};
 use super::data::SampleSet;
 use super::error::EngineError;
 use super::model::{defined_or_zeros, ScanModel};
+use super::progress::Monitor;
 use super::training::cross_entropy;
 
 /// How bundle pixels become the float tensor a perturbation is added to, so that the
@@ -348,6 +349,7 @@ impl Unlearn {
         num_classes: i64,
         batch_size: usize,
         rng: &mut ChaCha8Rng,
+        monitor: &Monitor,
     ) -> Result<(TargetSearch, Option<Tensor>), EngineError> {
         let probe = data.images.narrow(0, 0, data.len().min(256) as i64);
         let dims = probe.size()[1..].iter().product::<i64>();
@@ -357,6 +359,8 @@ impl Unlearn {
             let mut local = Vec::with_capacity(num_classes as usize);
             let mut deltas = Vec::with_capacity(num_classes as usize);
             for class in 0..num_classes {
+                // Radii × classes × steps passes without a progress step between them.
+                monitor.check_cancelled()?;
                 let delta = self.perturbation_towards(
                     model,
                     data,

@@ -96,7 +96,7 @@ pub fn run_job_process(spec_path: &Path) -> u8 {
                 let error = ChildError {
                     code: "internal".into(),
                     message: format!(
-                        "confining the job's process: {e} (job_sandbox = false runs jobs unconfined)"
+                        "confining the job's process: {e} (BDSCAN_JOB_SANDBOX=false runs jobs unconfined)"
                     ),
                 };
                 eprintln!("error: {}", error.message);

@@ -527,10 +527,10 @@ where
     Ok(row.map(|r| r.get::<i64, _>(0) as u64))
 }
 
-/// Opens `path` for reading only if it is a regular file itself: not a symbolic link
-/// (which a job's process could point at the database, the settings file or another
-/// job's files, for the server to store as its output), nor a FIFO or device (which
-/// would block or never end). The check is on the opened file, so swapping the path
+/// Opens `path` for reading only if it is a regular file itself with no other name: not
+/// a symbolic link or a hard link (which a job's process could point at the database,
+/// the settings file or another job's files, for the server to store as its output),
+/// nor a FIFO or device (which would block or never end). The check is on the opened file, so swapping the path
 /// after it cannot fool it.
 pub fn open_regular_file(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -539,11 +539,19 @@ pub fn open_regular_file(path: &Path) -> std::io::Result<std::fs::File> {
         // O_NONBLOCK: opening a FIFO with no writer returns at once instead of waiting.
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)?;
-    let kind = file.metadata()?.file_type();
-    if !kind.is_file() {
+    let metadata = file.metadata()?;
+    if !metadata.file_type().is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             "not a regular file",
+        ));
+    }
+    // A hard link to another file of the server's user (its database, say) is a regular
+    // file too; a file the process wrote itself has no other name.
+    if std::os::unix::fs::MetadataExt::nlink(&metadata) != 1 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "a file with other names (a hard link)",
         ));
     }
     Ok(file)

@@ -68,6 +68,16 @@ pub enum Backend {
     Postgres,
 }
 
+/// Whether a failed connection may succeed if tried again: the server is not there yet
+/// (an I/O error: refused, reset) or PostgreSQL is starting up (57P03) or full (53300).
+fn may_pass(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(e) => matches!(e.code().as_deref(), Some("57P03" | "53300")),
+        _ => false,
+    }
+}
+
 /// How long the first connection at start may be tried for before the start fails.
 const FIRST_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -96,22 +106,31 @@ impl Store {
         // refused" or "password authentication failed".
         let deadline = tokio::time::Instant::now() + FIRST_CONNECT_TIMEOUT;
         let mut pause = std::time::Duration::from_millis(100);
+        let mut last_reason: Option<String> = None;
         loop {
             let attempt =
                 tokio::time::timeout_at(deadline, AnyConnection::connect_with(&options)).await;
-            let reason = match attempt {
+            let unreachable = |reason: String| StoreError::Unreachable {
+                url: redact_url(url),
+                reason,
+            };
+            match attempt {
                 Ok(Ok(probe)) => {
                     let _ = probe.close().await;
                     break;
                 }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {} s", FIRST_CONNECT_TIMEOUT.as_secs()),
-            };
+                // A wrong password or an unknown database stays so: said at once.
+                Ok(Err(e)) if !may_pass(&e) => return Err(unreachable(e.to_string())),
+                Ok(Err(e)) => last_reason = Some(e.to_string()),
+                // Cut short by the deadline: an earlier attempt's reason says more.
+                Err(_) => {
+                    return Err(unreachable(last_reason.unwrap_or_else(|| {
+                        format!("no answer within {} s", FIRST_CONNECT_TIMEOUT.as_secs())
+                    })))
+                }
+            }
             if tokio::time::Instant::now() + pause >= deadline {
-                return Err(StoreError::Unreachable {
-                    url: redact_url(url),
-                    reason,
-                });
+                return Err(unreachable(last_reason.unwrap_or_default()));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(std::time::Duration::from_secs(2));

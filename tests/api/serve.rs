@@ -294,8 +294,9 @@ fn serve_refuses_its_own_settings_it_cannot_use_as_usage_errors() {
 
 #[test]
 fn serve_names_why_it_cannot_reach_its_database() {
-    // A port nothing listens on: the database's own reason, at once. It used to retry
-    // for the pool's 30 s and then say only "pool timed out".
+    // A port nothing listens on: the database's own reason once the 10 s a starting
+    // database gets are over. It used to retry for the pool's 30 s and then say only
+    // "pool timed out".
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -337,4 +338,26 @@ fn serve_names_why_it_cannot_reach_its_database() {
     assert_eq!(output.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("no answer within 10 s"), "{stderr}");
     drop(silent);
+
+    // A database that answers and refuses (no such database) is said at once: trying
+    // again cannot help, unlike a server that is not there yet.
+    if let Ok(base) = std::env::var("BDSCAN_TEST_POSTGRES_URL") {
+        let (server, _) = base.rsplit_once('/').unwrap();
+        let started = std::time::Instant::now();
+        let output = serve_command()
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .env("DATABASE_URL", format!("{server}/no_such_database"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        assert_eq!(output.status.code(), Some(3), "{stderr}");
+        assert!(stderr.contains("no_such_database"), "{stderr}");
+        assert!(stderr.contains("does not exist"), "{stderr}");
+        // Not retried for the 10 s a starting database gets.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(8),
+            "{stderr}"
+        );
+    }
 }

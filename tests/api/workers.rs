@@ -924,7 +924,8 @@ async fn the_child_is_asked_to_keep_to_its_job_folder() {
 }
 
 /// Outputs a job's process planted for the unconfined server to read: a link named as
-/// the purified model (to a file the server can read and the job could not), a FIFO
+/// the purified model (symbolic or hard, to a file the server can read and the job
+/// could not), a FIFO
 /// named as the report (which would block the worker for good); and a process it forked
 /// before it was stopped (here by the job timeout). Each job fails with a clear message;
 /// nothing the link names is stored; the forked process dies with the job. The fake
@@ -941,6 +942,14 @@ async fn outputs_a_job_process_planted_are_refused() {
             "link",
             format!(
                 "#!/bin/sh\nwork=$(dirname \"$3\")\nln -s {} \"$work/purified.pt\"\n\
+                 printf '{{}}' > \"$work/report.json\"\nexit 0\n",
+                secret.display()
+            ),
+        ),
+        (
+            "hardlink",
+            format!(
+                "#!/bin/sh\nwork=$(dirname \"$3\")\nln {} \"$work/purified.pt\"\n\
                  printf '{{}}' > \"$work/report.json\"\nexit 0\n",
                 secret.display()
             ),
@@ -978,6 +987,11 @@ async fn outputs_a_job_process_planted_are_refused() {
             "link" => {
                 assert_eq!(job["error"]["code"], "internal", "{job}");
                 assert!(message.contains("its purified model"), "{message}");
+                assert!(job["links"]["artifact"].is_null(), "{job}");
+            }
+            "hardlink" => {
+                assert_eq!(job["error"]["code"], "internal", "{job}");
+                assert!(message.contains("a file with other names"), "{message}");
                 assert!(job["links"]["artifact"].is_null(), "{job}");
             }
             "fifo" => {
