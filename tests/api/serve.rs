@@ -361,3 +361,57 @@ fn serve_names_why_it_cannot_reach_its_database() {
         );
     }
 }
+
+/// A PostgreSQL that does not accept connections yet (as while it starts, beside the
+/// server in one compose file or pod): `serve` keeps trying and starts once it answers,
+/// here 1.5 s later through a proxy opened on the port it was given. Between bbea5d3
+/// and dc97d33 it exited at once on "connection refused".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_waits_for_a_database_that_is_still_starting() {
+    let Some(server_url) = crate::helpers::postgres_url("serve_waits_for_a_database") else {
+        return;
+    };
+    let database = crate::helpers::fresh_postgres_database(&server_url).await;
+    let (scheme_and_user, rest) = database.url.split_once('@').unwrap();
+    let (host_port, path) = rest.split_once('/').unwrap();
+    let real: std::net::SocketAddr = host_port.parse().unwrap();
+    // A port nothing listens on until the proxy opens it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let proxy = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        loop {
+            let (mut inbound, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut outbound = tokio::net::TcpStream::connect(real).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = serve_command();
+    command
+        .args(["--listen", "127.0.0.1:0", "--workers", "0", "--data-dir"])
+        .arg(dir.path())
+        .env(
+            "DATABASE_URL",
+            format!("{scheme_and_user}@127.0.0.1:{port}/{path}"),
+        );
+    let started = Instant::now();
+    let (child, address) = start(command).await;
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    let ready = reqwest::get(format!("http://{address}/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), reqwest::StatusCode::OK);
+    let exit = terminate(child).await;
+    assert!(exit.success(), "{exit}");
+    proxy.abort();
+    drop(database);
+}
