@@ -14,23 +14,30 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn lab_all_to_all(dir: &Path) -> Output {
-    run_bdscan(&[
+/// The arguments of a one-thread `bdscan lab` run of a MNIST CNN with `flags` (attack,
+/// epochs, …) written to `out`.
+fn mnist_cnn_lab(flags: &[&str], out: &Path) -> Vec<String> {
+    [
         "lab",
         "--dataset",
         "mnist",
         "--arch",
         "cnn",
-        "--attack",
-        "badnets",
-        "--all-to-all",
-        "--epochs",
-        "1",
         "--threads",
         "1",
-        "--out",
-        dir.to_str().unwrap(),
-    ])
+    ]
+    .iter()
+    .chain(flags)
+    .map(|arg| arg.to_string())
+    .chain(["--out".to_string(), out.to_str().unwrap().to_string()])
+    .collect()
+}
+
+fn lab_all_to_all(dir: &Path) -> Output {
+    run_bdscan(&mnist_cnn_lab(
+        &["--attack", "badnets", "--all-to-all", "--epochs", "1"],
+        dir,
+    ))
 }
 
 #[test]
@@ -163,23 +170,10 @@ fn a_lab_run_that_fails_leaves_nothing_and_takes_an_earlier_run_s_files_with_it(
     assert!(lab_all_to_all(&run).status.success());
     // A rerun into the same folder that diverges: before, the earlier run's model and
     // meta.json stayed beside this run's bundles, looking like one set.
-    let out = run_bdscan(&[
-        "lab",
-        "--dataset",
-        "mnist",
-        "--arch",
-        "cnn",
-        "--attack",
-        "blended",
-        "--lr",
-        "1e30",
-        "--epochs",
-        "1",
-        "--threads",
-        "1",
-        "--out",
-        run.to_str().unwrap(),
-    ]);
+    let out = run_bdscan(&mnist_cnn_lab(
+        &["--attack", "blended", "--lr", "1e30", "--epochs", "1"],
+        &run,
+    ));
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("diverged"), "{}", stderr(&out));
     let left: Vec<_> = std::fs::read_dir(&run).unwrap().collect();
@@ -313,21 +307,10 @@ fn an_interrupted_lab_run_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let child = std::process::Command::new(bdscan_bin())
-        .args([
-            "lab",
-            "--dataset",
-            "mnist",
-            "--arch",
-            "cnn",
-            "--attack",
-            "badnets",
-            "--epochs",
-            "200",
-            "--threads",
-            "1",
-            "--out",
-        ])
-        .arg(&run)
+        .args(mnist_cnn_lab(
+            &["--attack", "badnets", "--epochs", "200"],
+            &run,
+        ))
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -236,6 +236,36 @@ fn landlock_available() -> bool {
     }
 }
 
+/// Every probe `probe_entry` runs.
+const PROBES: [&str; 19] = [
+    "read_work",
+    "write_work",
+    "read_secret",
+    "write_secret",
+    "read_proc_cpuinfo",
+    "read_parent_environ",
+    "signal_parent",
+    "execute",
+    "connect_tcp",
+    "write_tmp",
+    "rename_work",
+    "make_symlink",
+    "make_fifo",
+    "connect_unix",
+    "udp",
+    "new_session",
+    "fork",
+    "load_library",
+    "libtorch",
+];
+
+/// Each of `PROBES` succeeded if `allowed` names it, and was denied otherwise.
+fn assert_only_these_allowed(outcomes: &Outcomes, allowed: &[&str]) {
+    for name in PROBES {
+        assert_outcome(outcomes, name, allowed.contains(&name));
+    }
+}
+
 fn assert_outcome(outcomes: &Outcomes, name: &str, allowed: bool) {
     let outcome = outcomes
         .get(name)
@@ -257,29 +287,7 @@ fn a_confined_process_keeps_to_its_job_folder() {
 
     // Unconfined, every probe succeeds: the denials below are the sandbox's doing.
     let open = probe(&scene.work, &scene.secret, port, None);
-    for name in [
-        "read_work",
-        "write_work",
-        "read_secret",
-        "write_secret",
-        "read_proc_cpuinfo",
-        "read_parent_environ",
-        "signal_parent",
-        "execute",
-        "connect_tcp",
-        "write_tmp",
-        "rename_work",
-        "make_symlink",
-        "make_fifo",
-        "connect_unix",
-        "udp",
-        "new_session",
-        "fork",
-        "load_library",
-        "libtorch",
-    ] {
-        assert_outcome(&open, name, true);
-    }
+    assert_only_these_allowed(&open, &PROBES);
     std::fs::remove_file(scene.secret.join("planted.txt")).unwrap();
     for planted in ["purified.pt", "report.json"] {
         std::fs::remove_file(scene.work.join(planted)).unwrap();
@@ -291,61 +299,33 @@ fn a_confined_process_keeps_to_its_job_folder() {
     // A CPU slot's child.
     let confined = probe(&scene.work, &scene.secret, port, Some(true));
     assert_eq!(confined["confined"], "Fully", "{confined:?}");
-    for name in [
-        "read_work",
-        "write_work",
-        "read_proc_cpuinfo",
-        "rename_work",
-        "load_library",
-        "libtorch",
-    ] {
-        assert_outcome(&confined, name, true);
-    }
-    for name in [
-        "read_secret",
-        "write_secret",
-        "read_parent_environ",
-        "signal_parent",
-        "execute",
-        "connect_tcp",
-        "write_tmp",
-        "make_symlink",
-        "make_fifo",
-        "connect_unix",
-        "udp",
-        "new_session",
-        "fork",
-    ] {
-        assert_outcome(&confined, name, false);
-    }
+    assert_only_these_allowed(
+        &confined,
+        &[
+            "read_work",
+            "write_work",
+            "read_proc_cpuinfo",
+            "rename_work",
+            "load_library",
+            "libtorch",
+        ],
+    );
     assert!(!scene.secret.join("planted.txt").exists());
 
     // A CUDA slot's child reads anywhere but is otherwise as confined.
     let cuda = probe(&scene.work, &scene.secret, port, Some(false));
-    for name in [
-        "read_work",
-        "write_work",
-        "read_secret",
-        "load_library",
-        "libtorch",
-    ] {
-        assert_outcome(&cuda, name, true);
-    }
-    for name in [
-        "write_secret",
-        "read_parent_environ",
-        "signal_parent",
-        "execute",
-        "connect_tcp",
-        "make_symlink",
-        "make_fifo",
-        "connect_unix",
-        "udp",
-        "new_session",
-        "fork",
-    ] {
-        assert_outcome(&cuda, name, false);
-    }
+    assert_only_these_allowed(
+        &cuda,
+        &[
+            "read_work",
+            "write_work",
+            "read_secret",
+            "read_proc_cpuinfo",
+            "rename_work",
+            "load_library",
+            "libtorch",
+        ],
+    );
     drop(scene.listener);
 }
 

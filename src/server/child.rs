@@ -87,9 +87,10 @@ pub fn run_job_process(spec_path: &Path) -> u8 {
             Ok(Confined::Partly) => {
                 eprintln!("warning: this kernel's Landlock enforces only part of the job's sandbox")
             }
-            Ok(Confined::Not) => {
-                eprintln!("warning: no Landlock on this kernel: the job runs unconfined")
-            }
+            Ok(Confined::Not) => eprintln!(
+                "warning: no Landlock on this kernel: the job runs under the seccomp filter \
+                 only, not confined to its folder"
+            ),
             Err(e) => {
                 // Said in the job's error, not only on stderr: every job on this machine
                 // fails the same way until the sandbox works or is turned off.
@@ -100,9 +101,7 @@ pub fn run_job_process(spec_path: &Path) -> u8 {
                     ),
                 };
                 eprintln!("error: {}", error.message);
-                if let Ok(json) = serde_json::to_string(&error) {
-                    let _ = std::fs::write(&spec.error, json);
-                }
+                write_error(&spec.error, &error);
                 return EXIT_INTERNAL;
             }
         }
@@ -193,10 +192,16 @@ pub fn run_job_process(spec_path: &Path) -> u8 {
             },
         ),
     };
-    if let Ok(json) = serde_json::to_string(&error) {
-        let _ = std::fs::write(&spec.error, json);
-    }
+    write_error(&spec.error, &error);
     exit
+}
+
+/// Leaves `error` where the worker reads why the job failed. Best effort: if even this
+/// fails, the worker reports the exit code and the stderr tail instead.
+fn write_error(path: &Path, error: &ChildError) {
+    if let Ok(json) = serde_json::to_string(error) {
+        let _ = std::fs::write(path, json);
+    }
 }
 
 /// Caps the private writable memory this process may map (heap, anonymous `mmap`s,

@@ -56,7 +56,7 @@ pub enum Confined {
     Fully,
     /// The kernel enforces only some of them (an older Landlock).
     Partly,
-    /// The kernel has no Landlock: nothing is enforced.
+    /// The kernel has no Landlock: only the seccomp filter holds.
     Not,
 }
 
@@ -136,6 +136,14 @@ fn mapped_files() -> Vec<PathBuf> {
     files
 }
 
+/// `libfoo.so`, `libfoo.so.1.2`: a shared library by its name.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+fn is_shared_library(file: &Path) -> bool {
+    file.file_name()
+        .map(|name| name.to_string_lossy())
+        .is_some_and(|name| name.ends_with(".so") || name.contains(".so."))
+}
+
 /// The folders of the shared libraries among `mapped` files, which a confined child may
 /// read, since libtorch may load more of its own libraries later and they sit beside the
 /// ones it loaded first. Not the executable's folder (a settings file or `.env` may sit
@@ -143,13 +151,6 @@ fn mapped_files() -> Vec<PathBuf> {
 /// installed beside the data, as in `/srv/bdscan/lib` with `/srv/bdscan`'s data), which
 /// would open the data directory and every other job's folder: those files are allowed
 /// one by one instead.
-/// `libfoo.so`, `libfoo.so.1.2`: a shared library by its name.
-fn is_shared_library(file: &Path) -> bool {
-    file.file_name()
-        .map(|name| name.to_string_lossy())
-        .is_some_and(|name| name.ends_with(".so") || name.contains(".so."))
-}
-
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn library_folders(mapped: &[PathBuf], work_dir: &Path) -> Vec<PathBuf> {
     let mut folders: Vec<PathBuf> = mapped

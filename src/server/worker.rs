@@ -1165,7 +1165,7 @@ mod tests {
 
     #[test]
     fn the_child_inherits_only_what_the_scan_needs() {
-        let parent = [
+        const DROPPED: [&str; 9] = [
             "DATABASE_URL",
             "PGPASSWORD",
             "PGPASSFILE",
@@ -1175,6 +1175,8 @@ mod tests {
             "SSH_AUTH_SOCK",
             "NVIDIA_API_KEY",
             "BDSCAN_JOB_THREADS",
+        ];
+        const KEPT: [&str; 8] = [
             "PATH",
             "LD_LIBRARY_PATH",
             "RUST_LOG",
@@ -1183,12 +1185,16 @@ mod tests {
             "LC_ALL",
             "MALLOC_ARENA_MAX_",
             "ATEN_CPU_CAPABILITY",
-        ]
-        .map(|name| (name.into(), format!("value of {name}").into()));
+        ];
+        let value_of = |name: &str| format!("value of {name}");
+        let parent = DROPPED
+            .iter()
+            .chain(&KEPT)
+            .map(|name| (name.into(), value_of(name).into()));
         let command = job_command(
             Path::new("/bin/bdscan"),
             Path::new("/tmp/spec.json"),
-            parent.into_iter(),
+            parent,
         );
         let std = command.as_std();
         let mut passed: Vec<(String, String)> = std
@@ -1202,21 +1208,12 @@ mod tests {
             })
             .collect();
         passed.sort();
-        let mut expected: Vec<(String, String)> = [
-            "PATH",
-            "LD_LIBRARY_PATH",
-            "RUST_LOG",
-            "OMP_NUM_THREADS",
-            "CUDA_VISIBLE_DEVICES",
-            "LC_ALL",
-            "MALLOC_ARENA_MAX_",
-            "ATEN_CPU_CAPABILITY",
-        ]
-        .iter()
-        .map(|name| (name.to_string(), format!("value of {name}")))
-        // Scratch files in the job's folder, the only place a confined child may write.
-        .chain([("TMPDIR".to_string(), "/tmp".to_string())])
-        .collect();
+        let mut expected: Vec<(String, String)> = KEPT
+            .iter()
+            .map(|name| (name.to_string(), value_of(name)))
+            // Scratch files in the job's folder, the only place a confined child may write.
+            .chain([("TMPDIR".to_string(), "/tmp".to_string())])
+            .collect();
         expected.sort();
         assert_eq!(passed, expected);
         let args: Vec<_> = std.get_args().collect();

@@ -82,9 +82,8 @@ impl Store {
         }
     }
 
-    /// Stores a file (a purified artifact) as a blob.
-    /// Stores the regular file at `path`, which an untrusted process may have written:
-    /// see [`open_regular_file`].
+    /// Stores a file (a purified artifact) as a blob: the regular file at `path`, which an
+    /// untrusted process may have written (see [`open_regular_file`]).
     pub async fn put_file(&self, path: &Path) -> Result<BlobInfo, StoreError> {
         let io = |source| StoreError::Io {
             path: path.display().to_string(),
