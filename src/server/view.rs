@@ -107,7 +107,9 @@ impl JobView {
             timings: TimingsView {
                 queued_ms: match job.started_at {
                     Some(started) => Some(started - job.created_at),
-                    None if job.state == JobState::Queued => Some(now - job.created_at),
+                    // Never below zero: the times are the database's clock, `now` this
+                    // process's, and the two may disagree.
+                    None if job.state == JobState::Queued => Some((now - job.created_at).max(0)),
                     None => None,
                 },
                 // None while queued, also for a job handed back after it ran: it is
@@ -115,7 +117,7 @@ impl JobView {
                 running_ms: job
                     .started_at
                     .filter(|_| job.state != JobState::Queued)
-                    .map(|started| job.finished_at.unwrap_or(now) - started),
+                    .map(|started| (job.finished_at.unwrap_or(now) - started).max(0)),
             },
             links: Links {
                 self_: base.clone(),

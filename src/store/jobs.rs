@@ -5,7 +5,7 @@
 use sqlx::any::AnyRow;
 use sqlx::{FromRow, Row};
 
-use super::{now_ms, Backend, Store, StoreError};
+use super::{Backend, Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -200,11 +200,11 @@ impl Store {
     }
 
     async fn try_create_job(&self, new: &NewJob) -> Result<Option<CreateOutcome>, StoreError> {
-        let now = now_ms();
+        let clock = self.clock_sql();
         let sql = format!(
             "INSERT INTO jobs (id, state, model_sha256, clean_sha256, test_sha256, poison_sha256, target_label, config, \
              max_attempts, idempotency_key, idempotency_fingerprint, run_after, created_at, device) \
-             VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12) \
+             VALUES ($1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, {clock}, {clock}, $11) \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING {JOB_COLUMNS}"
         );
         // One transaction that writes first (SQLite: no read-then-write upgrade to fail).
@@ -220,7 +220,6 @@ impl Store {
             .bind(new.max_attempts)
             .bind(&new.idempotency_key)
             .bind(&new.idempotency_fingerprint)
-            .bind(now)
             .bind(&new.device)
             .fetch_optional(&mut *tx)
             .await?;
@@ -340,17 +339,16 @@ impl Store {
             Backend::Postgres => "FOR UPDATE SKIP LOCKED",
             Backend::Sqlite => "",
         };
+        let clock = self.clock_sql();
         let sql = format!(
-            "UPDATE jobs SET state = 'running', lease_owner = $1, lease_until = $2, attempts = attempts + 1, \
-             started_at = COALESCE(started_at, $3), progress_phase = NULL, progress_step = 0, progress_total = 0 \
-             WHERE state = 'queued' AND id = (SELECT id FROM jobs WHERE state = 'queued' AND run_after <= $3 \
-             AND (device IS NULL OR device = $4) ORDER BY created_at, id LIMIT 1 {lock}) RETURNING {JOB_COLUMNS}"
+            "UPDATE jobs SET state = 'running', lease_owner = $1, lease_until = {clock} + $2, attempts = attempts + 1, \
+             started_at = COALESCE(started_at, {clock}), progress_phase = NULL, progress_step = 0, progress_total = 0 \
+             WHERE state = 'queued' AND id = (SELECT id FROM jobs WHERE state = 'queued' AND run_after <= {clock} \
+             AND (device IS NULL OR device = $3) ORDER BY created_at, id LIMIT 1 {lock}) RETURNING {JOB_COLUMNS}"
         );
-        let now = now_ms();
         let job: Option<Job> = sqlx::query_as(&sql)
             .bind(owner)
-            .bind(now + lease_ms)
-            .bind(now)
+            .bind(lease_ms)
             .bind(device)
             .fetch_optional(self.pool())
             .await?;
@@ -367,15 +365,17 @@ impl Store {
         claimed: &Claimed,
         lease_ms: i64,
     ) -> Result<Option<bool>, StoreError> {
-        let row = sqlx::query(
-            "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND lease_owner = $3 AND state = 'running' \
+        let sql = format!(
+            "UPDATE jobs SET lease_until = {} + $1 WHERE id = $2 AND lease_owner = $3 AND state = 'running' \
              RETURNING cancel_requested",
-        )
-        .bind(now_ms() + lease_ms)
-        .bind(&claimed.job.id)
-        .bind(&claimed.owner)
-        .fetch_optional(self.pool())
-        .await?;
+            self.clock_sql()
+        );
+        let row = sqlx::query(&sql)
+            .bind(lease_ms)
+            .bind(&claimed.job.id)
+            .bind(&claimed.owner)
+            .fetch_optional(self.pool())
+            .await?;
         Ok(row.map(|r| r.get::<i64, _>(0) != 0))
     }
 
@@ -407,13 +407,12 @@ impl Store {
         report_json: &str,
         artifact_sha256: &str,
     ) -> Result<bool, StoreError> {
-        let now = now_ms();
+        let clock = self.clock_sql();
         let mut tx = self.pool().begin().await?;
-        let owned = sqlx::query(
-            "UPDATE jobs SET state = 'succeeded', finished_at = $1, progress_step = progress_total, lease_owner = NULL, lease_until = NULL, \
-             error_code = NULL, error = NULL WHERE id = $2 AND lease_owner = $3 AND state = 'running'",
-        )
-        .bind(now)
+        let owned = sqlx::query(&format!(
+            "UPDATE jobs SET state = 'succeeded', finished_at = {clock}, progress_step = progress_total, lease_owner = NULL, lease_until = NULL, \
+             error_code = NULL, error = NULL WHERE id = $1 AND lease_owner = $2 AND state = 'running'",
+        ))
         .bind(&claimed.job.id)
         .bind(&claimed.owner)
         .execute(&mut *tx)
@@ -423,11 +422,10 @@ impl Store {
         if !owned {
             return Ok(false);
         }
-        sqlx::query("INSERT INTO reports (job_id, report, artifact_sha256, created_at) VALUES ($1, $2, $3, $4)")
+        sqlx::query(&format!("INSERT INTO reports (job_id, report, artifact_sha256, created_at) VALUES ($1, $2, $3, {clock})"))
             .bind(&claimed.job.id)
             .bind(report_json)
             .bind(artifact_sha256)
-            .bind(now)
             .execute(&mut *tx)
             .await?;
         sqlx::query("UPDATE blobs SET resent = 0 WHERE sha256 = $1")
@@ -447,18 +445,19 @@ impl Store {
         message: &str,
     ) -> Result<bool, StoreError> {
         debug_assert!(matches!(state, JobState::Failed | JobState::Cancelled));
-        let done = sqlx::query(
-            "UPDATE jobs SET state = $1, error_code = $2, error = $3, finished_at = $4, lease_owner = NULL, \
-             lease_until = NULL WHERE id = $5 AND lease_owner = $6 AND state = 'running'",
-        )
-        .bind(state.as_str())
-        .bind(code)
-        .bind(message)
-        .bind(now_ms())
-        .bind(&claimed.job.id)
-        .bind(&claimed.owner)
-        .execute(self.pool())
-        .await?;
+        let sql = format!(
+            "UPDATE jobs SET state = $1, error_code = $2, error = $3, finished_at = {}, lease_owner = NULL, \
+             lease_until = NULL WHERE id = $4 AND lease_owner = $5 AND state = 'running'",
+            self.clock_sql()
+        );
+        let done = sqlx::query(&sql)
+            .bind(state.as_str())
+            .bind(code)
+            .bind(message)
+            .bind(&claimed.job.id)
+            .bind(&claimed.owner)
+            .execute(self.pool())
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -469,10 +468,11 @@ impl Store {
     /// this or `request_cancel`. `Ok(None)`: this worker no longer owns the job.
     pub async fn release(&self, claimed: &Claimed) -> Result<Option<JobState>, StoreError> {
         let cancelled = "cancel_requested = 1";
+        let clock = self.clock_sql();
         let sql = format!(
             "UPDATE jobs SET state = CASE WHEN {cancelled} THEN 'cancelled' ELSE 'queued' END, \
              attempts = CASE WHEN {cancelled} THEN attempts ELSE attempts - 1 END, \
-             finished_at = CASE WHEN {cancelled} THEN $3 ELSE finished_at END, \
+             finished_at = CASE WHEN {cancelled} THEN {clock} ELSE finished_at END, \
              error_code = CASE WHEN {cancelled} THEN 'cancelled' ELSE error_code END, \
              error = CASE WHEN {cancelled} THEN 'cancelled by request as the service stopped' ELSE error END, \
              progress_phase = CASE WHEN {cancelled} THEN progress_phase ELSE NULL END, \
@@ -484,7 +484,6 @@ impl Store {
         let row = sqlx::query(&sql)
             .bind(&claimed.job.id)
             .bind(&claimed.owner)
-            .bind(now_ms())
             .fetch_optional(self.pool())
             .await?;
         let state = row
@@ -527,11 +526,11 @@ impl Store {
         .bind(id)
         .execute(self.pool())
         .await?;
-        sqlx::query(
+        sqlx::query(&format!(
             "UPDATE jobs SET state = 'cancelled', error_code = 'cancelled', error = 'cancelled before it started', \
-             finished_at = $1 WHERE id = $2 AND state = 'queued'",
-        )
-        .bind(now_ms())
+             finished_at = {} WHERE id = $1 AND state = 'queued'",
+            self.clock_sql()
+        ))
         .bind(id)
         .execute(self.pool())
         .await?;
@@ -545,38 +544,35 @@ impl Store {
     /// next round's, instead of re-queuing it with the request pending or failing it as
     /// `lease_expired`.
     pub async fn reap_expired(&self, backoff_ms: i64) -> Result<Reaped, StoreError> {
-        let now = now_ms();
+        let now = self.clock_sql();
         let ids = |rows: Vec<AnyRow>| {
             rows.iter()
                 .map(|r| r.get::<String, _>(0))
                 .collect::<Vec<_>>()
         };
-        let cancelled = sqlx::query(
+        let cancelled = sqlx::query(&format!(
             "UPDATE jobs SET state = 'cancelled', error_code = 'cancelled', error = 'cancelled; its worker stopped', \
-             finished_at = $1, lease_owner = NULL, lease_until = NULL \
-             WHERE state = 'running' AND lease_until < $1 AND cancel_requested = 1 RETURNING id",
-        )
-        .bind(now)
+             finished_at = {now}, lease_owner = NULL, lease_until = NULL \
+             WHERE state = 'running' AND lease_until < {now} AND cancel_requested = 1 RETURNING id",
+        ))
         .fetch_all(self.pool())
         .await?;
-        let requeued = sqlx::query(
-            "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL, run_after = $1 + $2 * attempts, \
+        let requeued = sqlx::query(&format!(
+            "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL, run_after = {now} + $1 * attempts, \
              error_code = 'lease_expired', error = 'a worker stopped renewing its lease; re-queued' \
-             WHERE state = 'running' AND lease_until < $1 AND attempts < max_attempts AND cancel_requested = 0 \
+             WHERE state = 'running' AND lease_until < {now} AND attempts < max_attempts AND cancel_requested = 0 \
              RETURNING id",
-        )
-        .bind(now)
+        ))
         .bind(backoff_ms)
         .fetch_all(self.pool())
         .await?;
-        let failed = sqlx::query(
+        let failed = sqlx::query(&format!(
             "UPDATE jobs SET state = 'failed', error_code = 'lease_expired', \
              error = 'its worker stopped renewing the lease on the last allowed attempt', \
-             finished_at = $1, lease_owner = NULL, lease_until = NULL \
-             WHERE state = 'running' AND lease_until < $1 AND attempts >= max_attempts AND cancel_requested = 0 \
+             finished_at = {now}, lease_owner = NULL, lease_until = NULL \
+             WHERE state = 'running' AND lease_until < {now} AND attempts >= max_attempts AND cancel_requested = 0 \
              RETURNING id",
-        )
-        .bind(now)
+        ))
         .fetch_all(self.pool())
         .await?;
         if !requeued.is_empty() {

@@ -166,6 +166,24 @@ impl Store {
         self.backend
     }
 
+    /// The database's clock, in milliseconds since the Unix epoch, as an SQL expression.
+    /// Every job timestamp (creation, leases, backoffs, ends) is read from it rather than
+    /// from this process's clock: replicas sharing a PostgreSQL queue then agree on when
+    /// a lease runs out even when their own clocks disagree, where a replica whose clock
+    /// ran a lease's length ahead would re-queue every job the others were running.
+    /// Within one statement it reads the same instant everywhere it appears.
+    pub fn clock_sql(&self) -> &'static str {
+        match self.backend {
+            // migrations/postgres/0008_database_clock.sql: the transaction's start time.
+            Backend::Postgres => "bdscan_clock_ms()",
+            // One host, but the same clock for both backends' statements; SQLite's 'now'
+            // is fixed for the length of a statement. Rounded: the day fraction is a double.
+            Backend::Sqlite => {
+                "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)"
+            }
+        }
+    }
+
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
@@ -181,7 +199,9 @@ impl Store {
     }
 }
 
-/// Milliseconds since the Unix epoch: the unit of every timestamp in the store.
+/// Milliseconds since the Unix epoch by this process's clock: the unit of every
+/// timestamp in the store. Job timestamps come from the database's clock instead
+/// ([`Store::clock_sql`]); uploads and the retention sweep, which work in hours, use this.
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -221,6 +221,129 @@ async fn backoff_delays_a_requeued_job_postgres() {
     }
 }
 
+/// Both backends' clocks read milliseconds since the Unix epoch, as the process's does
+/// (the API renders them as dates), and a lease is its length past the claim.
+async fn job_times_are_unix_milliseconds(store: Store) {
+    let before = bdscan::store::now_ms();
+    let id = queue_job(&store, 1).await;
+    let claimed = store.claim_job("worker", 30_000).await.unwrap().unwrap();
+    let after = bdscan::store::now_ms();
+    assert_eq!(claimed.job.id, id);
+    // One host: the clocks agree to within a clock tick either side.
+    let created = claimed.job.created_at;
+    assert!(
+        (before - 20..=after + 20).contains(&created),
+        "{before} <= {created} <= {after}"
+    );
+    let started = claimed.job.started_at.unwrap();
+    assert!((created..=after + 20).contains(&started));
+    assert!((started + 30_000..=after + 30_020).contains(&claimed.job.lease_until.unwrap()));
+}
+
+#[tokio::test]
+async fn job_times_are_unix_milliseconds_sqlite() {
+    let (store, _dir) = sqlite_store().await;
+    job_times_are_unix_milliseconds(store).await;
+}
+
+#[tokio::test]
+async fn job_times_are_unix_milliseconds_postgres() {
+    if let Some((store, _database)) =
+        postgres_store("job_times_are_unix_milliseconds_postgres").await
+    {
+        job_times_are_unix_milliseconds(store).await;
+    }
+}
+
+/// Sets the clock the queue reads (migrations/postgres/0008_database_clock.sql) to the
+/// database's own plus `offset_ms`.
+async fn set_database_clock(url: &str, offset_ms: i64) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query(&format!(
+        "CREATE OR REPLACE FUNCTION bdscan_clock_ms() RETURNS BIGINT LANGUAGE sql STABLE \
+         AS $$ SELECT CAST(FLOOR(EXTRACT(EPOCH FROM now()) * 1000) AS BIGINT) + ({offset_ms}) $$"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+}
+
+/// Replicas whose clocks disagree must agree on when a lease runs out. The queue keeps
+/// every job time by the database's clock, so this process's clock (standing for a
+/// replica's) decides nothing: with the database's clock an hour behind it, times are
+/// written an hour back, and a lease this process's clock has long passed runs out only
+/// when the database's clock passes it. Taking times from the process instead fails it.
+#[tokio::test]
+async fn leases_run_on_the_database_clock_postgres() {
+    let Some((store, database)) = postgres_store("leases_run_on_the_database_clock_postgres").await
+    else {
+        return;
+    };
+    const HOUR_MS: i64 = 3_600_000;
+    const LEASE_MS: i64 = 30_000;
+    // Generous against a slow machine; far below the hour it tells apart.
+    let near = |value: i64, expected: i64| (value - expected).abs() < 10_000;
+    set_database_clock(&database.url, -HOUR_MS).await;
+
+    let id = queue_job(&store, 3).await;
+    let job = store.job(&id).await.unwrap().unwrap();
+    let process_now = bdscan::store::now_ms();
+    assert!(
+        near(job.created_at, process_now - HOUR_MS),
+        "created_at {} is not the database's clock ({}); this process's reads {process_now}",
+        job.created_at,
+        process_now - HOUR_MS
+    );
+    let claimed = store
+        .claim_job("replica-a", LEASE_MS)
+        .await
+        .unwrap()
+        .expect("claims the job the database's clock made runnable");
+    let lease_until = claimed.job.lease_until.unwrap();
+    assert!(near(lease_until, process_now - HOUR_MS + LEASE_MS));
+    assert!(near(claimed.job.started_at.unwrap(), process_now - HOUR_MS));
+    assert!(
+        lease_until < bdscan::store::now_ms(),
+        "by this process's clock the lease ran out long ago"
+    );
+    let reaped = store.reap_expired(0).await.unwrap();
+    assert_eq!(
+        reaped,
+        bdscan::store::Reaped::default(),
+        "the lease is still running"
+    );
+    assert_eq!(
+        store.heartbeat(&claimed, LEASE_MS).await.unwrap(),
+        Some(false)
+    );
+
+    // The database's clock passes the lease: now it has run out.
+    set_database_clock(&database.url, LEASE_MS + 1_000).await;
+    let reaped = store.reap_expired(0).await.unwrap();
+    assert_eq!(reaped.requeued, vec![id.clone()]);
+    assert_eq!(store.heartbeat(&claimed, LEASE_MS).await.unwrap(), None);
+    let second = store
+        .claim_job("replica-b", LEASE_MS)
+        .await
+        .unwrap()
+        .expect("re-claims");
+    assert!(near(
+        second.job.lease_until.unwrap(),
+        bdscan::store::now_ms() + 2 * LEASE_MS + 1_000
+    ));
+    assert!(store
+        .finish_unsuccessful(&second, JobState::Failed, "internal", "done")
+        .await
+        .unwrap());
+    let finished = store.job(&id).await.unwrap().unwrap();
+    assert!(near(
+        finished.finished_at.unwrap(),
+        bdscan::store::now_ms() + LEASE_MS + 1_000
+    ));
+}
+
 async fn database_exists(server_url: &str, name: &str) -> bool {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(server_url).await.unwrap();
