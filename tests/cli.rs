@@ -454,6 +454,16 @@ fn models_and_bundles_a_scan_cannot_use_are_refused_at_load_saying_why() {
         (
             odd_model_with(
                 dir.path(),
+                "float8_parameter",
+                "self.p = nn.Parameter(torch.zeros(4, dtype=torch.float8_e4m3fn), requires_grad=False)",
+                plain,
+                "",
+            ),
+            "parameter `p` is Float8e4m3fn; a scan needs float32",
+        ),
+        (
+            odd_model_with(
+                dir.path(),
                 "empty_layer",
                 "self.empty = nn.Linear(0, 4)",
                 plain,
@@ -479,6 +489,28 @@ fn models_and_bundles_a_scan_cannot_use_are_refused_at_load_saying_why() {
     for (model, reason) in &cases {
         assert_input_error(&scan(dir.path(), model, &clean, &[]), reason);
     }
+    // A model that runs at load (eval mode, two images and one) and fails later, in its
+    // own code: a client error naming the batch and the mode, not an internal one.
+    let refuses_training = odd_model(
+        dir.path(),
+        "refuses_training",
+        &format!("if self.training:\n            raise ValueError(\"eval only\")\n        {plain}"),
+    );
+    assert_input_error(
+        &scan(dir.path(), &refuses_training, &clean, &[]),
+        "images in training mode: builtins.ValueError: eval only",
+    );
+    let small_batches_only = odd_model(
+        dir.path(),
+        "small_batches_only",
+        &format!(
+            "if x.size(0) > 2:\n            raise ValueError(\"two at most\")\n        {plain}"
+        ),
+    );
+    assert_input_error(
+        &scan(dir.path(), &small_batches_only, &clean, &[]),
+        "images in eval mode: builtins.ValueError: two at most",
+    );
     // NaN only in training mode, which ANP's mask search runs the model in: a
     // divergence the caller can act on, as for every other method, not an internal error.
     let nan_in_training = odd_model(

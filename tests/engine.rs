@@ -753,3 +753,39 @@ fn a_model_that_views_its_activations_is_fed_its_usual_layout() {
     .unwrap();
     assert!(mnist.feeds_channels_last());
 }
+
+#[test]
+fn an_archive_naming_one_storage_many_times_is_refused_by_the_tensor_reader() {
+    // 40 buffers viewing one 1 MB storage: torch.jit.save stores it once, so each view
+    // fits the file, but reading them all (as CLP does) would hold 40 MB. A storage
+    // named twice (tied weights) is read as before.
+    let dir = tempfile::tempdir().unwrap();
+    let script = |names: usize| {
+        format!(
+            r#"
+import sys, torch
+from torch import nn
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        base = torch.zeros(250_000)
+        for i in range({names}):
+            self.register_buffer(f"b{{i}}", base)
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+torch.jit.script(M()).save(sys.argv[1])
+"#
+        )
+    };
+    let many = common::scripted_model(dir.path(), "many_names", &script(40));
+    let err = bdscan::engine::archive::read_float_tensors(&many).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("too many names for the same storage"),
+        "{err}"
+    );
+    let tied = common::scripted_model(dir.path(), "tied", &script(2));
+    let tensors = bdscan::engine::archive::read_float_tensors(&tied).unwrap();
+    assert_eq!(tensors["b1"].size(), [250_000]);
+}

@@ -48,15 +48,31 @@ fn bad(why: impl std::fmt::Display) -> EngineError {
     EngineError::InvalidInput(format!("model archive: {why}"))
 }
 
+/// How many times the archive file's size all tensors read together may span. Each
+/// view is bounded by the file alone, but many names may view one storage: tied weights
+/// do so a few times; a pickle naming a 100 MB storage 2,000 times would have had this
+/// reader hold and copy 200 GB for a 100 MB upload.
+const MAX_READ_PER_FILE_BYTE: u64 = 8;
+
 /// Every float32 tensor (parameters and buffers) of the archive at `path`, by dotted name.
 pub fn read_float_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, EngineError> {
     let mut archive = TensorArchive::open(path)?;
     let mut out = BTreeMap::new();
+    let budget = archive.file_bytes.saturating_mul(MAX_READ_PER_FILE_BYTE);
+    let mut spanned: u64 = 0;
     for (name, r) in std::mem::take(&mut archive.tensors) {
         if r.storage_class != "FloatStorage" {
             continue;
         }
         let (reached, numel) = view_extent(&r, archive.file_bytes)?;
+        spanned = spanned.saturating_add(reached.max(numel).saturating_mul(4));
+        if spanned > budget {
+            return Err(bad(format!(
+                "its tensor views span more than {MAX_READ_PER_FILE_BYTE} times the \
+                 {}-byte archive (at `{name}`): too many names for the same storage",
+                archive.file_bytes
+            )));
+        }
         let entry = format!("{}data/{}", archive.prefix, r.key);
         // Only as much of the storage as the view reaches: never more than the view
         // was allowed to declare, however far the entry inflates.

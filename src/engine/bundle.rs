@@ -519,8 +519,16 @@ fn read_npz(bytes: &[u8]) -> Result<Parsed, BundleError> {
     names.sort();
     let mut left = MAX_NPZ_BYTES;
     let mut take = |name: &str| -> Result<Option<RawTensor>, BundleError> {
-        let Ok(entry) = archive.by_name(&format!("{name}.npy")) else {
-            return Ok(None);
+        // Only a missing entry is "no such array"; one that is there but cannot be read
+        // (a compression this reader lacks, encryption, a damaged header) says why.
+        let entry = match archive.by_name(&format!("{name}.npy")) {
+            Ok(entry) => entry,
+            Err(zip::result::ZipError::FileNotFound) => return Ok(None),
+            Err(e) => {
+                return Err(BundleError::Malformed(format!(
+                    "npz entry `{name}.npy` cannot be read: {e}"
+                )))
+            }
         };
         let too_large = || {
             BundleError::Malformed(format!(
@@ -744,6 +752,37 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "`targets` contains 10 at index 1; targets must lie in 0..10"
+        );
+    }
+
+    #[test]
+    fn an_npz_entry_that_cannot_be_read_is_named_not_called_missing() {
+        use std::io::Write;
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let stored = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for name in ["images.npy", "labels.npy"] {
+            zip.start_file(name, stored).unwrap();
+            zip.write_all(b"not read").unwrap();
+        }
+        let mut bytes = zip.finish().unwrap().into_inner();
+        // Marks every entry bzip2-compressed (method 12), which this reader lacks: in
+        // each local header (method at offset 8) and central directory header (10).
+        for (signature, offset) in [(b"PK\x03\x04", 8), (b"PK\x01\x02", 10)] {
+            let starts: Vec<usize> = bytes
+                .windows(4)
+                .enumerate()
+                .filter(|(_, w)| w == signature)
+                .map(|(i, _)| i)
+                .collect();
+            for start in starts {
+                bytes[start + offset..start + offset + 2].copy_from_slice(&12u16.to_le_bytes());
+            }
+        }
+        let err = read_npz(&bytes).unwrap_err().to_string();
+        assert!(
+            err.contains("npz entry `images.npy` cannot be read"),
+            "{err}"
         );
     }
 

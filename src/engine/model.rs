@@ -27,6 +27,8 @@ pub struct ScanModel {
     module: CModule,
     /// Whether images are fed laid out channels-last (see `channels_last_agrees`).
     channels_last: bool,
+    /// Whether the module is in training mode (its own `self.training`), for errors.
+    training: bool,
     pub params: Vec<NamedParam>,
     pub layers: Vec<LayerGroup>,
     pub num_classes: i64,
@@ -54,9 +56,17 @@ impl ScanModel {
         let named = module.named_parameters()?;
         let mut params = Vec::with_capacity(named.len());
         for (name, tensor) in named {
-            if !tensor.is_floating_point() {
+            // The float kinds libtorch computes with everywhere a scan needs (finiteness
+            // checks, gradients); float8 kinds count as floating point but have no such
+            // kernels, and failed later as an internal error.
+            if !matches!(
+                tensor.kind(),
+                Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+            ) {
                 return Err(EngineError::InvalidInput(format!(
-                    "model: parameter `{name}` is not floating point"
+                    "model: parameter `{name}` is {:?}; a scan needs float32, float64, \
+                     float16 or bfloat16 parameters",
+                    tensor.kind()
                 )));
             }
             // Caught here, such a model would otherwise end with a divergence blamed on
@@ -86,6 +96,7 @@ impl ScanModel {
         let mut model = ScanModel {
             module,
             channels_last: false,
+            training: false,
             params,
             layers: Vec::new(),
             num_classes: 0,
@@ -236,8 +247,20 @@ impl ScanModel {
         defined_or_zeros(param.grad(), param)
     }
 
+    /// The model's logits for `images`. An error raised while its `forward` runs is the
+    /// uploaded code's, a client's to act on: the load-time probe ran it only in eval mode
+    /// on two images and one, and a model may still refuse a larger batch or training
+    /// mode (`if self.training: raise …`). Such an error names the batch and the mode.
+    /// Out of memory stays recognisable by its message (see `server::child`).
     pub fn forward(&self, images: &Tensor) -> Result<Tensor, EngineError> {
-        Ok(self.module.forward_ts(&[self.feed(images)?])?)
+        self.module.forward_ts(&[self.feed(images)?]).map_err(|e| {
+            EngineError::InvalidInput(format!(
+                "model: its forward failed on a batch of {} images in {} mode: {}",
+                images.size().first().copied().unwrap_or(0),
+                if self.training { "training" } else { "eval" },
+                cause_line(&e.to_string())
+            ))
+        })
     }
 
     /// Calls the model's exported `activations(x) -> Dict[str, Tensor]`: per hidden layer
@@ -292,11 +315,15 @@ impl ScanModel {
     }
 
     pub fn set_train(&mut self) -> Result<(), EngineError> {
-        Ok(self.module.f_set_train()?)
+        self.module.f_set_train()?;
+        self.training = true;
+        Ok(())
     }
 
     pub fn set_eval(&mut self) -> Result<(), EngineError> {
-        Ok(self.module.f_set_eval()?)
+        self.module.f_set_eval()?;
+        self.training = false;
+        Ok(())
     }
 
     pub fn zero_grad(&mut self) {

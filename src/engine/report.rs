@@ -210,7 +210,7 @@ pub struct EpochTrace {
 /// serde_json writes a NaN or infinite float as `null` (JSON has no such numbers); these
 /// read `null` back as NaN, so a stored report holding one (a model whose weights
 /// overflow a norm, say) still loads, for its page and for comparison.
-mod nan_as_null {
+pub(crate) mod nan_as_null {
     use serde::{Deserialize, Deserializer};
 
     pub fn one<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {

@@ -148,7 +148,8 @@ fn position_energy(delta: &Tensor) -> Result<(Tensor, i64), EngineError> {
 pub fn locality(delta: &Tensor) -> Result<f64, EngineError> {
     let (energy, local) = position_energy(delta)?;
     let total = energy.f_sum(Kind::Double)?.f_double_value(&[])?;
-    if energy.size()[0] == 0 || total <= 0.0 {
+    // Not finite: a perturbation that overflowed (images near f32's limits); no share.
+    if energy.size()[0] == 0 || !total.is_finite() || total <= 0.0 {
         return Ok(0.0);
     }
     let (top, _) = energy.f_topk(local, 0, true, false)?;
@@ -528,14 +529,18 @@ pub enum FoundBy {
 pub struct TargetSearch {
     /// The radius that named the target; without one, the first radius where some class
     /// was reached (the largest searched if none was). As per-pixel RMS of the pixel
-    /// range, and in input units.
+    /// range, and in input units. Like every number here, written as `null` when not
+    /// finite (JSON has no NaN), and read back as NaN, so the report page still renders.
+    #[serde(deserialize_with = "super::report::nan_as_null::one")]
     pub radius_rms: f64,
+    #[serde(deserialize_with = "super::report::nan_as_null::one")]
     pub radius: f64,
     /// Per class, the share of clean images the best perturbation towards it reaches.
+    #[serde(deserialize_with = "super::report::nan_as_null::many")]
     pub success_per_class: Vec<f64>,
     /// Per class, the share of that perturbation's energy on its most-changed 2% of
     /// pixel positions. (Absent from reports stored before it existed.)
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::report::nan_as_null::many")]
     pub locality_per_class: Vec<f64>,
     /// The class that stands out, if any; unlearning runs only then.
     pub target: Option<i64>,
@@ -736,6 +741,23 @@ mod tests {
             steps: 1,
             weight: 1.0,
         }
+    }
+
+    #[test]
+    fn a_search_with_non_finite_numbers_reads_back_from_its_json() {
+        // The report page reads the stored report back; a NaN written as `null` failed it.
+        let search = TargetSearch {
+            radius_rms: f64::NAN,
+            radius: f64::INFINITY,
+            ..at(&[0.5, f64::NAN], &[f64::NAN, 0.1])
+        };
+        let json = serde_json::to_string(&search).unwrap();
+        let back: TargetSearch = serde_json::from_str(&json).unwrap();
+        assert!(back.radius_rms.is_nan() && back.radius.is_nan());
+        assert_eq!(back.success_per_class[0], 0.5);
+        assert!(back.success_per_class[1].is_nan() && back.locality_per_class[0].is_nan());
+        let overflowed = Tensor::from_slice(&[f32::MAX, f32::MAX, 1.0, 0.0]).view([1, 1, 2, 2]);
+        assert_eq!(locality(&overflowed).unwrap(), 0.0);
     }
 
     fn at(success: &[f64], locality: &[f64]) -> TargetSearch {

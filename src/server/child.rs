@@ -25,6 +25,9 @@ pub const EXIT_CANCELLED: u8 = 4;
 
 /// The job error code of a scan that needed more memory than `job_memory_limit`.
 pub const MEMORY_LIMIT_CODE: &str = "memory_limit";
+/// The job error code of a scan refused memory with no `job_memory_limit` applying (none
+/// set, or a CUDA slot): the machine or the device ran out.
+pub const OUT_OF_MEMORY_CODE: &str = "out_of_memory";
 
 /// Everything the child needs, written by the worker as JSON.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,21 +149,30 @@ pub fn run_job_process(spec_path: &Path) -> u8 {
     .and_then(|report| {
         let json =
             serde_json::to_string(&report).map_err(|e| EngineError::Internal(e.to_string()))?;
+        let neurons = report.layers.iter().map(|layer| layer.width).sum();
+        report_fits(&json, neurons, super::worker::MAX_REPORT_BYTES)?;
         std::fs::write(&spec.report, json)
             .map_err(|e| EngineError::Internal(format!("writing the report: {e}")))
     });
     let (exit, error) = match outcome {
         Ok(()) => return EXIT_OK,
         // Checked first: libtorch's refusal can surface as any kind of error (the model
-        // rejecting the probe images, an internal failure in training).
-        Err(e) if spec.memory_limit.is_some() && is_out_of_memory(&e.to_string()) => (
+        // rejecting the probe images, its forward failing, an internal failure in
+        // training). Not ours to fix either way: the caller can ask for less (a smaller
+        // `batch_size`) or run it where more memory is free.
+        Err(e) if is_out_of_memory(&e.to_string()) => (
             EXIT_INPUT,
-            ChildError {
-                code: MEMORY_LIMIT_CODE.into(),
-                message: memory_limit_message(
-                    spec.memory_limit.unwrap_or_default(),
-                    &e.to_string(),
-                ),
+            match spec.memory_limit {
+                Some(limit) => ChildError {
+                    code: MEMORY_LIMIT_CODE.into(),
+                    message: memory_limit_message(limit, &e.to_string()),
+                },
+                None => ChildError {
+                    code: OUT_OF_MEMORY_CODE.into(),
+                    message: format!(
+                        "the scan ran out of memory (a smaller batch_size needs less): {e}"
+                    ),
+                },
             },
         ),
         Err(EngineError::Cancelled) => (
@@ -196,6 +208,20 @@ pub fn run_job_process(spec_path: &Path) -> u8 {
     exit
 }
 
+/// Refuses a report larger than the server reads back (a model with hundreds of
+/// thousands of neurons: each has a few numbers in it) as the model's size, not as a
+/// job that ended without usable outputs (`internal`).
+fn report_fits(json: &str, neurons: usize, limit: u64) -> Result<(), EngineError> {
+    if json.len() as u64 <= limit {
+        return Ok(());
+    }
+    Err(EngineError::InvalidInput(format!(
+        "model: its report would be {} bytes ({neurons} neurons in its scanned layers), \
+         over the {limit} bytes this server stores for a job",
+        json.len()
+    )))
+}
+
 /// Leaves `error` where the worker reads why the job failed. Best effort: if even this
 /// fails, the worker reports the exit code and the stderr tail instead.
 fn write_error(path: &Path, error: &ChildError) {
@@ -222,12 +248,16 @@ fn limit_data_memory(bytes: u64) -> std::io::Result<()> {
     }
 }
 
-/// Whether an error is an allocation refused: libtorch's CPU allocator, or C++'s
-/// `new` (which TorchScript's interpreter reports as `RuntimeError: std::bad_alloc`).
+/// Whether an error is an allocation refused: libtorch's CPU allocator, C++'s `new`
+/// (which TorchScript's interpreter reports as `RuntimeError: std::bad_alloc`), or
+/// libtorch's CUDA caching allocator (`CUDA out of memory. Tried to allocate …`,
+/// raised as `torch.OutOfMemoryError` inside TorchScript).
 pub fn is_out_of_memory(message: &str) -> bool {
     message.contains("can't allocate memory")
         || message.contains("not enough memory")
         || message.contains("std::bad_alloc")
+        || message.contains("CUDA out of memory")
+        || message.contains("OutOfMemoryError")
 }
 
 /// What a job that ran out of its memory limit reports: the limit, then what failed.
@@ -236,4 +266,21 @@ pub fn memory_limit_message(limit: u64, failure: &str) -> String {
         "the scan needed more memory than this server allows a job (job_memory_limit \
          = {limit} bytes): {failure}"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_over_the_servers_limit_is_the_models_size_not_an_internal_error() {
+        assert!(report_fits("{}", 3, 2).is_ok());
+        let err = report_fits("{\"a\":1}", 900_000, 2).unwrap_err();
+        assert!(err.is_client_error());
+        assert_eq!(
+            err.to_string(),
+            "model: its report would be 7 bytes (900000 neurons in its scanned layers), \
+             over the 2 bytes this server stores for a job"
+        );
+    }
 }

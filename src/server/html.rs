@@ -267,6 +267,13 @@ fn salience_figure(layer: &LayerReport) -> String {
     } else {
         ""
     };
+    // Looked up per bar: `flagged.contains` per bar was quadratic in the layer's width.
+    let mut is_flagged = vec![false; values.len()];
+    for &i in &layer.flagged {
+        if let Some(slot) = is_flagged.get_mut(i) {
+            *slot = true;
+        }
+    }
     let mut svg = format!(
         "<figure><figcaption><code>{name}</code> · {width} neurons, {flagged} flagged{ranking}</figcaption>\
          <svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{PLOT_WIDTH}\" height=\"{PLOT_HEIGHT}\" \
@@ -282,11 +289,7 @@ fn salience_figure(layer: &LayerReport) -> String {
         } else {
             0.0
         };
-        let colour = if layer.flagged.contains(&i) {
-            "#c0392b"
-        } else {
-            "#2c7fb8"
-        };
+        let colour = if is_flagged[i] { "#c0392b" } else { "#2c7fb8" };
         let title = match (
             shortcut.as_ref().and_then(|s| s.get(i)),
             relative.and_then(|r| r.get(i)),

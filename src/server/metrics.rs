@@ -52,10 +52,11 @@ impl Histogram {
 
 /// The job error codes counted one by one; any other is counted as `other`, so a code
 /// never seen before cannot add a series.
-pub const FAILURE_CODES: [&str; 8] = [
+pub const FAILURE_CODES: [&str; 9] = [
     "invalid_input",
     "diverged",
     "memory_limit",
+    "out_of_memory",
     "timed_out",
     "worker_crashed",
     "internal",

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::child::{
     memory_limit_message, ChildError, JobSpec, ProgressLine, EXIT_CANCELLED, MEMORY_LIMIT_CODE,
+    OUT_OF_MEMORY_CODE,
 };
 use super::config::WorkerSettings;
 use super::metrics::Metrics;
@@ -567,6 +568,10 @@ impl Worker {
                 code: MEMORY_LIMIT_CODE.into(),
                 message: memory_limit_message(limit, &message),
             }),
+            None if crash_is_out_of_memory(&tail) => Ok(Outcome::Failed {
+                code: OUT_OF_MEMORY_CODE.into(),
+                message: format!("the scan ran out of memory: {message}"),
+            }),
             _ => Ok(Outcome::Failed {
                 code: "worker_crashed".into(),
                 message,
@@ -680,7 +685,7 @@ async fn next_child_line<R: AsyncRead + Unpin>(lines: &mut ChildLines<R>) -> Opt
 
 /// Largest report a job's process may leave: reports of the default scan are tens of
 /// KiB; the limit keeps a process that wrote without end from filling the server's memory.
-const MAX_REPORT_BYTES: u64 = 64 << 20;
+pub(crate) const MAX_REPORT_BYTES: u64 = 64 << 20;
 /// Largest error file, whose message is cut to 4,096 characters anyway.
 const MAX_ERROR_BYTES: u64 = 1 << 20;
 

@@ -3,7 +3,44 @@ use std::collections::HashSet;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_problem, spawn_app, Options};
+use crate::helpers::{assert_problem, postgres_url, spawn_app, Db, Options};
+
+/// Values PostgreSQL cannot hold (a NUL in text) are refused before they reach the
+/// database: they were a 500 on PostgreSQL, and a plain 404 or 400 on SQLite.
+async fn a_nul_in_a_path_or_query_is_a_client_error(db: Db) {
+    let app = spawn_app(Options {
+        db,
+        ..Options::default()
+    })
+    .await;
+    let blob_with_nul = format!("/v1/blobs/{}%00", "a".repeat(63));
+    for (path, status, code) in [
+        ("/v1/blobs/%00", StatusCode::NOT_FOUND, "not_found"),
+        (&blob_with_nul, StatusCode::NOT_FOUND, "not_found"),
+        (
+            "/v1/jobs?cursor=1_%00",
+            StatusCode::BAD_REQUEST,
+            "invalid_cursor",
+        ),
+        ("/v1/jobs/%00", StatusCode::NOT_FOUND, "not_found"),
+    ] {
+        let response = app.client.get(app.url(path)).send().await.unwrap();
+        assert_problem(response, status, code).await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_nul_in_a_path_or_query_is_a_client_error_sqlite() {
+    a_nul_in_a_path_or_query_is_a_client_error(Db::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_nul_in_a_path_or_query_is_a_client_error_postgres() {
+    if let Some(url) = postgres_url("a_nul_in_a_path_or_query_is_a_client_error_postgres") {
+        a_nul_in_a_path_or_query_is_a_client_error(Db::Postgres(url)).await;
+    }
+}
 
 #[tokio::test]
 async fn client_mistakes_get_4xx_problem_documents() {

@@ -8,6 +8,22 @@ use serde_json::{json, Value};
 use crate::helpers::{assert_problem, first_answer, spawn_app, Options};
 
 #[tokio::test]
+async fn readiness_without_a_database_says_so_without_its_error() {
+    // /readyz is open to anyone who reaches the port: the database's own error (its
+    // user, host, port) goes to the log, not into the answer.
+    let app = spawn_app(Options::default()).await;
+    app.store().close().await;
+    let response = app.client.get(app.url("/readyz")).send().await.unwrap();
+    let problem = assert_problem(response, StatusCode::SERVICE_UNAVAILABLE, "unavailable").await;
+    assert_eq!(
+        problem["detail"], "service unavailable: the database does not answer",
+        "{problem}"
+    );
+    assert_eq!(app.get_json("/healthz").await.0, StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn health_readiness_metrics_and_openapi_answer() {
     let app = spawn_app(Options::default()).await;
     assert_eq!(

@@ -223,16 +223,13 @@ async fn bad_input_files_fail_the_job_as_invalid_input() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_model_that_allocates_past_the_job_memory_limit_fails_its_job_as_memory_limit() {
-    // 6 GiB in `forward`: without the limit this machine would hand it over (or a
-    // smaller one would reach for its OOM killer); under a 2 GiB limit libtorch's
-    // allocator is refused and the scan reports it.
-    let dir = tempfile::tempdir().unwrap();
-    let hog = crate::common::scripted_model(
-        dir.path(),
+/// A model whose `forward` takes `bytes` of memory first.
+fn memory_hog(dir: &std::path::Path, bytes: &str) -> std::path::PathBuf {
+    crate::common::scripted_model(
+        dir,
         "hog",
-        r#"
+        &format!(
+            r#"
 import sys, torch
 from torch import nn
 class Hog(nn.Module):
@@ -241,12 +238,22 @@ class Hog(nn.Module):
         self.hidden = nn.Linear(784, 16)
         self.out = nn.Linear(16, 10)
     def forward(self, x):
-        hoard = torch.ones(6 << 30, dtype=torch.uint8)
+        hoard = torch.ones({bytes}, dtype=torch.uint8)
         logits = self.out(torch.relu(self.hidden(x.to(torch.float32).flatten(1))))
         return logits + hoard[0].to(torch.float32)
 torch.jit.script(Hog()).save(sys.argv[1])
-"#,
-    );
+"#
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_allocates_past_the_job_memory_limit_fails_its_job_as_memory_limit() {
+    // 6 GiB in `forward`: without the limit this machine would hand it over (or a
+    // smaller one would reach for its OOM killer); under a 2 GiB limit libtorch's
+    // allocator is refused and the scan reports it.
+    let dir = tempfile::tempdir().unwrap();
+    let hog = memory_hog(dir.path(), "6 << 30");
     let limit = 2u64 << 30;
     let app = spawn_app(Options {
         job_memory_limit: Some(limit),
@@ -261,6 +268,25 @@ torch.jit.script(Hog()).save(sys.argv[1])
     assert!(
         message.contains(&format!("job_memory_limit = {limit} bytes"))
             && message.contains("can't allocate memory"),
+        "{message}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_refused_memory_without_a_limit_fails_its_job_as_out_of_memory() {
+    // 2^60 bytes: more than any x86-64 address space maps, so refused on every
+    // machine, overcommit or not. Without a job_memory_limit this was `internal`.
+    let dir = tempfile::tempdir().unwrap();
+    let hog = memory_hog(dir.path(), "1 << 60");
+    let app = spawn_app(Options::default()).await;
+    let clean = std::fs::read(demo_files().await.clean).unwrap();
+    let (state, job) = run_job_of(&app, &std::fs::read(&hog).unwrap(), &clean).await;
+    assert_eq!(state, Some(JobState::Failed));
+    assert_eq!(job["error"]["code"], "out_of_memory", "{job}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("ran out of memory") && message.contains("can't allocate memory"),
         "{message}"
     );
     app.stop().await;
@@ -296,8 +322,10 @@ async fn a_bundle_that_inflates_past_the_job_memory_limit_fails_its_job_as_memor
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_child_that_dies_of_a_failed_allocation_under_the_limit_is_memory_limit() {
+async fn a_child_that_dies_of_a_failed_allocation_is_memory_limit_or_out_of_memory() {
     let dir = tempfile::tempdir().unwrap();
+    // Under a job_memory_limit the limit is named; without one the machine ran out
+    // (`worker_crashed` before, which told the caller nothing to do).
     // Rust's own allocation failure (a bundle buffer, say) aborts the process; a tch
     // call without `f_` panics on libtorch's allocator error and exits with 101.
     let children = [
@@ -323,7 +351,7 @@ async fn a_child_that_dies_of_a_failed_allocation_under_the_limit_is_memory_limi
         ),
     ];
     for (exe, how) in &children {
-        for (limit, code) in [(Some(4u64 << 30), "memory_limit"), (None, "worker_crashed")] {
+        for (limit, code) in [(Some(4u64 << 30), "memory_limit"), (None, "out_of_memory")] {
             let app = spawn_app(Options {
                 exe: Some(exe.clone()),
                 job_memory_limit: limit,

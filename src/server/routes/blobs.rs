@@ -75,13 +75,23 @@ fn is_multipart_form(content_type: &str) -> bool {
     media_type.eq_ignore_ascii_case("multipart/form-data")
 }
 
+/// Whether `id` can name a blob: a sha256 as 64 hex digits (any letter case). Checked
+/// before the database sees it: PostgreSQL refuses a NUL in text outright, which would
+/// have been a 500 for `GET /v1/blobs/%00`.
+pub(crate) fn is_sha256_hex(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 async fn info(
     State(state): State<AppState>,
     AppPath(sha256): AppPath<String>,
 ) -> Result<Json<BlobInfo>, ApiError> {
+    let not_found = || ApiError::not_found(format!("blob {}", sha256.escape_debug()));
+    if !is_sha256_hex(&sha256) {
+        return Err(not_found());
+    }
     let blob = state.store.blob_info(&sha256.to_ascii_lowercase()).await?;
-    blob.map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("blob {sha256}")))
+    blob.map(Json).ok_or_else(not_found)
 }
 
 fn body_error(err: axum::Error) -> ApiError {

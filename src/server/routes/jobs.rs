@@ -274,7 +274,7 @@ fn parse_config(value: Option<&serde_json::Value>) -> Result<ScanConfig, ApiErro
 
 async fn existing_blob(state: &AppState, role: &str, sha: &str) -> Result<String, ApiError> {
     let sha = sha.to_ascii_lowercase();
-    if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !super::blobs::is_sha256_hex(&sha) {
         return Err(ApiError::unprocessable(
             "invalid_blob_id",
             format!("`{role}` must be a sha256 in hex"),
@@ -330,6 +330,9 @@ async fn list(
                 )
             };
             let (created, id) = c.split_once('_').ok_or_else(bad)?;
+            // A job id is a UUID; anything else (a NUL, which PostgreSQL refuses in
+            // text) never reaches the database.
+            let id = uuid::Uuid::parse_str(id).map_err(|_| bad())?;
             Some((created.parse::<i64>().map_err(|_| bad())?, id.to_string()))
         }
     };
@@ -450,14 +453,21 @@ async fn report_page(
     AppPath(id): AppPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let (report, _) = finished_report(&state, &id).await?;
-    let report: ScanReport = serde_json::from_str(&report).map_err(ApiError::internal)?;
+    // Reading a report of up to 64 MiB and drawing a bar per neuron is CPU work: off the
+    // async threads, which also serve every other request.
+    let page = tokio::task::spawn_blocking(move || -> Result<String, ApiError> {
+        let report: ScanReport = serde_json::from_str(&report).map_err(ApiError::internal)?;
+        Ok(html::report_page(&id, &report))
+    })
+    .await
+    .map_err(ApiError::internal)??;
     Ok((
         [
             (header::CONTENT_SECURITY_POLICY, REPORT_PAGE_POLICY),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
             (header::REFERRER_POLICY, "no-referrer"),
         ],
-        Html(html::report_page(&id, &report)),
+        Html(page),
     ))
 }
 

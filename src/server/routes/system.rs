@@ -25,11 +25,12 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    state
-        .store
-        .ping()
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("database: {e}")))?;
+    // The cause goes to the log, not to the caller: this route is open to anyone who
+    // can reach the port, and the database's error names its user, host and port.
+    state.store.ping().await.map_err(|e| {
+        tracing::warn!("readiness: the database does not answer: {e}");
+        ApiError::Unavailable("the database does not answer".into())
+    })?;
     Ok(Json(json!({ "status": "ready" })))
 }
 
