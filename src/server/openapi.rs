@@ -332,7 +332,7 @@ fn schemas() -> Value {
             "max_attempts": { "type": "integer" },
             "cancel_requested": { "type": "boolean" },
             "error": { "type": ["object", "null"], "required": ["code", "message"], "properties": {
-                "code": { "type": "string", "description": "e.g. invalid_input, diverged, memory_limit, timed_out, worker_crashed, lease_expired, cancelled, internal" },
+                "code": { "type": "string", "description": "e.g. invalid_input, diverged, memory_limit, out_of_memory, timed_out, worker_crashed, lease_expired, cancelled, internal" },
                 "message": { "type": "string" } } },
             "created_at": timestamp,
             "started_at": nullable_timestamp,
