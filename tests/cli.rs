@@ -461,6 +461,17 @@ fn models_and_bundles_a_scan_cannot_use_are_refused_at_load_saying_why() {
             ),
             "parameter `p` is Float8e4m3fn; a scan needs float32",
         ),
+        // A dtype newer than tch's: `Tensor::kind` panicked on it.
+        (
+            odd_model_with(
+                dir.path(),
+                "uint16_parameter",
+                "self.p = nn.Parameter(torch.zeros(4, dtype=torch.uint16), requires_grad=False)",
+                plain,
+                "",
+            ),
+            "parameter `p` is of a dtype tch does not know",
+        ),
         (
             odd_model_with(
                 dir.path(),

@@ -760,7 +760,7 @@ fn an_archive_naming_one_storage_many_times_is_refused_by_the_tensor_reader() {
     // fits the file, but reading them all (as CLP does) would hold 40 MB. A storage
     // named twice (tied weights) is read as before.
     let dir = tempfile::tempdir().unwrap();
-    let script = |names: usize| {
+    let script = |names: usize, view: &str| {
         format!(
             r#"
 import sys, torch
@@ -769,23 +769,33 @@ class M(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 2)
-        base = torch.zeros(250_000)
+        base = torch.arange(250_000, dtype=torch.float32)
         for i in range({names}):
-            self.register_buffer(f"b{{i}}", base)
+            self.register_buffer(f"b{{i}}", {view})
     def forward(self, x):
         return self.fc(x.flatten(1))
 torch.jit.script(M()).save(sys.argv[1])
 "#
         )
     };
-    let many = common::scripted_model(dir.path(), "many_names", &script(40));
+    let many = common::scripted_model(dir.path(), "many_names", &script(40, "base"));
     let err = bdscan::engine::archive::read_float_tensors(&many).unwrap_err();
     assert!(
         err.to_string()
             .contains("too many names for the same storage"),
         "{err}"
     );
-    let tied = common::scripted_model(dir.path(), "tied", &script(2));
+    let tied = common::scripted_model(dir.path(), "tied", &script(2, "base"));
     let tensors = bdscan::engine::archive::read_float_tensors(&tied).unwrap();
     assert_eq!(tensors["b1"].size(), [250_000]);
+    // 40 slices of one flat storage hold it once between them: read, each its own part.
+    let flat = common::scripted_model(
+        dir.path(),
+        "flat",
+        &script(40, "base[i * 6250:(i + 1) * 6250]"),
+    );
+    let tensors = bdscan::engine::archive::read_float_tensors(&flat).unwrap();
+    assert_eq!(tensors.len(), 42);
+    assert_eq!(tensors["b39"].size(), [6250]);
+    assert_eq!(tensors["b39"].double_value(&[0]), 39.0 * 6250.0);
 }

@@ -48,40 +48,58 @@ fn bad(why: impl std::fmt::Display) -> EngineError {
     EngineError::InvalidInput(format!("model archive: {why}"))
 }
 
-/// How many times the archive file's size all tensors read together may span. Each
+/// How many times the archive file's size the tensors read may hold together. Each
 /// view is bounded by the file alone, but many names may view one storage: tied weights
 /// do so a few times; a pickle naming a 100 MB storage 2,000 times would have had this
-/// reader hold and copy 200 GB for a 100 MB upload.
+/// reader hold 200 GB for a 100 MB upload.
 const MAX_READ_PER_FILE_BYTE: u64 = 8;
 
 /// Every float32 tensor (parameters and buffers) of the archive at `path`, by dotted name.
+/// Each storage is read once, as far as its farthest view reaches (views of one flat
+/// storage, as some exporters write, share it); the views' values are then copied out.
 pub fn read_float_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, EngineError> {
     let mut archive = TensorArchive::open(path)?;
-    let mut out = BTreeMap::new();
+    let views: Vec<(String, TensorRef, u64, u64)> = std::mem::take(&mut archive.tensors)
+        .into_iter()
+        .filter(|(_, r)| r.storage_class == "FloatStorage")
+        .map(|(name, r)| {
+            let (reached, numel) = view_extent(&r, archive.file_bytes)?;
+            Ok((name, r, reached, numel))
+        })
+        .collect::<Result<_, EngineError>>()?;
     let budget = archive.file_bytes.saturating_mul(MAX_READ_PER_FILE_BYTE);
-    let mut spanned: u64 = 0;
-    for (name, r) in std::mem::take(&mut archive.tensors) {
-        if r.storage_class != "FloatStorage" {
-            continue;
-        }
-        let (reached, numel) = view_extent(&r, archive.file_bytes)?;
-        spanned = spanned.saturating_add(reached.max(numel).saturating_mul(4));
-        if spanned > budget {
+    let mut held: u64 = 0;
+    for (name, _, _, numel) in &views {
+        held = held.saturating_add(numel.saturating_mul(4));
+        if held > budget {
             return Err(bad(format!(
-                "its tensor views span more than {MAX_READ_PER_FILE_BYTE} times the \
-                 {}-byte archive (at `{name}`): too many names for the same storage",
+                "its tensors hold more than {MAX_READ_PER_FILE_BYTE} times the {}-byte \
+                 archive's values (at `{name}`): too many names for the same storage",
                 archive.file_bytes
             )));
         }
-        let entry = format!("{}data/{}", archive.prefix, r.key);
-        // Only as much of the storage as the view reaches: never more than the view
-        // was allowed to declare, however far the entry inflates.
+    }
+    let mut reach: BTreeMap<&str, u64> = BTreeMap::new();
+    for (_, r, reached, _) in &views {
+        let farthest = reach.entry(r.key.as_str()).or_default();
+        *farthest = (*farthest).max(*reached);
+    }
+    let mut storages: BTreeMap<&str, Vec<f32>> = BTreeMap::new();
+    for (key, reached) in reach {
+        let entry = format!("{}data/{}", archive.prefix, key);
+        // Only as much of the storage as its views reach: never more than a view was
+        // allowed to declare, however far the entry inflates.
         let bytes = archive.read_prefix(&entry, reached.saturating_mul(4))?;
-        let storage: Vec<f32> = bytes
+        let storage = bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        out.insert(name, gather(&storage, &r, numel)?);
+        storages.insert(key, storage);
+    }
+    let mut out = BTreeMap::new();
+    for (name, r, _, numel) in &views {
+        let storage = &storages[r.key.as_str()];
+        out.insert(name.clone(), gather(storage, r, *numel)?);
     }
     Ok(out)
 }

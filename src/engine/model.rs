@@ -23,6 +23,20 @@ pub struct NamedParam {
     pub tensor: Tensor,
 }
 
+/// Whether a libtorch error is the GPU runtime's or its libraries' (CUDA, cuDNN,
+/// cuBLAS) rather than anything the model's code did.
+fn is_device_failure(message: &str) -> bool {
+    [
+        "CUDA error",
+        "CUDNN_STATUS_",
+        "CUBLAS_STATUS_",
+        "cuDNN error",
+        "NCCL error",
+    ]
+    .iter()
+    .any(|marker| message.contains(marker))
+}
+
 pub struct ScanModel {
     module: CModule,
     /// Whether images are fed laid out channels-last (see `channels_last_agrees`).
@@ -59,14 +73,20 @@ impl ScanModel {
             // The float kinds libtorch computes with everywhere a scan needs (finiteness
             // checks, gradients); float8 kinds count as floating point but have no such
             // kernels, and failed later as an internal error.
+            // `f_kind`: a dtype newer than tch's `Kind` (uint16, float4) is an error
+            // there, where `kind` would panic.
+            let kind = tensor.f_kind().ok();
             if !matches!(
-                tensor.kind(),
-                Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+                kind,
+                Some(Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16)
             ) {
+                let dtype = kind.map_or_else(
+                    || "of a dtype tch does not know".into(),
+                    |k| format!("{k:?}"),
+                );
                 return Err(EngineError::InvalidInput(format!(
-                    "model: parameter `{name}` is {:?}; a scan needs float32, float64, \
-                     float16 or bfloat16 parameters",
-                    tensor.kind()
+                    "model: parameter `{name}` is {dtype}; a scan needs float32, float64, \
+                     float16 or bfloat16 parameters"
                 )));
             }
             // Caught here, such a model would otherwise end with a divergence blamed on
@@ -251,14 +271,19 @@ impl ScanModel {
     /// uploaded code's, a client's to act on: the load-time probe ran it only in eval mode
     /// on two images and one, and a model may still refuse a larger batch or training
     /// mode (`if self.training: raise …`). Such an error names the batch and the mode.
-    /// Out of memory stays recognisable by its message (see `server::child`).
+    /// Out of memory stays recognisable by its message (see `server::child`); a failure
+    /// of the GPU's runtime or libraries is not the model's, and stays internal.
     pub fn forward(&self, images: &Tensor) -> Result<Tensor, EngineError> {
         self.module.forward_ts(&[self.feed(images)?]).map_err(|e| {
+            let message = e.to_string();
+            if is_device_failure(&message) {
+                return EngineError::from(e);
+            }
             EngineError::InvalidInput(format!(
                 "model: its forward failed on a batch of {} images in {} mode: {}",
                 images.size().first().copied().unwrap_or(0),
                 if self.training { "training" } else { "eval" },
-                cause_line(&e.to_string())
+                cause_line(&message)
             ))
         })
     }

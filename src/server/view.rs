@@ -106,7 +106,7 @@ impl JobView {
             finished_at: job.finished_at.map(rfc3339),
             timings: TimingsView {
                 queued_ms: match job.started_at {
-                    Some(started) => Some(started - job.created_at),
+                    Some(started) => Some((started - job.created_at).max(0)),
                     // Never below zero: the times are the database's clock, `now` this
                     // process's, and the two may disagree.
                     None if job.state == JobState::Queued => Some((now - job.created_at).max(0)),

@@ -250,9 +250,13 @@ impl Worker {
         };
         if owned {
             self.metrics.record_outcome(state);
-            if let Some(started) = claimed.job.started_at {
-                let seconds = (crate::store::now_ms() - started).max(0) as f64 / 1000.0;
-                self.metrics.job_duration.observe(seconds);
+            // Both ends by the database's clock, as the job stores them: this replica's
+            // clock may disagree with it.
+            if let Ok(Some(job)) = store.job(&claimed.job.id).await {
+                if let (Some(started), Some(finished)) = (job.started_at, job.finished_at) {
+                    let seconds = (finished - started).max(0) as f64 / 1000.0;
+                    self.metrics.job_duration.observe(seconds);
+                }
             }
         } else {
             tracing::warn!(job = %claimed.job.id, "lost the lease before recording the outcome; discarded");
@@ -1013,7 +1017,15 @@ async fn delete_expired(
     retention: Duration,
     shutdown: &CancellationToken,
 ) -> u64 {
-    let now = crate::store::now_ms();
+    // The database's clock, which stamped `finished_at` and the uploads' times: a
+    // replica whose own clock ran ahead would delete what just finished.
+    let now = match store.clock_ms().await {
+        Ok(now) => now,
+        Err(e) => {
+            tracing::error!("reading the database's clock for the retention sweep: {e}");
+            return 0;
+        }
+    };
     let cutoff = now - retention.as_millis() as i64;
     let jobs = delete_jobs_finished_before(store, cutoff, shutdown).await;
     let unused_cutoff = now - retention.max(settings.unused_blob_min_age).as_millis() as i64;

@@ -343,7 +343,8 @@ impl BlobUpload {
     pub async fn finish_if_stored(mut self) -> Result<Option<BlobInfo>, StoreError> {
         self.settled = true;
         let sha256 = hex::encode(self.hasher.clone().finalize());
-        let stored = mark_stored_again(self.store.pool(), &sha256, now_ms()).await?;
+        let now = self.store.clock_ms().await?;
+        let stored = mark_stored_again(self.store.pool(), &sha256, now).await?;
         Ok(stored.map(|size_bytes| BlobInfo {
             sha256,
             size_bytes,
@@ -396,8 +397,9 @@ impl BlobUpload {
         self.flush_chunk().await?;
         let size = self.stored_bytes;
         let sha256 = hex::encode(self.hasher.clone().finalize());
+        // The database's clock, as for jobs: the retention sweep compares with it.
+        let now = self.store.clock_ms().await?;
         let mut tx = self.store.pool().begin().await?;
-        let now = now_ms();
         // Write first so the transaction takes the write lock at once (SQLite). The same
         // bytes already stored: they count as stored now, so the retention sweep (which
         // deletes unused blobs by `created_at`) does not take the blob this upload

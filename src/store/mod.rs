@@ -1,8 +1,9 @@
 //! Persistence for the scanning service: jobs and their queue, content-addressed blobs
 //! (models, bundles, purified artifacts) stored in chunks, and reports.
 //!
-//! One set of queries serves SQLite and PostgreSQL through sqlx's `Any` driver; the
-//! only statement that differs is the queue claim (see [`jobs`]).
+//! One set of queries serves SQLite and PostgreSQL through sqlx's `Any` driver; they
+//! differ only in the queue claim's lock (see [`jobs`]) and in how they read the
+//! database's clock ([`Store::clock_sql`]).
 
 pub mod blobs;
 pub mod jobs;
@@ -166,8 +167,17 @@ impl Store {
         self.backend
     }
 
+    /// The database's clock now, in milliseconds since the Unix epoch.
+    pub async fn clock_ms(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query(&format!("SELECT {}", self.clock_sql()))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(sqlx::Row::try_get(&row, 0)?)
+    }
+
     /// The database's clock, in milliseconds since the Unix epoch, as an SQL expression.
-    /// Every job timestamp (creation, leases, backoffs, ends) is read from it rather than
+    /// Every job and blob timestamp (creation, leases, backoffs, ends, uploads) is read
+    /// from it rather than
     /// from this process's clock: replicas sharing a PostgreSQL queue then agree on when
     /// a lease runs out even when their own clocks disagree, where a replica whose clock
     /// ran a lease's length ahead would re-queue every job the others were running.
@@ -200,8 +210,9 @@ impl Store {
 }
 
 /// Milliseconds since the Unix epoch by this process's clock: the unit of every
-/// timestamp in the store. Job timestamps come from the database's clock instead
-/// ([`Store::clock_sql`]); uploads and the retention sweep, which work in hours, use this.
+/// timestamp in the store, though those come from the database's clock
+/// ([`Store::clock_sql`], [`Store::clock_ms`]). This process's clock names staged uploads
+/// (whose sweep waits a day) and measures what a view shows as still counting.
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -296,6 +296,13 @@ async fn leases_run_on_the_database_clock_postgres() {
         job.created_at,
         process_now - HOUR_MS
     );
+    // The upload's time too (the retention sweep compares it), and the clock the sweep reads.
+    let blob_created: i64 = sqlx::query_scalar("SELECT created_at FROM blobs")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert!(near(blob_created, process_now - HOUR_MS));
+    assert!(near(store.clock_ms().await.unwrap(), process_now - HOUR_MS));
     let claimed = store
         .claim_job("replica-a", LEASE_MS)
         .await
