@@ -132,7 +132,8 @@ pub struct ServeArgs {
     /// no network; `false` only where it gets in a device driver's way [default: true].
     #[arg(long, env = "BDSCAN_JOB_SANDBOX")]
     pub job_sandbox: Option<bool>,
-    /// Bearer token every /v1 request must carry, at least 32 characters; set it in the
+    /// Bearer token every /v1 request must carry, at least 32 characters (several,
+    /// separated by spaces, are each accepted: for rotating); set it in the
     /// environment, where `ps` does not show it [default: none, the API is open].
     #[arg(long, env = "BDSCAN_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,

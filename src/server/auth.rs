@@ -3,6 +3,8 @@
 //! authenticates. With one, every `/v1` resource route wants
 //! `Authorization: Bearer <token>`; the health, readiness and metrics endpoints and the
 //! OpenAPI document stay open, for probes and for clients finding their way.
+//! `api_token` may hold several tokens separated by white space (a token has none), any
+//! of which is accepted: to rotate, add the new one, move the clients, drop the old.
 
 use axum::extract::{Request, State};
 use axum::http::header;
@@ -29,7 +31,11 @@ pub async fn require_token(
         .and_then(|value| value.to_str().ok())
         .and_then(bearer_token);
     match presented {
-        Some(token) if same_token(token.as_bytes(), expected.as_bytes()) => next.run(request).await,
+        Some(token)
+            if accepted_tokens(expected).any(|t| same_token(token.as_bytes(), t.as_bytes())) =>
+        {
+            next.run(request).await
+        }
         Some(_) => ApiError::Unauthorized("the bearer token is not one this server accepts".into())
             .into_response(),
         None => ApiError::Unauthorized(
@@ -37,6 +43,11 @@ pub async fn require_token(
         )
         .into_response(),
     }
+}
+
+/// The tokens an `api_token` value holds.
+fn accepted_tokens(api_token: &str) -> impl Iterator<Item = &str> {
+    api_token.split_ascii_whitespace()
 }
 
 /// The token of an `Authorization` value in the Bearer scheme (any letter case, as
@@ -60,16 +71,31 @@ fn same_token(presented: &[u8], expected: &[u8]) -> bool {
             == 0
 }
 
-/// Why `token` cannot serve as the API token, if it cannot: too short to be hard to
-/// guess, or characters a header value cannot carry.
-pub fn token_problem(token: &str) -> Option<String> {
-    if token.chars().count() < MIN_TOKEN_CHARS {
+/// Why `api_token` cannot serve, if it cannot: no token in it, one too short to be hard
+/// to guess, or characters a header value cannot carry. Tokens are counted, never shown.
+pub fn token_problem(api_token: &str) -> Option<String> {
+    if accepted_tokens(api_token).next().is_none() {
         return Some(format!(
-            "api_token must be at least {MIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 32`)"
+            "api_token holds no token; give one of at least {MIN_TOKEN_CHARS} characters \
+             (e.g. `openssl rand -hex 32`), or leave it unset for an open API"
         ));
     }
-    if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Some("api_token must be visible ASCII characters, without spaces".into());
+    for (n, token) in accepted_tokens(api_token).enumerate() {
+        let which = if n == 0 && accepted_tokens(api_token).nth(1).is_none() {
+            String::new()
+        } else {
+            format!(" (token {} of the list)", n + 1)
+        };
+        if token.chars().count() < MIN_TOKEN_CHARS {
+            return Some(format!(
+                "api_token must be at least {MIN_TOKEN_CHARS} characters{which} (e.g. `openssl rand -hex 32`)"
+            ));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Some(format!(
+                "api_token must be visible ASCII characters{which}; white space separates tokens"
+            ));
+        }
     }
     None
 }
@@ -98,7 +124,14 @@ mod tests {
     #[test]
     fn short_or_unprintable_tokens_are_refused() {
         assert!(token_problem("short").is_some());
+        assert!(token_problem("").is_some() && token_problem(" \t ").is_some());
         assert!(token_problem(&format!("{} x", "a".repeat(40))).is_some());
+        assert!(token_problem(&format!("{}\u{e9}", "a".repeat(40))).is_some());
         assert!(token_problem(&"a1".repeat(16)).is_none());
+        let two = format!("{}  {}\n", "a".repeat(32), "b".repeat(40));
+        assert!(token_problem(&two).is_none());
+        assert_eq!(accepted_tokens(&two).count(), 2);
+        let problem = token_problem(&format!("{} short", "a".repeat(32))).unwrap();
+        assert!(problem.contains("token 2 of the list") && !problem.contains("short"));
     }
 }

@@ -341,6 +341,31 @@ async fn past_max_connections_a_new_connection_waits_until_one_closes() {
 }
 
 #[tokio::test]
+async fn every_token_of_a_list_is_accepted_so_tokens_can_be_rotated() {
+    let (old, new) = ("0123456789abcdef".repeat(4), "fedcba9876543210".repeat(4));
+    let app = spawn_app(Options {
+        api_token: Some(format!("{old}\n  {new} ")),
+        ..Options::default()
+    })
+    .await;
+    let list = |token: &str| {
+        app.client
+            .get(app.url("/v1/jobs"))
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+    };
+    for token in [&old, &new] {
+        assert_eq!(list(token).await.unwrap().status(), StatusCode::OK);
+    }
+    let both = format!("{old} {new}");
+    for refused in [&"f".repeat(64), &both, &old[..32].to_string()] {
+        let response = list(refused).await.unwrap();
+        assert_problem(response, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn with_an_api_token_every_v1_resource_wants_it_and_probes_stay_open() {
     let token = "0123456789abcdef".repeat(4);
     let app = spawn_app(Options {
