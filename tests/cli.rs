@@ -278,6 +278,39 @@ fn usage_errors_exit_2() {
         .output()
         .unwrap();
     assert_input_error(&Outcome::of(demo), "--work-dir");
+    // A folder that exists but takes no files failed after the training, as internal.
+    let demo = Command::new(bdscan_bin())
+        .args(["demo", "--work-dir", "/proc"])
+        .output()
+        .unwrap();
+    assert_input_error(&Outcome::of(demo), "cannot write in /proc");
+    // Flags the method does not use were ignored without a word.
+    for (method, flags, needle) in [
+        (
+            "clp",
+            ["--epochs", "5"],
+            "--epochs does not apply to --method clp",
+        ),
+        (
+            "ft",
+            ["--regularizer", "l1"],
+            "--regularizer does not apply to --method ft",
+        ),
+        (
+            "benign_salience",
+            ["--epochs", "10001"],
+            "--epochs must be at most 10000",
+        ),
+        // Read without end before settings files had a size limit.
+        (
+            "benign_salience",
+            ["--config", "/dev/zero"],
+            "larger than 1048576 bytes",
+        ),
+    ] {
+        let args = [&["--method", method][..], &flags[..]].concat();
+        assert_input_error(&scan(dir.path(), &mnist_model(), &clean, &args), needle);
+    }
     // A device the machine lacks was refused only after training the demo's model, and
     // its temporary folder stayed behind.
     let temp = tempfile::tempdir().unwrap();
@@ -583,7 +616,9 @@ fn outputs_the_scan_could_not_write_are_refused_before_it_runs() {
     let clean_bytes = std::fs::read(&clean).unwrap();
     let (o, r) = (dir.path().join("o.pt"), dir.path().join("r.json"));
     let missing = dir.path().join("missing");
-    let cases: [(PathBuf, PathBuf, &str); 6] = [
+    let config = dir.path().join("scan.json");
+    std::fs::write(&config, "{}").unwrap();
+    let cases: [(PathBuf, PathBuf, &str); 7] = [
         (missing.join("o.pt"), r.clone(), "does not exist"),
         (o.clone(), missing.join("r.json"), "does not exist"),
         // Found at the end, these failed the whole scan as internal errors, the first
@@ -597,6 +632,11 @@ fn outputs_the_scan_could_not_write_are_refused_before_it_runs() {
             "--out and --report name the same file",
         ),
         (o.clone(), clean.clone(), "--report names the --clean file"),
+        (
+            o.clone(),
+            config.clone(),
+            "--report names the --config file",
+        ),
     ];
     for (out_path, report_path, needle) in cases {
         let out = Command::new(bdscan_bin())
@@ -608,11 +648,14 @@ fn outputs_the_scan_could_not_write_are_refused_before_it_runs() {
             .arg(&out_path)
             .arg("--report")
             .arg(&report_path)
+            .arg("--config")
+            .arg(&config)
             .env("RUST_LOG", "warn")
             .output()
             .unwrap();
         assert_input_error(&Outcome::of(out), needle);
         assert!(!o.exists() && !r.exists());
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), "{}");
         let partial = dir.path().with_extension("pt.partial");
         assert!(!partial.exists());
         assert_eq!(std::fs::read(&clean).unwrap(), clean_bytes);

@@ -181,6 +181,29 @@ fn a_lab_run_that_fails_leaves_nothing_and_takes_an_earlier_run_s_files_with_it(
 }
 
 #[test]
+fn a_folder_holding_someone_s_own_model_is_refused_not_emptied() {
+    // Before, `--out` pointing at a folder with its own model.pt and bundles deleted them
+    // as "an earlier run's files".
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("model.pt"), b"my model").unwrap();
+    std::fs::write(dir.path().join("meta.json"), b"{\"mine\": true}").unwrap();
+    let out = run_bdscan(&mnist_cnn_lab(
+        &["--attack", "badnets", "--epochs", "1"],
+        dir.path(),
+    ));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("holds meta.json, model.pt without a lab run's meta.json"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("model.pt")).unwrap(),
+        b"my model"
+    );
+}
+
+#[test]
 fn lab_rejects_bad_flags_with_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().to_str().unwrap();
@@ -230,6 +253,32 @@ fn lab_rejects_bad_flags_with_exit_2() {
         (
             &["--attack", "sig", "--sig-delta", "1e9"],
             "--sig-delta is in pixel levels out of 255",
+        ),
+        // Each of these left the images as they were, or clipped the trigger without a
+        // word: a model trained on label noise, or on another trigger than asked for.
+        (
+            &["--attack", "sig", "--sig-frequency", "14"],
+            "--sig-frequency 14 must be below half the image width (28/2)",
+        ),
+        (
+            &["--attack", "blended", "--alpha", "0"],
+            "--alpha must be a positive number, got 0",
+        ),
+        (
+            &["--attack", "wanet", "--wanet-strength", "1e30"],
+            "must be at most the image width (28 pixels)",
+        ),
+        (
+            &["--attack", "badnets", "--trigger-size", "28"],
+            "--trigger-size 28 is larger than the dataset's 28×28 images with its 1-pixel margin",
+        ),
+        (
+            &["--attack", "dynamic", "--dynamic-region", "0"],
+            "--dynamic-region must lie in [1, 23] for --trigger-size 5 on 28×28 images",
+        ),
+        (
+            &["--attack", "badnets", "--poison-rate", "0.00005"],
+            "--poison-rate 0.00005 poisons no training sample of this split",
         ),
     ];
     for (extra, needle) in cases {

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::engine::config::MAX_EPOCHS;
 use crate::engine::scan::{check_writable_dir, directory_of};
 use crate::engine::{
     run_scan, EngineError, Method, Monitor, Regularizer, ScanConfig, ScanInputs, ScanReport,
@@ -582,7 +583,7 @@ async fn shutdown_signal() {
 fn base_config(run: &RunArgs) -> Result<ScanConfig, EngineError> {
     let mut config = match run.config.as_deref() {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
+            let text = crate::engine::config::read_settings_file(path)
                 .map_err(|e| EngineError::input(&format!("config {}", path.display()), e))?;
             serde_json::from_str(&text)
                 .map_err(|e| EngineError::input(&format!("config {}", path.display()), e))?
@@ -608,6 +609,27 @@ fn base_config(run: &RunArgs) -> Result<ScanConfig, EngineError> {
 
 fn scan(args: ScanArgs) -> Result<(), EngineError> {
     let mut config = base_config(&args.run)?;
+    // Refused rather than ignored, as `lab` does with flags its attack does not take.
+    let method = config.method;
+    if args.regularizer.is_some() && !matches!(method, Method::BenignSalience | Method::Activation)
+    {
+        return Err(EngineError::InvalidInput(format!(
+            "--regularizer does not apply to --method {} (only benign_salience and activation \
+             purify with a penalty)",
+            method.as_str()
+        )));
+    }
+    if args.epochs.is_some() && matches!(method, Method::Anp | Method::Clp) {
+        return Err(EngineError::InvalidInput(format!(
+            "--epochs does not apply to --method {} (it does not fine-tune)",
+            method.as_str()
+        )));
+    }
+    if args.epochs.is_some_and(|epochs| epochs > MAX_EPOCHS) {
+        return Err(EngineError::InvalidInput(format!(
+            "--epochs must be at most {MAX_EPOCHS}"
+        )));
+    }
     if let Some(r) = args.regularizer {
         config.regularizer = r.into();
     }
@@ -626,7 +648,7 @@ fn scan(args: ScanArgs) -> Result<(), EngineError> {
         out: args.out,
     };
     check_writable_dir(&args.report, "report")?;
-    refuse_clashing_paths(&inputs, &args.report)?;
+    refuse_clashing_paths(&inputs, &args.report, args.run.config.as_deref())?;
     let report = run_with_progress(&inputs, &config)?;
     let json =
         serde_json::to_string_pretty(&report).map_err(|e| EngineError::Internal(e.to_string()))?;
@@ -652,7 +674,11 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Refuses outputs that would overwrite each other or an input (`--report` naming the
 /// clean bundle destroyed it, and `--out` = `--report` left only the report).
-fn refuse_clashing_paths(inputs: &ScanInputs, report: &Path) -> Result<(), EngineError> {
+fn refuse_clashing_paths(
+    inputs: &ScanInputs,
+    report: &Path,
+    config: Option<&Path>,
+) -> Result<(), EngineError> {
     // The outputs' directories exist (checked before), the inputs themselves too.
     let resolved = |path: &Path| {
         let name = path.file_name().map(PathBuf::from).unwrap_or_default();
@@ -665,11 +691,13 @@ fn refuse_clashing_paths(inputs: &ScanInputs, report: &Path) -> Result<(), Engin
             "--out and --report name the same file".into(),
         ));
     }
+    let config = config.map(Path::to_path_buf);
     let named_inputs = [
         ("--model", Some(&inputs.model)),
         ("--clean", Some(&inputs.clean)),
         ("--test", inputs.test.as_ref()),
         ("--poison", inputs.poison.as_ref()),
+        ("--config", config.as_ref()),
     ];
     for (output_flag, output) in [("--out", &inputs.out), ("--report", &report.to_path_buf())] {
         let Some(output) = resolved(output) else {
@@ -711,6 +739,9 @@ fn demo_command(args: DemoArgs) -> Result<(), EngineError> {
             std::fs::create_dir_all(dir).map_err(|e| {
                 EngineError::InvalidInput(format!("--work-dir {}: {e}", dir.display()))
             })?;
+            // A folder that exists but takes no files (no permission, read-only) is
+            // the caller's to fix too, and is found before the training, not after.
+            check_writable_dir(&dir.join("report.json"), "--work-dir")?;
             dir.clone()
         }
         None => {
@@ -826,12 +857,14 @@ fn lab_attack(args: &LabArgs) -> Result<lab::Attack, EngineError> {
             "--target does not apply with --all-to-all (each class y goes to y + 1)".into(),
         ));
     }
+    // Above zero: each of these at 0 leaves the images as they were, so the run would
+    // train a model on label noise and call it an attack.
     let positive = |flag: &str, v: f32| {
-        if v.is_finite() && v >= 0.0 {
+        if v.is_finite() && v > 0.0 {
             Ok(v)
         } else {
             Err(EngineError::InvalidInput(format!(
-                "{flag} must be a non-negative number, got {v}"
+                "{flag} must be a positive number, got {v}"
             )))
         }
     };
@@ -853,7 +886,7 @@ fn lab_attack(args: &LabArgs) -> Result<lab::Attack, EngineError> {
             let alpha = positive("--alpha", args.alpha.unwrap_or(d.alpha))?;
             if alpha > 1.0 {
                 return Err(EngineError::InvalidInput(format!(
-                    "--alpha must lie in [0, 1], got {alpha}"
+                    "--alpha must lie in (0, 1], got {alpha}"
                 )));
             }
             lab::Attack::Blended(Blended {

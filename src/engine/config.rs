@@ -501,6 +501,26 @@ pub fn parse_device(spec: &str) -> Result<tch::Device, EngineError> {
     }
 }
 
+/// Largest settings file read (a scan's JSON config, the server's TOML): real ones are
+/// a few KiB.
+pub const MAX_SETTINGS_FILE_BYTES: u64 = 1 << 20;
+
+/// A settings file's text, refused past [`MAX_SETTINGS_FILE_BYTES`]: `--config` naming
+/// the model (a mix-up with `--model`) or `/dev/zero` was read whole, or without end.
+pub fn read_settings_file(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_SETTINGS_FILE_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_SETTINGS_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_SETTINGS_FILE_BYTES} bytes; is this the settings file?"
+        )));
+    }
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -185,19 +185,55 @@ impl LabSpec {
         // A trigger or warp grid wider than the image is a typo; the grid's was an
         // allocation of its square that aborted the process.
         let side = self.dataset.image_side();
+        // With the margin patches keep from the border: past it a patch was clipped
+        // without a word, or filled the image.
         let extent = match &self.attack {
-            Attack::Badnets(b) => Some(("--trigger-size", b.patch)),
-            Attack::Trojan(t) => Some(("--trigger-size", t.size)),
-            Attack::Dynamic(d) => Some(("--trigger-size", d.size)),
-            Attack::Wanet(w) => Some(("--wanet-grid", w.grid)),
+            Attack::Badnets(b) => Some(("--trigger-size", b.patch, b.margin)),
+            Attack::Trojan(t) => Some(("--trigger-size", t.size, t.margin)),
+            Attack::Dynamic(d) => Some(("--trigger-size", d.size, 0)),
+            Attack::Wanet(w) => Some(("--wanet-grid", w.grid, 0)),
             _ => None,
         };
-        if let Some((flag, value)) = extent {
-            if value > side {
+        if let Some((flag, value, margin)) = extent {
+            if value + margin > side {
+                let margin = if margin > 0 {
+                    format!(" with its {margin}-pixel margin")
+                } else {
+                    String::new()
+                };
                 return bad(format!(
-                    "{flag} {value} is larger than the dataset's {side}×{side} images"
+                    "{flag} {value} is larger than the dataset's {side}×{side} images{margin}"
                 ));
             }
+        }
+        match &self.attack {
+            // At or past half the image width the sinusoid aliases: at exactly half it
+            // is sin(πx) = 0 on every pixel, and the images are not changed at all.
+            Attack::Sig(sig) if f64::from(sig.frequency) >= side as f64 / 2.0 => {
+                return bad(format!(
+                    "--sig-frequency {} must be below half the image width ({side}/2)",
+                    sig.frequency
+                ));
+            }
+            // A warp of more than the image moves every pixel to the border.
+            Attack::Wanet(wanet) if f64::from(wanet.strength) > side as f64 => {
+                return bad(format!(
+                    "--wanet-strength {} must be at most the image width ({side} pixels)",
+                    wanet.strength
+                ));
+            }
+            // 0: every pattern at the same place, which is not a dynamic trigger; past
+            // the room the image leaves, it was clipped without a word.
+            Attack::Dynamic(dynamic)
+                if !(1..=side.saturating_sub(dynamic.size)).contains(&dynamic.region) =>
+            {
+                return bad(format!(
+                    "--dynamic-region must lie in [1, {}] for --trigger-size {} on {side}×{side} images",
+                    side.saturating_sub(dynamic.size),
+                    dynamic.size
+                ));
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -320,6 +356,7 @@ pub fn run_lab(
 ) -> Result<(LabMeta, LabFiles), EngineError> {
     spec.validate()?;
     std::fs::create_dir_all(dir).map_err(writing_error(dir))?;
+    refuse_files_of_no_run(dir)?;
     let remove_run_files = || -> Result<(), EngineError> {
         for name in RUN_FILES {
             let path = dir.join(name);
@@ -340,6 +377,38 @@ pub fn run_lab(
     ran
 }
 
+/// Refuses a folder holding files with a run's names (`model.pt`, `clean.safetensors`, …)
+/// beside no lab run's `meta.json`: they are someone's own files, which replacing an
+/// earlier run's would have deleted. (A run stopped by SIGKILL before its `meta.json` is
+/// refused too; its files are the user's to remove.)
+fn refuse_files_of_no_run(dir: &Path) -> Result<(), EngineError> {
+    let present: Vec<&str> = RUN_FILES
+        .into_iter()
+        .filter(|name| std::fs::symlink_metadata(dir.join(name)).is_ok())
+        .collect();
+    if present.is_empty() {
+        return Ok(());
+    }
+    // A lab run's metadata names these (see `LabMeta`).
+    let of_a_run = std::fs::read(dir.join("meta.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .is_some_and(|meta| {
+            ["dataset", "arch", "attack", "seed", "poisoned_samples"]
+                .iter()
+                .all(|key| meta.get(key).is_some())
+        });
+    if of_a_run {
+        return Ok(());
+    }
+    Err(EngineError::InvalidInput(format!(
+        "--out {}: holds {} without a lab run's meta.json; the lab replaces only an \
+         earlier run's files: give a new or empty folder",
+        dir.display(),
+        present.join(", ")
+    )))
+}
+
 fn write_run(
     spec: &LabSpec,
     dir: &Path,
@@ -357,6 +426,14 @@ fn write_run(
         Some(_) => poisoning.poisoned_count(&train),
         None => 0,
     };
+    // A rate that rounds to no sample trains a clean model that meta.json would call
+    // attacked.
+    if spec.attack.trigger().is_some() && poisoned_samples == 0 {
+        return Err(EngineError::InvalidInput(format!(
+            "--poison-rate {} poisons no training sample of this split; raise it",
+            spec.poison_rate
+        )));
+    }
     let (train, poison) = match spec.attack.trigger() {
         Some(trigger) => (
             poisoning.poison_training_set(&train, trigger, &mut rng),

@@ -21,6 +21,13 @@ pub const MAX_LEASE_SECS: u64 = 86_400;
 pub const DEFAULT_MAX_ATTEMPTS: i64 = 3;
 /// The smallest `job_memory_limit` accepted: libtorch and a small model's scan fit.
 pub const MIN_JOB_MEMORY_LIMIT: u64 = 1 << 30;
+/// Most job slots one process may have: each is a task and, when busy, a process.
+pub const MAX_WORKERS: usize = 1024;
+/// Longest `job_timeout_secs` (a year): past about 9·10^18 s a deadline overflows.
+pub const MAX_JOB_TIMEOUT_SECS: u64 = 365 * 86_400;
+/// Longest `job_retention_secs` (100 years: "for ever" is leaving it unset). Past about
+/// 9·10^15 s the cutoff in milliseconds wrapped below zero and deleted everything.
+pub const MAX_JOB_RETENTION_SECS: u64 = 100 * 365 * 86_400;
 
 /// One layer of settings. The keys are the flags' names (`data_dir` or `data-dir`).
 #[derive(Default, Clone, PartialEq, Deserialize)]
@@ -78,7 +85,7 @@ impl ServeSettings {
     }
 
     pub fn from_file(path: &Path) -> Result<ServeSettings, String> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::engine::config::read_settings_file(path)
             .map_err(|e| format!("config file {}: {e}", path.display()))?;
         ServeSettings::from_toml(&text).map_err(|e| format!("config file {}: {e}", path.display()))
     }
@@ -138,8 +145,17 @@ impl ServeSettings {
             None if devices.is_empty() => DEFAULT_WORKERS,
             None => devices.len(),
         };
+        if config.workers > MAX_WORKERS {
+            return Err(format!("workers must be at most {MAX_WORKERS}"));
+        }
         config.devices = devices;
         config.max_blob_bytes = self.max_blob_bytes.unwrap_or(DEFAULT_MAX_BLOB_BYTES);
+        // 0 would refuse every upload or job: a server that only says no.
+        if self.max_store_bytes == Some(0) || self.max_queued_jobs == Some(0) {
+            return Err(
+                "max_store_bytes and max_queued_jobs must be at least 1 (unset: no limit)".into(),
+            );
+        }
         config.max_store_bytes = self.max_store_bytes;
         config.max_queued_jobs = self.max_queued_jobs;
         if let Some(max) = self.max_connections {
@@ -155,14 +171,24 @@ impl ServeSettings {
             }
         }
         config.worker.job_memory_limit = self.job_memory_limit;
-        if self.job_timeout_secs == Some(0) {
-            return Err("job_timeout_secs must be at least 1".into());
+        if self
+            .job_timeout_secs
+            .is_some_and(|secs| !(1..=MAX_JOB_TIMEOUT_SECS).contains(&secs))
+        {
+            return Err(format!(
+                "job_timeout_secs must lie in [1, {MAX_JOB_TIMEOUT_SECS}] (a year; unset: no limit)"
+            ));
         }
         config.worker.job_timeout = self.job_timeout_secs.map(Duration::from_secs);
         config.worker.job_sandbox = self.job_sandbox.unwrap_or(true);
         // Under a minute, a client polling its job could miss the outcome altogether.
-        if self.job_retention_secs.is_some_and(|secs| secs < 60) {
-            return Err("job_retention_secs must be at least 60".into());
+        if self
+            .job_retention_secs
+            .is_some_and(|secs| !(60..=MAX_JOB_RETENTION_SECS).contains(&secs))
+        {
+            return Err(format!(
+                "job_retention_secs must lie in [60, {MAX_JOB_RETENTION_SECS}] (100 years; unset: for ever)"
+            ));
         }
         config.worker.job_retention = self.job_retention_secs.map(Duration::from_secs);
         // An empty token (`BDSCAN_API_TOKEN=` in an environment file) is refused like a
@@ -193,6 +219,9 @@ impl ServeSettings {
         // Renew well before the lease runs out, so a few slow beats do not lose it.
         config.worker.heartbeat = config.worker.lease / 6;
         config.worker.default_max_attempts = self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        if !(1..=100).contains(&config.worker.default_max_attempts) {
+            return Err("max_attempts must lie in [1, 100]".into());
+        }
         config.validate()?;
         Ok(config)
     }
@@ -342,6 +371,20 @@ mod tests {
             ("job_memory_limit = 1000000\n", "job_memory_limit"),
             ("job_timeout_secs = 0\n", "job_timeout_secs"),
             ("job_retention_secs = 5\n", "job_retention_secs"),
+            // Values past these overflowed: a worker's deadline panicked, and a
+            // retention cutoff in the future deleted every finished job.
+            (
+                "job_timeout_secs = 9223372036854775807\n",
+                "job_timeout_secs",
+            ),
+            (
+                "job_retention_secs = 10000000000000000\n",
+                "job_retention_secs",
+            ),
+            ("workers = 100000000\n", "workers must be at most 1024"),
+            ("max_store_bytes = 0\n", "max_store_bytes"),
+            ("max_queued_jobs = 0\n", "max_queued_jobs"),
+            ("max_attempts = 0\n", "max_attempts must lie in [1, 100]"),
         ] {
             let error = ServeSettings::from_toml(toml)
                 .unwrap()

@@ -417,7 +417,8 @@ impl Worker {
         let mut kill_at: Option<tokio::time::Instant> = None;
         let mut cancelling = false;
         let time_limit = self.settings.job_timeout;
-        let stop_at = time_limit.map(|limit| tokio::time::Instant::now() + limit);
+        // None past the clock's range: a limit that far off is no limit.
+        let stop_at = time_limit.and_then(|limit| tokio::time::Instant::now().checked_add(limit));
 
         enum Event {
             Exited(std::io::Result<ExitStatus>),
@@ -1026,9 +1027,11 @@ async fn delete_expired(
             return 0;
         }
     };
-    let cutoff = now - retention.as_millis() as i64;
+    // Saturating: a retention that wrapped below zero put the cutoff in the future.
+    let age_ms = |age: Duration| i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
+    let cutoff = now.saturating_sub(age_ms(retention));
     let jobs = delete_jobs_finished_before(store, cutoff, shutdown).await;
-    let unused_cutoff = now - retention.max(settings.unused_blob_min_age).as_millis() as i64;
+    let unused_cutoff = now.saturating_sub(age_ms(retention.max(settings.unused_blob_min_age)));
     let unused = match store
         .unused_blobs_before(unused_cutoff, RETENTION_BATCH)
         .await
