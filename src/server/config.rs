@@ -36,6 +36,10 @@ pub struct ServerConfig {
     /// (or after its previous request) is closed: the slow-headers attack, one
     /// connection held open per few bytes.
     pub header_read_timeout: Duration,
+    /// A connection whose response makes no progress this long (the client reads
+    /// nothing) is closed: otherwise pipelined requests it never reads hold its slot,
+    /// and the connection cap, for ever.
+    pub write_stall_timeout: Duration,
     /// After shutdown begins, how long open connections (an upload still streaming
     /// in) may take to finish before they are closed.
     pub shutdown_grace: Duration,
@@ -101,6 +105,7 @@ impl ServerConfig {
             max_queued_jobs: None,
             body_idle_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(30),
+            write_stall_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(20),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             api_token: None,
@@ -192,6 +197,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_queued_jobs", &self.max_queued_jobs)
             .field("body_idle_timeout", &self.body_idle_timeout)
             .field("header_read_timeout", &self.header_read_timeout)
+            .field("write_stall_timeout", &self.write_stall_timeout)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("max_connections", &self.max_connections)
             .field("api_token", &self.api_token.as_ref().map(|_| "<set>"))

@@ -140,8 +140,18 @@ impl Store {
                 .bind(&key)
                 .bind(position as i64)
                 .fetch_optional(store.pool())
-                .await?
-                .ok_or_else(|| StoreError::Corrupt(key.clone(), format!("no chunk holds byte {position}")))?;
+                .await?;
+                let Some(row) = row else {
+                    // Deleted while it was read (a job's DELETE, retention): a race a
+                    // download loses, not damage.
+                    if store.blob_info(&key).await?.is_none() {
+                        return Err(StoreError::BlobNotFound(key.clone()));
+                    }
+                    return Err(StoreError::Corrupt(
+                        key.clone(),
+                        format!("no chunk holds byte {position}"),
+                    ));
+                };
                 let offset = row.get::<i64, _>(0) as u64;
                 let data: Vec<u8> = row.get(1);
                 let from = (position - offset) as usize;

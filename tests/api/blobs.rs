@@ -622,3 +622,27 @@ async fn a_multipart_content_type_in_any_case_stores_the_file_not_the_envelope()
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_blob_deleted_while_it_is_read_ends_the_read_as_not_found_not_damaged() {
+    use futures_util::StreamExt;
+    let app = spawn_app(Options::default()).await;
+    let store = app.store();
+    let bytes: Vec<u8> = (0..(5 * bdscan::store::CHUNK_BYTES / 2))
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let mut upload = store.begin_upload();
+    upload.write(&bytes).await.unwrap();
+    let blob = upload.finish().await.unwrap();
+    let mut read = std::pin::pin!(store.read_range(&blob.sha256, 0, bytes.len() as u64));
+    let first = read.next().await.unwrap().unwrap();
+    assert_eq!(&first[..], &bytes[..first.len()]);
+    assert!(store.free_blob_if_unreferenced(&blob.sha256).await.unwrap());
+    // Before: "blob … is damaged: no chunk holds byte 1048576", logged as an ERROR.
+    let cut = read.next().await.unwrap().unwrap_err();
+    assert!(
+        matches!(cut, bdscan::store::StoreError::BlobNotFound(ref sha) if *sha == blob.sha256),
+        "{cut}"
+    );
+    app.stop().await;
+}

@@ -160,6 +160,7 @@ pub struct Options {
     pub max_store_bytes: Option<u64>,
     pub max_queued_jobs: Option<u64>,
     pub header_read_timeout: Duration,
+    pub write_stall_timeout: Duration,
     pub max_connections: usize,
     pub job_memory_limit: Option<u64>,
     pub job_timeout: Option<Duration>,
@@ -180,6 +181,7 @@ impl Default for Options {
             max_store_bytes: None,
             max_queued_jobs: None,
             header_read_timeout: Duration::from_secs(30),
+            write_stall_timeout: Duration::from_secs(60),
             max_connections: bdscan::server::DEFAULT_MAX_CONNECTIONS,
             job_memory_limit: None,
             job_timeout: None,
@@ -223,6 +225,7 @@ pub async fn spawn_app(options: Options) -> TestApp {
     config.max_store_bytes = options.max_store_bytes;
     config.max_queued_jobs = options.max_queued_jobs;
     config.header_read_timeout = options.header_read_timeout;
+    config.write_stall_timeout = options.write_stall_timeout;
     config.max_connections = options.max_connections;
     config.api_token = options.api_token;
     let w = &mut config.worker;

@@ -219,6 +219,11 @@ async fn client_mistakes_get_4xx_problem_documents() {
         .await
         .unwrap();
     let id = queued["id"].as_str().unwrap();
+    // The same UUID in capitals or braces names the same job (it was 404).
+    for spelling in [id.to_uppercase(), format!("{{{id}}}")] {
+        let (status, same) = app.get_json(&format!("/v1/jobs/{spelling}")).await;
+        assert_eq!((status, same["id"].as_str()), (StatusCode::OK, Some(id)));
+    }
     assert_eq!(queued["links"]["report"], Value::Null);
     for what in ["report", "report.html", "artifact"] {
         assert_problem(

@@ -282,6 +282,45 @@ async fn openapi_documents_every_route_with_exactly_its_methods() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_client_reads_nothing_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let app = spawn_app(Options {
+        write_stall_timeout: std::time::Duration::from_millis(500),
+        ..Options::default()
+    })
+    .await;
+    // 2,000 pipelined requests for the OpenAPI document (open without a token), whose
+    // answers are far more than the sockets' buffers hold, and nothing read: the
+    // server's writes stall. Without a deadline the connection, and its slot under the
+    // connection cap, stayed open for as long as the client liked.
+    const REQUESTS: usize = 2_000;
+    let one = b"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut idle = app.raw_connection(&one.repeat(REQUESTS)).await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut received = Vec::new();
+    let ended = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        idle.read_to_end(&mut received),
+    )
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the connection was still open 20 s after the client began to read"
+    );
+    let answers = received
+        .windows(15)
+        .filter(|w| w == b"HTTP/1.1 200 OK")
+        .count();
+    assert!(
+        answers < REQUESTS,
+        "all {answers} answers arrived: the server never gave up on the client"
+    );
+    // A client that reads is served as before.
+    assert_eq!(app.get_json("/healthz").await.0, StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_never_finishes_its_headers_is_closed() {
     use tokio::io::AsyncReadExt;
     let app = spawn_app(Options {

@@ -351,13 +351,14 @@ async fn list(
 }
 
 pub async fn find_job(state: &AppState, id: &str) -> Result<Job, ApiError> {
-    // Ids are UUIDs; anything else cannot name a job.
-    if uuid::Uuid::parse_str(id).is_err() {
-        return Err(ApiError::not_found(format!("job {id}")));
-    }
+    // Ids are UUIDs; anything else cannot name a job. Looked up in the form the store
+    // holds (lowercase, hyphenated): `A1B2…` or `{a1b2…}` name the same job.
+    let Ok(uuid) = uuid::Uuid::parse_str(id) else {
+        return Err(ApiError::not_found(format!("job {}", id.escape_debug())));
+    };
     state
         .store
-        .job(id)
+        .job(&uuid.to_string())
         .await?
         .ok_or_else(|| ApiError::not_found(format!("job {id}")))
 }
@@ -377,6 +378,7 @@ async fn delete_job(
     AppPath(id): AppPath<String>,
 ) -> Result<Response, ApiError> {
     let job = find_job(&state, &id).await?;
+    let id = job.id;
     if job.state.is_terminal() {
         let purged = state
             .store
@@ -428,7 +430,7 @@ async fn finished_report(state: &AppState, id: &str) -> Result<(String, String),
     // Gone between the two reads: deleted (a client's DELETE, or retention) just now.
     state
         .store
-        .report(id)
+        .report(&job.id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("job {id}")))
 }
@@ -548,7 +550,13 @@ async fn artifact(
 /// One `bytes=` range as `start..end` (end exclusive). Several ranges, or a unit other
 /// than bytes, are answered with the whole file (`None`), which HTTP allows.
 pub fn parse_range(spec: &str, size: u64) -> Result<Option<(u64, u64)>, ApiError> {
-    let Some(ranges) = spec.trim().strip_prefix("bytes=") else {
+    // The unit is case-insensitive (RFC 9110 §14.1).
+    let spec = spec.trim();
+    let Some(ranges) = spec
+        .get(..6)
+        .filter(|unit| unit.eq_ignore_ascii_case("bytes="))
+        .map(|_| &spec[6..])
+    else {
         return Ok(None);
     };
     if ranges.contains(',') {
@@ -556,18 +564,26 @@ pub fn parse_range(spec: &str, size: u64) -> Result<Option<(u64, u64)>, ApiError
     }
     let unsatisfiable = || ApiError::RangeNotSatisfiable { size };
     let (first, last) = ranges.trim().split_once('-').ok_or_else(unsatisfiable)?;
+    // Digits only (`parse` takes a leading `+`); a number past u64 is as good as
+    // "to the end" (RFC 9110 §14.1.1), not unsatisfiable.
+    let position = |digits: &str| -> Result<u64, ApiError> {
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(unsatisfiable());
+        }
+        Ok(digits.parse().unwrap_or(u64::MAX))
+    };
     let (start, end) = match (first.trim(), last.trim()) {
         ("", suffix) => {
-            let n: u64 = suffix.parse().map_err(|_| unsatisfiable())?;
+            let n: u64 = position(suffix)?;
             if n == 0 {
                 return Err(unsatisfiable());
             }
             (size.saturating_sub(n), size)
         }
-        (first, "") => (first.parse().map_err(|_| unsatisfiable())?, size),
+        (first, "") => (position(first)?, size),
         (first, last) => {
-            let first: u64 = first.parse().map_err(|_| unsatisfiable())?;
-            let last: u64 = last.parse().map_err(|_| unsatisfiable())?;
+            let first: u64 = position(first)?;
+            let last: u64 = position(last)?;
             if last < first {
                 return Err(unsatisfiable());
             }
@@ -593,6 +609,17 @@ mod tests {
         assert_eq!(parse_range("bytes=0-1,5-6", 100).unwrap(), None);
         assert!(parse_range("bytes=100-", 100).is_err());
         assert!(parse_range("bytes=5-2", 100).is_err());
+        assert_eq!(parse_range("Bytes=0-9", 100).unwrap(), Some((0, 10)));
+        assert_eq!(
+            parse_range("bytes=5-99999999999999999999999", 100).unwrap(),
+            Some((5, 100))
+        );
+        assert_eq!(
+            parse_range("bytes=-99999999999999999999999", 100).unwrap(),
+            Some((0, 100))
+        );
+        assert!(parse_range("bytes=+0-+9", 100).is_err());
+        assert!(parse_range("bytes=99999999999999999999999-", 100).is_err());
         assert!(parse_range("bytes=x-", 100).is_err());
     }
 }
