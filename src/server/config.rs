@@ -40,6 +40,11 @@ pub struct ServerConfig {
     /// nothing) is closed: otherwise pipelined requests it never reads hold its slot,
     /// and the connection cap, for ever.
     pub write_stall_timeout: Duration,
+    /// Fewest bytes a second a request body must average, judged from
+    /// `min_body_rate_after` past its first read on (0: no minimum): a body trickling in
+    /// just faster than `body_idle_timeout` held its connection for days.
+    pub min_body_rate: u64,
+    pub min_body_rate_after: Duration,
     /// After shutdown begins, how long open connections (an upload still streaming
     /// in) may take to finish before they are closed.
     pub shutdown_grace: Duration,
@@ -106,6 +111,8 @@ impl ServerConfig {
             body_idle_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(30),
             write_stall_timeout: Duration::from_secs(60),
+            min_body_rate: 1024,
+            min_body_rate_after: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(20),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             api_token: None,
@@ -198,6 +205,8 @@ impl std::fmt::Debug for ServerConfig {
             .field("body_idle_timeout", &self.body_idle_timeout)
             .field("header_read_timeout", &self.header_read_timeout)
             .field("write_stall_timeout", &self.write_stall_timeout)
+            .field("min_body_rate", &self.min_body_rate)
+            .field("min_body_rate_after", &self.min_body_rate_after)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("max_connections", &self.max_connections)
             .field("api_token", &self.api_token.as_ref().map(|_| "<set>"))

@@ -207,11 +207,13 @@ impl From<QueryRejection> for ApiError {
 }
 
 /// Whether `err`, or anything that caused it, is a request body that sent nothing for
-/// longer than the idle timeout (`ServerConfig::body_idle_timeout`).
+/// longer than the idle timeout (`ServerConfig::body_idle_timeout`), or arrived slower
+/// than the minimum rate (`ServerConfig::min_body_rate`).
 pub fn body_stalled(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(err);
     while let Some(e) = cause {
-        if e.is::<tower_http::timeout::TimeoutError>() {
+        if e.is::<tower_http::timeout::TimeoutError>() || e.is::<super::slow_clients::BodyTooSlow>()
+        {
             return true;
         }
         cause = e.source();
@@ -222,7 +224,9 @@ pub fn body_stalled(err: &(dyn std::error::Error + 'static)) -> bool {
 /// The answer to a request whose body stalled.
 pub fn stalled_body() -> ApiError {
     ApiError::RequestTimeout(
-        "the request body sent nothing for longer than the server waits; send it again".into(),
+        "the request body stalled (nothing for longer than the server waits, or too slow \
+         on average); send it again"
+            .into(),
     )
 }
 

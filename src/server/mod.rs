@@ -15,6 +15,7 @@ pub mod openapi;
 pub mod routes;
 pub mod sandbox;
 pub mod settings;
+pub mod slow_clients;
 pub mod view;
 pub mod worker;
 
@@ -71,6 +72,10 @@ pub fn router(state: AppState) -> Router {
             count_responses,
         ))
         .layer(RequestBodyTimeoutLayer::new(state.config.body_idle_timeout))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            slow_clients::enforce_min_body_rate,
+        ))
         .layer(TraceLayer::new_for_http().on_failure(log_failure))
         .with_state(state)
 }
@@ -249,102 +254,6 @@ impl Application {
     }
 }
 
-/// A connection whose writes stay blocked for `limit` fails with `TimedOut`: a client
-/// that stops reading (and pipelines requests it never reads) would hold its connection,
-/// and a slot under the connection cap, for ever. hyper has a timeout for reading
-/// headers, none for writing. The clock starts when a write finds the socket full and
-/// stops at any progress, so a slow reader is served as long as it reads at all.
-struct StalledWriteDeadline<S> {
-    inner: S,
-    limit: std::time::Duration,
-    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl<S> StalledWriteDeadline<S> {
-    fn new(inner: S, limit: std::time::Duration) -> Self {
-        StalledWriteDeadline {
-            inner,
-            limit,
-            stalled: None,
-        }
-    }
-
-    /// After the inner write's `poll`: progress clears the deadline; `Pending` starts it
-    /// (or, once passed, turns into the error that closes the connection).
-    fn watch<T>(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-        poll: std::task::Poll<std::io::Result<T>>,
-    ) -> std::task::Poll<std::io::Result<T>> {
-        use std::future::Future;
-        if poll.is_ready() {
-            self.stalled = None;
-            return poll;
-        }
-        let limit = self.limit;
-        let deadline = self
-            .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        match deadline.as_mut().poll(cx) {
-            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("the client read nothing for {limit:?}"),
-            ))),
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        }
-    }
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StalledWriteDeadline<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StalledWriteDeadline<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.watch(cx, poll)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let poll = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.watch(cx, poll)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let poll = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
-        self.watch(cx, poll)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let poll = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
-        self.watch(cx, poll)
-    }
-}
-
 /// Serves HTTP/1.1 on `listener` until `shutdown`; then open connections finish their
 /// requests (idle ones close at once) for up to `config.shutdown_grace`, and the rest
 /// are closed. What `axum::serve` does, plus the limits it cannot set: a header-read
@@ -386,7 +295,7 @@ async fn serve_http1(
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let stream = StalledWriteDeadline::new(stream, config.write_stall_timeout);
+        let stream = slow_clients::StalledWriteDeadline::new(stream, config.write_stall_timeout);
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let connection = http1.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let mut closing_watch = closing_watch.clone();

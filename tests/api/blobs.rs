@@ -451,6 +451,43 @@ async fn a_stalled_upload_is_cut_off_with_408_and_leaves_nothing_behind() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_trickling_in_under_the_minimum_rate_is_cut_off_with_408() {
+    use tokio::io::AsyncWriteExt;
+    // 10 bytes every 100 ms: never idle for the 60 s the idle timeout waits, so before
+    // the minimum rate such an upload held its connection for as long as it liked.
+    let app = spawn_app(Options {
+        min_body_rate: 100_000,
+        min_body_rate_after: std::time::Duration::from_secs(1),
+        ..Options::default()
+    })
+    .await;
+    let socket = start_upload(&app, "application/octet-stream", b"", 1 << 20).await;
+    let (mut read, mut write) = socket.into_split();
+    let trickle = tokio::spawn(async move {
+        while write.write_all(&[7u8; 10]).await.is_ok() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tokio::io::AsyncReadExt::read(&mut read, &mut answer),
+    )
+    .await
+    .expect("the server answers while the upload still trickles")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    trickle.abort();
+    until_staged(&app, 0).await;
+    // An upload at full speed is untouched.
+    let blob = app.upload(vec![3u8; 3 << 20]).await;
+    assert_eq!(blob.len(), 64);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_does_not_wait_for_ever_on_an_open_upload() {
     let app = spawn_app(Options {
         shutdown_grace: std::time::Duration::from_secs(1),

@@ -161,6 +161,8 @@ pub struct Options {
     pub max_queued_jobs: Option<u64>,
     pub header_read_timeout: Duration,
     pub write_stall_timeout: Duration,
+    pub min_body_rate: u64,
+    pub min_body_rate_after: Duration,
     pub max_connections: usize,
     pub job_memory_limit: Option<u64>,
     pub job_timeout: Option<Duration>,
@@ -182,6 +184,8 @@ impl Default for Options {
             max_queued_jobs: None,
             header_read_timeout: Duration::from_secs(30),
             write_stall_timeout: Duration::from_secs(60),
+            min_body_rate: 1024,
+            min_body_rate_after: Duration::from_secs(60),
             max_connections: bdscan::server::DEFAULT_MAX_CONNECTIONS,
             job_memory_limit: None,
             job_timeout: None,
@@ -226,6 +230,8 @@ pub async fn spawn_app(options: Options) -> TestApp {
     config.max_queued_jobs = options.max_queued_jobs;
     config.header_read_timeout = options.header_read_timeout;
     config.write_stall_timeout = options.write_stall_timeout;
+    config.min_body_rate = options.min_body_rate;
+    config.min_body_rate_after = options.min_body_rate_after;
     config.max_connections = options.max_connections;
     config.api_token = options.api_token;
     let w = &mut config.worker;
