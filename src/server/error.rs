@@ -235,6 +235,13 @@ impl From<MultipartError> for ApiError {
         if body_stalled(&err) {
             return stalled_body();
         }
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+        while let Some(e) = cause {
+            if let Some(framing) = e.downcast_ref::<super::routes::blobs::FramingTooLong>() {
+                return ApiError::bad_request("malformed_multipart", framing.to_string());
+            }
+            cause = e.source();
+        }
         if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge(err.body_text())
         } else {

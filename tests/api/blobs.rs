@@ -451,6 +451,46 @@ async fn a_stalled_upload_is_cut_off_with_408_and_leaves_nothing_behind() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multipart_body_whose_framing_never_ends_is_refused_early() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app(Options::default()).await;
+    // 2 MiB of a body announced at 512 MiB, without a boundary, or with a part whose
+    // headers never end. The parser held all of it (up to the body limit, 4 GiB on
+    // /v1/scans) waiting for one, and answered only when the body ended.
+    let part_head = b"--X\r\nContent-Disposition: form-data; name=\"model\"\r\nX-Pad: ".to_vec();
+    for (path, head) in [
+        ("/v1/blobs", Vec::new()),
+        ("/v1/scans", Vec::new()),
+        ("/v1/scans", part_head),
+    ] {
+        let headers = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Content-Type: multipart/form-data; boundary=X\r\nContent-Length: {}\r\n\r\n",
+            512u64 << 20
+        );
+        let mut socket = app
+            .raw_connection(&[headers.as_bytes(), &head].concat())
+            .await;
+        // Ignoring failures: the server may close once it has answered.
+        let _ = socket.write_all(&vec![b'A'; 2 << 20]).await;
+        let answer = first_answer(&mut socket).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("outside any file"), "{path}: {answer}");
+    }
+    // A file of several MiB in a form is read as before.
+    let form = Form::new().part("file", Part::bytes(vec![9u8; 5 << 20]).file_name("m.pt"));
+    let response = app
+        .client
+        .post(app.url("/v1/blobs"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_trickling_in_under_the_minimum_rate_is_cut_off_with_408() {
     use tokio::io::AsyncWriteExt;
     // 10 bytes every 100 ms: never idle for the 60 s the idle timeout waits, so before

@@ -1,7 +1,10 @@
 //! `POST /v1/blobs` (raw body or multipart, streamed into the store) and
 //! `GET /v1/blobs/{sha256}`.
 
-use std::sync::atomic::Ordering;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
 use axum::http::{header, StatusCode};
@@ -45,13 +48,11 @@ async fn upload(
         .and_then(|v| v.to_str().ok())
         .is_some_and(is_multipart_form);
     let blob = if is_multipart {
-        let mut multipart = Multipart::from_request(request, &state)
-            .await
-            .map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))?;
+        let (mut multipart, framing) = budgeted_multipart(request, &state).await?;
         let field = multipart.next_field().await?.ok_or_else(|| {
             ApiError::unprocessable("missing_field", "the multipart body holds no file")
         })?;
-        store_upload(&state, field_stream(field), "the upload").await?
+        store_upload(&state, field_stream(field, &framing), "the upload").await?
     } else {
         let stream = request
             .into_body()
@@ -112,16 +113,108 @@ fn body_error(err: axum::Error) -> ApiError {
 }
 
 /// A multipart field as a stream of byte chunks.
-pub fn field_stream(
-    field: axum::extract::multipart::Field<'_>,
-) -> impl Stream<Item = Result<Bytes, ApiError>> + '_ {
-    futures_util::stream::unfold(field, |mut field| async move {
+pub fn field_stream<'a>(
+    field: axum::extract::multipart::Field<'a>,
+    framing: &'a FramingBudget,
+) -> impl Stream<Item = Result<Bytes, ApiError>> + 'a {
+    futures_util::stream::unfold(field, move |mut field| async move {
         match field.chunk().await {
-            Ok(Some(bytes)) => Some((Ok(bytes), field)),
+            Ok(Some(bytes)) => {
+                framing.file_data_read();
+                Some((Ok(bytes), field))
+            }
             Ok(None) => None,
             Err(e) => Some((Err(ApiError::from(e)), field)),
         }
     })
+}
+
+/// Most bytes of a multipart body that may arrive while no file's data is read: the
+/// preamble, part headers and text fields (up to 64 KiB each). The multipart parser
+/// holds them whole until a boundary or a header's end turns up, searching them again
+/// at every read, so a body of gigabytes that never sends one was held in memory
+/// (up to the body limit, 4 GiB on `/v1/scans`) and cost time quadratic in its size.
+pub const MAX_FRAMING_BYTES: u64 = 1 << 20;
+
+/// Bytes of the body that arrived since file data was last read; shared by the body
+/// wrapper that counts them and the field stream that resets them.
+#[derive(Clone, Default)]
+pub struct FramingBudget(Arc<AtomicU64>);
+
+impl FramingBudget {
+    fn file_data_read(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+}
+
+/// The request's body as a multipart form whose framing is bounded by
+/// [`MAX_FRAMING_BYTES`], and the budget its file fields reset.
+pub async fn budgeted_multipart(
+    request: Request,
+    state: &AppState,
+) -> Result<(Multipart, FramingBudget), ApiError> {
+    let framing = FramingBudget::default();
+    let counted = framing.clone();
+    let request = request.map(|body| {
+        axum::body::Body::new(FramedBody {
+            inner: body,
+            budget: counted,
+        })
+    });
+    let multipart = Multipart::from_request(request, state)
+        .await
+        .map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))?;
+    Ok((multipart, framing))
+}
+
+/// A multipart body with more than [`MAX_FRAMING_BYTES`] between two reads of file data.
+#[derive(Debug)]
+pub struct FramingTooLong;
+
+impl std::fmt::Display for FramingTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the multipart body sent more than {MAX_FRAMING_BYTES} bytes outside any file \
+             (a boundary or a part's headers never ended)"
+        )
+    }
+}
+
+impl std::error::Error for FramingTooLong {}
+
+struct FramedBody {
+    inner: axum::body::Body,
+    budget: FramingBudget,
+}
+
+impl hyper::body::Body for FramedBody {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            let arrived = frame.data_ref().map_or(0, |data| data.len() as u64);
+            let since_file_data = this.budget.0.fetch_add(arrived, Ordering::Relaxed) + arrived;
+            if since_file_data > MAX_FRAMING_BYTES {
+                return Poll::Ready(Some(Err(Box::new(FramingTooLong))));
+            }
+        }
+        polled.map(|frame| frame.map(|result| result.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Streams `body` into the blob store, hashing on the way and refusing more than the

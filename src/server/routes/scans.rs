@@ -4,14 +4,16 @@
 
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Multipart, State};
+use axum::extract::{DefaultBodyLimit, Multipart, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::post;
 use axum::Router;
 use serde::Deserialize;
 
-use super::blobs::{field_stream, multipart_limit, store_upload};
+use super::blobs::{
+    budgeted_multipart, field_stream, multipart_limit, store_upload, FramingBudget,
+};
 use super::jobs::{
     check_config, idempotency_key, job_response, refuse_if_queue_full, submit_job, JobRequest,
 };
@@ -45,16 +47,15 @@ async fn scan(
     State(state): State<AppState>,
     AppQuery(query): AppQuery<ScanQuery>,
     headers: HeaderMap,
-    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
-    let mut multipart =
-        multipart.map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))?;
+    let (mut multipart, framing) = budgeted_multipart(request, &state).await?;
     // Blobs this request stored for the first time: a request that then fails leaves
     // them to no job, so they go with it, unless another client sent the same bytes
     // meanwhile (for a job of its own).
     let mut stored_here = Vec::new();
-    let submitted = submit_form(&state, &mut multipart, key, &mut stored_here).await;
+    let submitted = submit_form(&state, &mut multipart, &framing, key, &mut stored_here).await;
     let mut job = match submitted {
         Ok(job) => job,
         Err(e) => {
@@ -93,6 +94,7 @@ async fn scan(
 async fn submit_form(
     state: &AppState,
     multipart: &mut Multipart,
+    framing: &FramingBudget,
     key: Option<String>,
     stored_here: &mut Vec<String>,
 ) -> Result<Job, ApiError> {
@@ -112,7 +114,8 @@ async fn submit_form(
             if files[slot].is_some() {
                 return Err(given_twice());
             }
-            let blob = store_upload(state, field_stream(field), &format!("`{name}`")).await?;
+            let blob =
+                store_upload(state, field_stream(field, framing), &format!("`{name}`")).await?;
             if blob.created == Some(true) {
                 stored_here.push(blob.sha256.clone());
             }
