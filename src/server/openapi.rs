@@ -74,13 +74,13 @@ pub fn openapi() -> Value {
                 "requestBody": { "required": true, "content": {
                     "application/octet-stream": { "schema": { "type": "string", "format": "binary" } },
                     "multipart/form-data": { "schema": { "type": "object",
-                        "description": "the first field is the file; its name does not matter",
+                        "description": "one field, the file; its name does not matter (a second field is refused)",
                         "properties": { "file": { "type": "string", "format": "binary" } } } } } },
                 "responses": {
                     "201": blob_created("stored"),
                     "200": blob_created("an identical blob was already stored; this upload was dropped"),
-                    "400": problem("the body is empty, cut short or not valid multipart",
-                        &["empty_upload", "incomplete_body", "malformed_multipart"]),
+                    "400": problem("the body is empty, cut short or not valid multipart, or the form holds more than one field",
+                        &["empty_upload", "incomplete_body", "malformed_multipart", "unknown_field"]),
                     "408": problem("the body sent nothing for longer than the server waits, or arrived too slowly", &["request_timeout"]),
                     "413": problem("the file exceeds the server's size limit", &["payload_too_large"]),
                     "422": problem("the multipart body holds no file", &["missing_field"]),

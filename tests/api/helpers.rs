@@ -277,6 +277,16 @@ impl TestApp {
         socket
     }
 
+    /// Posts a multipart `form` to `path`.
+    pub async fn post_form(&self, path: &str, form: Form) -> Response {
+        self.client
+            .post(self.url(path))
+            .multipart(form)
+            .send()
+            .await
+            .expect("the server answers")
+    }
+
     pub fn store(&self) -> &Store {
         &self.state.store
     }

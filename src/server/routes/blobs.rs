@@ -52,7 +52,26 @@ async fn upload(
         let field = multipart.next_field().await?.ok_or_else(|| {
             ApiError::unprocessable("missing_field", "the multipart body holds no file")
         })?;
-        store_upload(&state, field_stream(field, &framing), "the upload").await?
+        let blob = store_upload(&state, field_stream(field, &framing), "the upload").await?;
+        // One file per upload: a second one was dropped without a word, the client
+        // none the wiser. What this request stored first goes with the refusal.
+        if let Some(extra) = multipart.next_field().await? {
+            let name = extra.name().unwrap_or_default().to_string();
+            if blob.created == Some(true) {
+                if let Err(e) = state.store.free_blob_unless_resent(&blob.sha256).await {
+                    tracing::warn!(blob = %blob.sha256, "freeing a refused upload: {e}");
+                }
+            }
+            return Err(ApiError::bad_request(
+                "unknown_field",
+                format!(
+                    "the form holds a second field `{}` after its file: /v1/blobs takes one \
+                     file per request",
+                    name.escape_debug()
+                ),
+            ));
+        }
+        blob
     } else {
         let stream = request
             .into_body()
