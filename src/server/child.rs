@@ -169,9 +169,7 @@ pub fn run_job_process(spec_path: &Path) -> u8 {
                 },
                 None => ChildError {
                     code: OUT_OF_MEMORY_CODE.into(),
-                    message: format!(
-                        "the scan ran out of memory (a smaller batch_size needs less): {e}"
-                    ),
+                    message: out_of_memory_message(&e.to_string()),
                 },
             },
         ),
@@ -251,13 +249,21 @@ fn limit_data_memory(bytes: u64) -> std::io::Result<()> {
 /// Whether an error is an allocation refused: libtorch's CPU allocator, C++'s `new`
 /// (which TorchScript's interpreter reports as `RuntimeError: std::bad_alloc`), or
 /// libtorch's CUDA caching allocator (`CUDA out of memory. Tried to allocate …`,
-/// raised as `torch.OutOfMemoryError` inside TorchScript).
+/// raised as `torch.OutOfMemoryError` inside TorchScript), or cuBLAS and cuDNN failing
+/// to allocate their workspace.
 pub fn is_out_of_memory(message: &str) -> bool {
     message.contains("can't allocate memory")
         || message.contains("not enough memory")
         || message.contains("std::bad_alloc")
         || message.contains("CUDA out of memory")
         || message.contains("OutOfMemoryError")
+        || message.contains("CUBLAS_STATUS_ALLOC_FAILED")
+        || message.contains("CUDNN_STATUS_ALLOC_FAILED")
+}
+
+/// What a job refused memory with no limit applying reports, then what failed.
+pub fn out_of_memory_message(failure: &str) -> String {
+    format!("the scan ran out of memory (a smaller batch_size needs less): {failure}")
 }
 
 /// What a job that ran out of its memory limit reports: the limit, then what failed.
@@ -271,6 +277,26 @@ pub fn memory_limit_message(limit: u64, failure: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allocation_failures_of_every_allocator_are_out_of_memory() {
+        for message in [
+            "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes.",
+            "RuntimeError: std::bad_alloc",
+            "CUDA out of memory. Tried to allocate 2.00 GiB",
+            "torch.OutOfMemoryError: CUDA out of memory.",
+            "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+            "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+        ] {
+            assert!(is_out_of_memory(message), "{message}");
+        }
+        for message in [
+            "CUDA error: an illegal memory access was encountered",
+            "builtins.ValueError: eval only",
+        ] {
+            assert!(!is_out_of_memory(message), "{message}");
+        }
+    }
 
     #[test]
     fn a_report_over_the_servers_limit_is_the_models_size_not_an_internal_error() {

@@ -14,8 +14,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::child::{
-    memory_limit_message, ChildError, JobSpec, ProgressLine, EXIT_CANCELLED, MEMORY_LIMIT_CODE,
-    OUT_OF_MEMORY_CODE,
+    memory_limit_message, out_of_memory_message, ChildError, JobSpec, ProgressLine, EXIT_CANCELLED,
+    MEMORY_LIMIT_CODE, OUT_OF_MEMORY_CODE,
 };
 use super::config::WorkerSettings;
 use super::metrics::Metrics;
@@ -575,7 +575,7 @@ impl Worker {
             }),
             None if crash_is_out_of_memory(&tail) => Ok(Outcome::Failed {
                 code: OUT_OF_MEMORY_CODE.into(),
-                message: format!("the scan ran out of memory: {message}"),
+                message: out_of_memory_message(&message),
             }),
             _ => Ok(Outcome::Failed {
                 code: "worker_crashed".into(),
