@@ -80,11 +80,12 @@ pub fn token_problem(api_token: &str) -> Option<String> {
              (e.g. `openssl rand -hex 32`), or leave it unset for an open API"
         ));
     }
+    let several = accepted_tokens(api_token).nth(1).is_some();
     for (n, token) in accepted_tokens(api_token).enumerate() {
-        let which = if n == 0 && accepted_tokens(api_token).nth(1).is_none() {
-            String::new()
-        } else {
+        let which = if several {
             format!(" (token {} of the list)", n + 1)
+        } else {
+            String::new()
         };
         if token.chars().count() < MIN_TOKEN_CHARS {
             return Some(format!(

@@ -181,7 +181,8 @@ impl ServerConfig {
             return Err("max_blob_bytes must be positive".into());
         }
         if !(1..=100).contains(&w.default_max_attempts) {
-            return Err("default_max_attempts must lie in 1..=100".into());
+            // Named as `serve` takes it (`max_attempts`, `--max-attempts`).
+            return Err("max_attempts must lie in [1, 100]".into());
         }
         Ok(())
     }

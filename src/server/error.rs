@@ -210,15 +210,22 @@ impl From<QueryRejection> for ApiError {
 /// longer than the idle timeout (`ServerConfig::body_idle_timeout`), or arrived slower
 /// than the minimum rate (`ServerConfig::min_body_rate`).
 pub fn body_stalled(err: &(dyn std::error::Error + 'static)) -> bool {
+    caused_by::<tower_http::timeout::TimeoutError>(err).is_some()
+        || caused_by::<super::slow_clients::BodyTooSlow>(err).is_some()
+}
+
+/// `err`, or the first error in its chain of causes, if it is a `T`.
+fn caused_by<'e, T: std::error::Error + 'static>(
+    err: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e T> {
     let mut cause = Some(err);
     while let Some(e) = cause {
-        if e.is::<tower_http::timeout::TimeoutError>() || e.is::<super::slow_clients::BodyTooSlow>()
-        {
-            return true;
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
         }
         cause = e.source();
     }
-    false
+    None
 }
 
 /// The answer to a request whose body stalled.
@@ -235,12 +242,8 @@ impl From<MultipartError> for ApiError {
         if body_stalled(&err) {
             return stalled_body();
         }
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&err);
-        while let Some(e) = cause {
-            if let Some(framing) = e.downcast_ref::<super::routes::blobs::FramingTooLong>() {
-                return ApiError::bad_request("malformed_multipart", framing.to_string());
-            }
-            cause = e.source();
+        if let Some(framing) = caused_by::<super::routes::blobs::FramingTooLong>(&err) {
+            return ApiError::bad_request("malformed_multipart", framing.to_string());
         }
         if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge(err.body_text())

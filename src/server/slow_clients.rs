@@ -1,7 +1,8 @@
 //! Limits on clients that hold a connection without using it: one that stops reading
 //! the answers it asked for ([`StalledWriteDeadline`]), and one that sends a body a few
 //! bytes at a time, just often enough to dodge the idle timeout
-//! ([`enforce_min_body_rate`]). Each would otherwise keep a slot under the connection
+//! ([`enforce_min_body_rate`]); and [`CheckedBody`], which such request-body limits
+//! are built on. Each would otherwise keep a slot under the connection
 //! cap for as long as it liked, and a few hundred of them, the whole service.
 
 use std::pin::Pin;
@@ -107,8 +108,8 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StalledWriteDea
     }
 }
 
-/// Wraps every request body in [`MinRateBody`] (`min_body_rate` bytes a second, judged
-/// once `min_body_rate_after` has passed; 0: no minimum).
+/// Wraps every request body in a minimum-rate check (`min_body_rate` bytes a second,
+/// judged once `min_body_rate_after` has passed; 0: no minimum).
 pub async fn enforce_min_body_rate(
     State(state): State<AppState>,
     request: Request,
@@ -118,30 +119,27 @@ pub async fn enforce_min_body_rate(
     if rate == 0 {
         return next.run(request).await;
     }
-    next.run(request.map(|body| Body::new(MinRateBody::new(body, rate, after))))
+    next.run(request.map(|body| Body::new(CheckedBody::new(body, min_rate(rate, after)))))
         .await
 }
 
-/// A request body that fails once it has arrived at under `rate` bytes a second on
+/// The check of a body that fails once it has arrived at under `rate` bytes a second on
 /// average, judged from `after` past its first read on, at each frame: the idle timeout
 /// resets at every frame, so a byte every 55 s kept an upload open for days.
-pub struct MinRateBody {
-    inner: Body,
-    rate: u64,
-    after: Duration,
-    first_read: Option<Instant>,
-    received: u64,
-}
-
-impl MinRateBody {
-    pub fn new(inner: Body, rate: u64, after: Duration) -> Self {
-        MinRateBody {
-            inner,
-            rate,
-            after,
-            first_read: None,
-            received: 0,
+fn min_rate(rate: u64, after: Duration) -> impl FnMut(Option<u64>) -> Result<(), axum::BoxError> {
+    let mut first_read: Option<Instant> = None;
+    let mut received: u64 = 0;
+    move |arrived| {
+        let first_read = *first_read.get_or_insert_with(Instant::now);
+        let Some(bytes) = arrived else {
+            return Ok(());
+        };
+        received += bytes;
+        let elapsed = first_read.elapsed();
+        if elapsed > after && (received as f64) < rate as f64 * elapsed.as_secs_f64() {
+            return Err(Box::new(BodyTooSlow { rate }));
         }
+        Ok(())
     }
 }
 
@@ -163,7 +161,24 @@ impl std::fmt::Display for BodyTooSlow {
 
 impl std::error::Error for BodyTooSlow {}
 
-impl hyper::body::Body for MinRateBody {
+/// A request body whose every read is shown to `check`: `Some(bytes)` when a frame
+/// arrived (its data's length; 0 for trailers), `None` when the read found none yet. An
+/// error from `check` ends the body with it, as a failed read would.
+pub struct CheckedBody<F> {
+    inner: Body,
+    check: F,
+}
+
+impl<F> CheckedBody<F> {
+    pub fn new(inner: Body, check: F) -> Self {
+        CheckedBody { inner, check }
+    }
+}
+
+impl<F> hyper::body::Body for CheckedBody<F>
+where
+    F: FnMut(Option<u64>) -> Result<(), axum::BoxError> + Unpin,
+{
     type Data = Bytes;
     type Error = axum::BoxError;
 
@@ -172,18 +187,15 @@ impl hyper::body::Body for MinRateBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        let first_read = *this.first_read.get_or_insert_with(Instant::now);
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                this.received += data.len() as u64;
+        let arrived = match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                Some(frame.data_ref().map_or(0, |data| data.len() as u64))
             }
-            let elapsed = first_read.elapsed();
-            if elapsed > this.after
-                && (this.received as f64) < this.rate as f64 * elapsed.as_secs_f64()
-            {
-                return Poll::Ready(Some(Err(Box::new(BodyTooSlow { rate: this.rate }))));
-            }
+            _ => None,
+        };
+        if let Err(e) = (this.check)(arrived) {
+            return Poll::Ready(Some(Err(e)));
         }
         polled.map(|frame| frame.map(|result| result.map_err(Into::into)))
     }

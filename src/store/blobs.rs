@@ -353,8 +353,8 @@ impl BlobUpload {
     pub async fn finish_if_stored(mut self) -> Result<Option<BlobInfo>, StoreError> {
         self.settled = true;
         let sha256 = hex::encode(self.hasher.clone().finalize());
-        let now = self.store.clock_ms().await?;
-        let stored = mark_stored_again(self.store.pool(), &sha256, now).await?;
+        let clock = self.store.clock_sql();
+        let stored = mark_stored_again(self.store.pool(), &sha256, clock).await?;
         Ok(stored.map(|size_bytes| BlobInfo {
             sha256,
             size_bytes,
@@ -408,7 +408,7 @@ impl BlobUpload {
         let size = self.stored_bytes;
         let sha256 = hex::encode(self.hasher.clone().finalize());
         // The database's clock, as for jobs: the retention sweep compares with it.
-        let now = self.store.clock_ms().await?;
+        let clock = self.store.clock_sql();
         let mut tx = self.store.pool().begin().await?;
         // Write first so the transaction takes the write lock at once (SQLite). The same
         // bytes already stored: they count as stored now, so the retention sweep (which
@@ -419,19 +419,18 @@ impl BlobUpload {
         // waits on the primary key; if it got there first, its row is refreshed instead.
         let mut stored = None;
         for _ in 0..3 {
-            let refreshed = mark_stored_again(&mut *tx, &sha256, now).await?.is_some();
+            let refreshed = mark_stored_again(&mut *tx, &sha256, clock).await?.is_some();
             if refreshed {
                 stored = Some(false);
                 break;
             }
-            let inserted = sqlx::query(
+            let inserted = sqlx::query(&format!(
                 "INSERT INTO blobs (sha256, size_bytes, chunk_count, created_at) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (sha256) DO NOTHING",
-            )
+                 VALUES ($1, $2, $3, {clock}) ON CONFLICT (sha256) DO NOTHING",
+            ))
             .bind(&sha256)
             .bind(size as i64)
             .bind(self.next_seq)
-            .bind(now)
             .execute(&mut *tx)
             .await?
             .rows_affected()
@@ -519,19 +518,19 @@ async fn remove_staging(store: &Store, staging_key: &str) {
 
 /// Marks the stored blob `sha256`, if there is one, as stored again now by an upload
 /// (`created_at`, which the retention sweep reads, and `resent`, which a job's deletion
-/// reads); its size, or `None` when no such blob is stored.
+/// reads); its size, or `None` when no such blob is stored. `clock` is the store's
+/// [`Store::clock_sql`].
 async fn mark_stored_again<'e, E>(
     executor: E,
     sha256: &str,
-    now: i64,
+    clock: &str,
 ) -> Result<Option<u64>, StoreError>
 where
     E: sqlx::Executor<'e, Database = sqlx::Any>,
 {
-    let row = sqlx::query(
-        "UPDATE blobs SET created_at = $1, resent = 1 WHERE sha256 = $2 RETURNING size_bytes",
-    )
-    .bind(now)
+    let row = sqlx::query(&format!(
+        "UPDATE blobs SET created_at = {clock}, resent = 1 WHERE sha256 = $1 RETURNING size_bytes",
+    ))
     .bind(sha256)
     .fetch_optional(executor)
     .await?;

@@ -1,10 +1,8 @@
 //! `POST /v1/blobs` (raw body or multipart, streamed into the store) and
 //! `GET /v1/blobs/{sha256}`.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
 use axum::http::{header, StatusCode};
@@ -16,6 +14,7 @@ use futures_util::{Stream, StreamExt};
 
 use crate::server::config::ServerConfig;
 use crate::server::error::AppPath;
+use crate::server::slow_clients::CheckedBody;
 use crate::server::{ApiError, AppState};
 use crate::store::BlobInfo;
 
@@ -174,12 +173,14 @@ pub async fn budgeted_multipart(
 ) -> Result<(Multipart, FramingBudget), ApiError> {
     let framing = FramingBudget::default();
     let counted = framing.clone();
-    let request = request.map(|body| {
-        axum::body::Body::new(FramedBody {
-            inner: body,
-            budget: counted,
-        })
-    });
+    let within_budget = move |arrived: Option<u64>| -> Result<(), axum::BoxError> {
+        let arrived = arrived.unwrap_or(0);
+        if counted.0.fetch_add(arrived, Ordering::Relaxed) + arrived > MAX_FRAMING_BYTES {
+            return Err(Box::new(FramingTooLong));
+        }
+        Ok(())
+    };
+    let request = request.map(|body| axum::body::Body::new(CheckedBody::new(body, within_budget)));
     let multipart = Multipart::from_request(request, state)
         .await
         .map_err(|e| ApiError::bad_request("malformed_multipart", e.body_text()))?;
@@ -201,40 +202,6 @@ impl std::fmt::Display for FramingTooLong {
 }
 
 impl std::error::Error for FramingTooLong {}
-
-struct FramedBody {
-    inner: axum::body::Body,
-    budget: FramingBudget,
-}
-
-impl hyper::body::Body for FramedBody {
-    type Data = Bytes;
-    type Error = axum::BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            let arrived = frame.data_ref().map_or(0, |data| data.len() as u64);
-            let since_file_data = this.budget.0.fetch_add(arrived, Ordering::Relaxed) + arrived;
-            if since_file_data > MAX_FRAMING_BYTES {
-                return Poll::Ready(Some(Err(Box::new(FramingTooLong))));
-            }
-        }
-        polled.map(|frame| frame.map(|result| result.map_err(Into::into)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
 
 /// Streams `body` into the blob store, hashing on the way and refusing more than the
 /// configured size. `what` names the upload in errors.
